@@ -1,0 +1,9 @@
+"""virtex-d2's detectron2 extension: config keys, registered heads, safe checkpoint loading,
+backbone conversion, evaluation and reports for VirTex downstream transfer.
+
+Importing the package registers its components with detectron2's registries.
+"""
+from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+from .config import add_virtex_config
+
+__all__ = ["add_virtex_config"]

@@ -1,0 +1,130 @@
+"""Pretraining configuration: the official VirTex keys and defaults, plus this project's own.
+
+Config files use fvcore's YAML format with ``_BASE_`` inheritance, so every config of the
+official model zoo loads unchanged. Keys that the official code does not have live under
+``ENGINE``, ``MODEL.CAPPA`` and a few DATA entries; they default to the official behaviour.
+An unknown or misspelt key in a file or override list raises :class:`ConfigError` naming it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+from fvcore.common.config import CfgNode
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def get_default_config() -> CfgNode:
+    """A fresh, mutable config holding every key with its default value."""
+    C = CfgNode()
+    C.RANDOM_SEED = 0  # seeds python, numpy and torch; each rank adds its rank
+    C.AMP = True  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU
+    C.CUDNN_BENCHMARK = True
+    C.CUDNN_DETERMINISTIC = False
+
+    C.DATA = CfgNode()
+    C.DATA.ROOT = "datasets/coco"  # folder with {train,val}2017/ and annotations/
+    C.DATA.TOKENIZER_MODEL = "datasets/vocab/coco_10k.model"
+    C.DATA.VOCAB_SIZE = 10000
+    C.DATA.UNK_INDEX = 0  # also the padding index
+    C.DATA.SOS_INDEX = 1
+    C.DATA.EOS_INDEX = 2
+    C.DATA.MASK_INDEX = 3
+    C.DATA.IMAGE_CROP_SIZE = 224
+    C.DATA.MAX_CAPTION_LENGTH = 30
+    C.DATA.IMAGE_TRANSFORM_TRAIN = ["random_resized_crop", "horizontal_flip", "color_jitter", "normalize"]
+    C.DATA.IMAGE_TRANSFORM_VAL = ["smallest_resize", "center_crop", "normalize"]
+    C.DATA.MASKED_LM = CfgNode()
+    C.DATA.MASKED_LM.MASK_PROPORTION = 0.15  # fraction of tokens chosen for masking
+    C.DATA.MASKED_LM.MASK_PROBABILITY = 0.85  # chosen token -> [MASK]
+    C.DATA.MASKED_LM.REPLACE_PROBABILITY = 0.10  # chosen token -> random token
+    # Not in the official code:
+    C.DATA.NUM_WORKERS = 2  # DataLoader worker processes per rank
+    C.DATA.SKIP_BAD_IMAGES = False  # True: skip (and count) unreadable images instead of failing
+
+    C.MODEL = CfgNode()
+    # virtex | bicaptioning | captioning | token_classification | multilabel_classification
+    # | masked_lm | cappa_bicaptioning
+    C.MODEL.NAME = "virtex"
+    C.MODEL.VISUAL = CfgNode()
+    C.MODEL.VISUAL.NAME = "torchvision::resnet50"
+    C.MODEL.VISUAL.FEATURE_SIZE = 2048
+    C.MODEL.VISUAL.PRETRAINED = False  # ImageNet weights cannot be fetched offline; kept for config parity
+    C.MODEL.VISUAL.FROZEN = False
+    C.MODEL.TEXTUAL = CfgNode()
+    C.MODEL.TEXTUAL.NAME = "transdec_postnorm::L1_H2048_A32_F8192"  # "none" for *_classification
+    C.MODEL.TEXTUAL.DROPOUT = 0.1
+    C.MODEL.DECODER = CfgNode()
+    C.MODEL.DECODER.NAME = "beam_search"  # beam_search | nucleus_sampling
+    C.MODEL.DECODER.BEAM_SIZE = 5
+    C.MODEL.DECODER.NUCLEUS_SIZE = 0.9
+    C.MODEL.DECODER.MAX_DECODING_STEPS = 30
+    # Not in the official code: CapPa-style parallel prediction (Tschannen et al. 2023).
+    C.MODEL.CAPPA = CfgNode()
+    C.MODEL.CAPPA.PARALLEL_FRACTION = 0.0  # fraction of batches decoded from fully masked inputs
+
+    C.OPTIM = CfgNode()
+    C.OPTIM.OPTIMIZER_NAME = "sgd"  # sgd | adamw
+    C.OPTIM.SGD_MOMENTUM = 0.9
+    C.OPTIM.WEIGHT_DECAY = 0.0001
+    C.OPTIM.NO_DECAY = ".*textual.(embedding|transformer).*(norm.*|bias)"
+    C.OPTIM.CLIP_GRAD_NORM = 10.0
+    C.OPTIM.LOOKAHEAD = CfgNode()
+    C.OPTIM.LOOKAHEAD.USE = True
+    C.OPTIM.LOOKAHEAD.ALPHA = 0.5
+    C.OPTIM.LOOKAHEAD.STEPS = 5
+    C.OPTIM.BATCH_SIZE = 256  # global: split evenly across ranks
+    C.OPTIM.CNN_LR = 0.2
+    C.OPTIM.LR = 0.001
+    C.OPTIM.NUM_ITERATIONS = 500000
+    C.OPTIM.WARMUP_STEPS = 10000
+    C.OPTIM.LR_DECAY_NAME = "cosine"  # none | linear | cosine | multistep
+    C.OPTIM.LR_STEPS = []
+    C.OPTIM.LR_GAMMA = 0.1
+
+    # Not in the official code: how the training run is executed and recorded.
+    C.ENGINE = CfgNode()
+    C.ENGINE.CHECKPOINT_PERIOD = 2000
+    C.ENGINE.KEEP_LAST_CHECKPOINTS = 5
+    C.ENGINE.PINNED_CHECKPOINTS = []  # iterations whose checkpoints are never deleted
+    C.ENGINE.LOG_PERIOD = 20
+    C.ENGINE.VAL_PERIOD = 2000  # 0 disables periodic validation
+    C.ENGINE.VAL_CAPTION_METRICS = True  # decode the val split and report CIDEr-D/BLEU-4
+    C.ENGINE.CHANNELS_LAST = True
+    C.ENGINE.COMPILE = False  # torch.compile the model
+    C.ENGINE.GRAD_ACCUM_STEPS = 1  # each rank's batch is processed in this many chunks per step
+    return C
+
+
+def _check_keys(cfg: CfgNode, overrides: Sequence[str], source: str) -> None:
+    for key in overrides[0::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise ConfigError(f"{source}: unknown config key '{key}'")
+            node = node[part]
+
+
+def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -> CfgNode:
+    """Defaults, then ``config_file`` (with its ``_BASE_`` chain), then ``KEY VALUE`` overrides.
+
+    Returns a frozen config. Errors name the file or override that is at fault.
+    """
+    cfg = get_default_config()
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"{config_file}: config file not found")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as err:  # fvcore: "Non-existent config key: X"
+            raise ConfigError(f"{config_file}: {err.args[0]}") from None
+    overrides = list(overrides)
+    if len(overrides) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {overrides}")
+    _check_keys(cfg, overrides, "command line")
+    cfg.merge_from_list(overrides)
+    cfg.freeze()
+    return cfg
