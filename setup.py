@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "matplotlib>=3.7,<4",
     "scikit-learn>=1.3,<2",
+    "scipy>=1.10,<2",
+    "opencv-python>=4.8,<6",
 ]
 
 EXTRAS_REQUIRE = {
@@ -42,6 +44,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["pretrain", "pretrain.*", "detectron2_ext", "detectron2_ext.*"]),
+    package_data={"pretrain.data.synthetic": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="MIT",

@@ -23,3 +23,21 @@ def synthetic_root() -> Path:
 
     make_synthetic_dataset(BUILTIN_ROOT, **TINY)
     return BUILTIN_ROOT
+
+
+# A skipped test hides a missing dependency or a broken environment: count it as a failure.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"test was skipped, which this project treats as a failure: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        report.outcome = "failed"

@@ -1,0 +1,28 @@
+# The two commands a new user runs (see README.md):
+#   make demo   set up .venv, then run the whole pipeline on the built-in dataset (CPU, minutes)
+#   make test   set up .venv, then run the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.virtex-d2-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint clean-demo
+
+setup: $(STAMP)
+
+# Re-run the (idempotent) setup whenever what it installs changes.
+$(STAMP): setup.py scripts/setup_env.sh
+	VENV=$(VENV) bash scripts/setup_env.sh
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py $(DEMO_ARGS)
+
+lint: setup
+	$(PY) -m ruff check pretrain detectron2_ext tools tests
+
+clean-demo:
+	rm -rf outputs/demo datasets/builtin
