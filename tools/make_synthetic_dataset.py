@@ -8,8 +8,11 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from pretrain.data.synthetic import make_synthetic_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, not tools/pretrain.py
+
+from pretrain.data.synthetic import make_synthetic_dataset  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,154 @@
+"""SentencePiece BPE vocabulary for captions: building it, and the tokenizer that reads it.
+
+The layout matches the official VirTex vocabulary, so official ``.model`` files work here and
+ours work there: ``<unk>`` is id 0 and doubles as padding, the control symbols ``[SOS]``,
+``[EOS]`` and ``[MASK]`` are ids 1, 2 and 3 (SentencePiece's own BOS/EOS are disabled), and the
+ordinary pieces follow. Captions are normalised the way the official dataset does it: lower
+case, Unicode NFKD, combining marks (accents) dropped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+CONTROL_SYMBOLS = ["[SOS]", "[EOS]", "[MASK]"]
+
+
+def normalize_caption(text: str, keep_accents: bool = False) -> str:
+    """Lower-case ``text``; unless ``keep_accents``, NFKD-decompose it and drop combining marks.
+
+    "Café" becomes "cafe". This is what the official dataset applies to every caption before
+    tokenisation, and what the official vocabulary builder applies to its training text.
+    """
+    text = text.lower()
+    if keep_accents:
+        return text
+    return "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+
+
+def train_vocabulary(
+    captions: Sequence[str],
+    output_prefix: str | os.PathLike,
+    vocab_size: int = 10000,
+    keep_accents: bool = False,
+    force: bool = False,
+) -> Path:
+    """Train a SentencePiece BPE model on ``captions``; write ``PREFIX.model`` and ``PREFIX.vocab``.
+
+    Settings follow the official vocabulary: BPE, ``character_coverage=1.0``, BOS/EOS disabled,
+    control symbols ``[SOS] [EOS] [MASK]`` (so ids 0-3 are ``<unk> [SOS] [EOS] [MASK]``), and
+    captions normalised by :func:`normalize_caption`. An existing model is never overwritten
+    unless ``force``. Both files are written to a temporary prefix first and then moved into
+    place, so an interrupted run leaves no half-written model. Returns the ``.model`` path.
+    """
+    if not captions:
+        raise ValueError(f"{output_prefix}: no captions to train the vocabulary on")
+    prefix = Path(output_prefix)
+    model_path = prefix.parent / (prefix.name + ".model")
+    vocab_path = prefix.parent / (prefix.name + ".vocab")
+    if not force:
+        for path in (model_path, vocab_path):
+            if path.exists():
+                raise FileExistsError(f"{path}: already exists (pass force=True / --force to overwrite)")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+
+    def sentences() -> Iterator[str]:
+        for caption in tqdm(captions, desc="captions", unit="cap", mininterval=2.0):
+            yield normalize_caption(caption, keep_accents).replace("\n", " ")
+
+    logger.info("training a %d-piece SentencePiece BPE model on %d captions", vocab_size, len(captions))
+    with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".spm-") as tmp:
+        tmp_prefix = os.path.join(tmp, "vocab")
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(),
+                model_prefix=tmp_prefix,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                character_coverage=1.0,
+                bos_id=-1,
+                eos_id=-1,
+                control_symbols=CONTROL_SYMBOLS,
+                minloglevel=2,  # SentencePiece logs every merge at INFO; keep errors only
+            )
+        except RuntimeError as err:  # e.g. "Vocabulary size too high" for a tiny corpus
+            raise ValueError(f"{model_path}: SentencePiece training failed: {err}") from None
+        os.replace(tmp_prefix + ".vocab", vocab_path)
+        os.replace(tmp_prefix + ".model", model_path)
+    logger.info("wrote %s and %s", model_path, vocab_path)
+    return model_path
+
+
+class SentencePieceBPETokenizer:
+    """Encodes captions to ids and back with a SentencePiece model file.
+
+    ``encode`` applies :func:`normalize_caption` first, as the official dataset does, and does
+    not add ``[SOS]``/``[EOS]`` (the datasets do). Pickling keeps only the file path and the
+    model is loaded again on unpickling, so each DataLoader worker owns its processor.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        self.model_path = str(model_path)
+        self._load()
+
+    def _load(self) -> None:
+        if not os.path.isfile(self.model_path):
+            raise FileNotFoundError(f"{self.model_path}: tokenizer model not found")
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.Load(self.model_path)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"{self.model_path}: not a SentencePiece model ({err})") from None
+        self._sp = processor
+        self._special_ids = frozenset(
+            i for i in range(processor.GetPieceSize()) if processor.IsControl(i) or processor.IsUnknown(i)
+        )
+
+    def __getstate__(self) -> dict:
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.model_path = state["model_path"]
+        self._load()
+
+    def get_vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a piece; unknown pieces map to the ``<unk>`` id (0)."""
+        return self._sp.PieceToId(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        if not 0 <= token_id < self.get_vocab_size():
+            raise IndexError(f"token id {token_id} is outside the vocabulary of {self.model_path}")
+        return self._sp.IdToPiece(token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.EncodeAsIds(normalize_caption(text))
+
+    def decode(self, token_ids: Iterable[int]) -> str:
+        """The text of ``token_ids``, leaving out ``<unk>``/padding and the control symbols."""
+        return self._sp.DecodeIds([int(i) for i in token_ids if int(i) not in self._special_ids])
+
+    def check_special_ids(self, expected: dict[str, int]) -> None:
+        """Raise ``ValueError`` naming the model file if a special token's id is not ``expected``.
+
+        Catches vocabularies built with other SentencePiece settings, whose ids would silently
+        disagree with the config's ``UNK/SOS/EOS/MASK_INDEX``.
+        """
+        for token, token_id in expected.items():
+            actual = self._sp.PieceToId(token)
+            if actual != token_id or self._sp.IdToPiece(actual) != token:
+                raise ValueError(
+                    f"{self.model_path}: '{token}' has id {actual}, expected {token_id}; "
+                    "rebuild the vocabulary with tools/build_vocabulary.py"
+                )

@@ -1,0 +1,80 @@
+"""Every pretraining config loads through the schema, holds the official values, and its file
+name says what it trains."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FILES = sorted(
+    [CONFIGS / "_base_bicaptioning_R_50_L1_H1024.yaml"]
+    + [p for folder in ("width_ablations", "depth_ablations", "backbone_ablations", "task_ablations", "builtin")
+       for p in (CONFIGS / folder).glob("*.yaml")]
+)
+BACKBONES = {"R_18": "resnet18", "R_50": "resnet50", "R_101": "resnet101", "R_50W2X": "wide_resnet50_2"}
+
+
+def test_all_expected_files_exist():
+    names = {str(p.relative_to(CONFIGS)) for p in FILES}
+    expected = {"_base_bicaptioning_R_50_L1_H1024.yaml", "builtin/bicaptioning_R_18_L1_H256.yaml"}
+    expected |= {f"width_ablations/bicaptioning_R_50_L1_H{h}.yaml" for h in (512, 768, 1024, 2048)}
+    expected |= {f"depth_ablations/bicaptioning_R_50_L{n}_H1024.yaml" for n in (1, 2, 3, 4)}
+    expected |= {f"backbone_ablations/bicaptioning_R_{r}_L1_H1024.yaml" for r in ("50", "101", "50W2X")}
+    expected |= {f"task_ablations/{n}.yaml" for n in (
+        "bicaptioning_R_50_L1_H2048", "captioning_R_50_L1_H2048", "token_classification_R_50",
+        "multilabel_classification_R_50", "masked_lm_R_50_L1_H2048")}
+    assert names == expected
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_config_loads_and_matches_its_name(path):
+    cfg = load_config(str(path))
+    match = re.fullmatch(r"_?(?:base_)?(\w+?)_(R_\w+?)(?:_L(\d)_H(\d+))?", path.stem)
+    task, backbone, layers, width = match.groups()
+    assert cfg.MODEL.NAME == {"bicaptioning": "virtex"}.get(task, task)
+    assert cfg.MODEL.VISUAL.NAME == f"torchvision::{BACKBONES[backbone]}"
+    if layers is None:
+        assert cfg.MODEL.TEXTUAL.NAME == "none" and cfg.OPTIM.NO_DECAY == "none"
+    else:
+        heads, ffn = int(width) // 64, 4 * int(width)
+        assert cfg.MODEL.TEXTUAL.NAME == f"transdec_postnorm::L{layers}_H{width}_A{heads}_F{ffn}"
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if p.parent.name != "builtin"], ids=lambda p: p.stem)
+def test_official_hyper_parameters(path):
+    cfg = load_config(str(path))
+    assert (cfg.RANDOM_SEED, cfg.AMP, cfg.DATA.ROOT, cfg.DATA.TOKENIZER_MODEL) == (
+        0, True, "datasets/coco", "datasets/vocab/coco_10k.model")
+    assert cfg.DATA.VOCAB_SIZE == (80 if cfg.MODEL.NAME == "multilabel_classification" else 10000)
+    assert (cfg.DATA.UNK_INDEX, cfg.DATA.SOS_INDEX, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX) == (0, 1, 2, 3)
+    assert (cfg.DATA.IMAGE_CROP_SIZE, cfg.DATA.MAX_CAPTION_LENGTH) == (224, 30)
+    assert cfg.DATA.IMAGE_TRANSFORM_TRAIN == ["random_resized_crop", "horizontal_flip", "color_jitter", "normalize"]
+    assert cfg.DATA.IMAGE_TRANSFORM_VAL == ["smallest_resize", "center_crop", "normalize"]
+    assert cfg.MODEL.VISUAL.PRETRAINED is False and cfg.MODEL.TEXTUAL.DROPOUT == 0.1
+    assert (cfg.MODEL.DECODER.NAME, cfg.MODEL.DECODER.BEAM_SIZE) == ("beam_search", 5)
+    o = cfg.OPTIM
+    assert (o.OPTIMIZER_NAME, o.SGD_MOMENTUM, o.WEIGHT_DECAY) == ("sgd", 0.9, 0.0001)
+    assert (o.LOOKAHEAD.USE, o.LOOKAHEAD.ALPHA, o.LOOKAHEAD.STEPS) == (True, 0.5, 5)
+    assert (o.BATCH_SIZE, o.CNN_LR, o.LR, o.NUM_ITERATIONS) == (256, 0.2, 0.001, 500000)
+    assert (o.WARMUP_STEPS, o.LR_DECAY_NAME, o.CLIP_GRAD_NORM) == (10000, "cosine", 10.0)
+    if cfg.MODEL.TEXTUAL.NAME != "none":
+        assert o.NO_DECAY == ".*textual.(embedding|transformer).*(norm.*|bias)"
+
+
+def test_builtin_config_is_small():
+    cfg = load_config(str(CONFIGS / "builtin" / "bicaptioning_R_18_L1_H256.yaml"))
+    assert (cfg.DATA.ROOT, cfg.DATA.TOKENIZER_MODEL, cfg.DATA.VOCAB_SIZE) == (
+        "datasets/builtin/coco", "datasets/builtin/vocab/builtin_256.model", 256)
+    assert (cfg.MODEL.VISUAL.FEATURE_SIZE, cfg.DATA.IMAGE_CROP_SIZE, cfg.OPTIM.BATCH_SIZE) == (512, 128, 16)
+    assert cfg.OPTIM.NUM_ITERATIONS <= 500 and cfg.OPTIM.WARMUP_STEPS < cfg.OPTIM.NUM_ITERATIONS
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(f'_BASE_: "{CONFIGS / "_base_bicaptioning_R_50_L1_H1024.yaml"}"\nDATA:\n  IMAGE_CROP_SIZ: 128\n')
+    with pytest.raises(ConfigError, match="typo.yaml.*IMAGE_CROP_SIZ"):
+        load_config(str(path))
