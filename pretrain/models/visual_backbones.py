@@ -1,0 +1,73 @@
+"""Visual backbones: torchvision ResNets that return their last convolutional feature map.
+
+The module path ``visual.cnn.<torchvision name>`` is what official VirTex checkpoints use, so
+the ResNet lives in a submodule named ``cnn`` and keeps torchvision's parameter names.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+#: torchvision constructors accepted after the ``torchvision::`` prefix of MODEL.VISUAL.NAME.
+SUPPORTED_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
+
+
+def parse_visual_name(name: str) -> str:
+    """``"torchvision::resnet50"`` -> ``"resnet50"``; anything else raises ``ValueError``."""
+    prefix, sep, arch = name.partition("::")
+    if prefix != "torchvision" or not sep or arch not in SUPPORTED_RESNETS:
+        raise ValueError(
+            f"MODEL.VISUAL.NAME '{name}' is not supported; use 'torchvision::<arch>' with "
+            f"<arch> one of {', '.join(SUPPORTED_RESNETS)}"
+        )
+    return arch
+
+
+class TorchvisionVisualBackbone(nn.Module):
+    """A torchvision ResNet without its classifier, returning the stride-32 feature map.
+
+    Built from scratch with ``zero_init_residual=True`` (the last BatchNorm of every residual
+    block starts at zero, as in official VirTex) unless ``pretrained`` asks for torchvision's
+    ImageNet weights. ``fc`` becomes an ``Identity`` so that no ``cnn.fc.*`` keys exist and the
+    average pool is never applied: ``forward`` maps (B, 3, H, W) images to
+    (B, feature_size, H/32, W/32).
+
+    ``frozen=True`` turns gradients off and keeps the network in eval mode (BatchNorm uses its
+    running statistics) even when the parent model is put in train mode.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        visual_feature_size: int = 2048,
+        pretrained: bool = False,
+        frozen: bool = False,
+    ):
+        super().__init__()
+        if arch not in SUPPORTED_RESNETS:
+            raise ValueError(f"unsupported ResNet '{arch}'; choose one of {SUPPORTED_RESNETS}")
+        constructor = getattr(torchvision.models, arch)
+        self.cnn = constructor(weights="DEFAULT" if pretrained else None, zero_init_residual=True)
+        channels = self.cnn.fc.in_features
+        if channels != visual_feature_size:
+            raise ValueError(
+                f"MODEL.VISUAL.FEATURE_SIZE is {visual_feature_size} but {arch} produces "
+                f"{channels} channels"
+            )
+        self.cnn.fc = nn.Identity()
+        self.visual_feature_size = visual_feature_size
+        self.frozen = frozen
+        if frozen:
+            self.cnn.requires_grad_(False)
+            self.cnn.eval()
+
+    def train(self, mode: bool = True) -> TorchvisionVisualBackbone:
+        """Switch train/eval mode; a frozen backbone always stays in eval mode."""
+        return super().train(mode and not self.frozen)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, C, H/32, W/32) layer4 features (any memory format)."""
+        cnn = self.cnn
+        x = cnn.maxpool(cnn.relu(cnn.bn1(cnn.conv1(images))))
+        return cnn.layer4(cnn.layer3(cnn.layer2(cnn.layer1(x))))

@@ -1,0 +1,98 @@
+"""tools/caption.py end to end: tiny vocabulary, official-format checkpoint, a folder of images."""
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.config import load_config
+from pretrain.data.images import load_rgb_image
+from pretrain.data.transforms import build_transform
+from pretrain.models import build_model
+from pretrain.tokenizer import SentencePieceBPETokenizer, train_vocabulary
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "caption.py"
+WORDS = ["a", "man", "dog", "cat", "sitting", "on", "the", "red", "blue", "bench", "table", "with", "two", "people", "near", "street", "grass"]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("caption_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Vocabulary, config, official-format checkpoint and three images in a temporary folder."""
+    root = tmp_path_factory.mktemp("caption")
+    rng = random.Random(0)
+    captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(300)]
+    vocab = train_vocabulary(captions, root / "vocab", vocab_size=60)
+    size = SentencePieceBPETokenizer(vocab).get_vocab_size()
+    config = root / "tiny.yaml"
+    config.write_text(
+        f"""MODEL:
+  NAME: virtex
+  VISUAL: {{NAME: "torchvision::resnet18", FEATURE_SIZE: 512}}
+  TEXTUAL: {{NAME: "transdec_postnorm::L1_H32_A2_F64"}}
+  DECODER: {{BEAM_SIZE: 2, MAX_DECODING_STEPS: 6}}
+DATA:
+  TOKENIZER_MODEL: "{vocab}"
+  VOCAB_SIZE: {size}
+  MAX_CAPTION_LENGTH: 12
+  IMAGE_CROP_SIZE: 64
+"""
+    )
+    cfg = load_config(str(config))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    checkpoint = root / "checkpoint_10.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "iteration": 10},
+               checkpoint)
+    images = root / "images"
+    images.mkdir()
+    for i, (w, h) in enumerate([(80, 64), (64, 100), (90, 90)]):
+        Image.new("RGB", (w, h), (40 * i, 200 - 50 * i, 90)).save(images / f"img{i}.{'png' if i else 'jpg'}")
+    (images / "notes.txt").write_text("not an image")
+    return {"root": root, "config": config, "checkpoint": checkpoint, "images": images, "cfg": cfg}
+
+
+def test_captions_a_folder_like_the_model_does(setup):
+    output = setup["root"] / "out" / "captions.json"
+    args = ["--config", str(setup["config"]), "--checkpoint", str(setup["checkpoint"]),
+            "--images", str(setup["images"]), "--output", str(output), "--batch-size", "2", "--device", "cpu"]
+    assert load_tool().main(args) == 0
+    results = json.loads(output.read_text())
+    assert [r["image"] for r in results] == ["img0.jpg", "img1.png", "img2.png"]
+
+    cfg = setup["cfg"]
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(setup["checkpoint"], weights_only=True)["model"])
+    model.eval()
+    transform = build_transform(cfg, "val")
+    tokenizer = SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL)
+    images = torch.stack([transform(load_rgb_image(setup["images"] / r["image"]), "")[0] for r in results])
+    with torch.no_grad():
+        predictions = model({"image": images})["predictions"]
+    assert [r["caption"] for r in results] == [tokenizer.decode(p[p != 0].tolist()) for p in predictions]
+
+    # An existing output is not overwritten without --force.
+    assert load_tool().main(args) == 1
+    assert load_tool().main(args + ["--force"]) == 0
+
+
+def test_errors_name_the_bad_input(setup, capsys):
+    bad = setup["root"] / "bad.pth"
+    bad.write_bytes(b"\x00" * 100)
+    base = ["--config", str(setup["config"]), "--output", str(setup["root"] / "never.json")]
+    assert load_tool().main(base + ["--checkpoint", str(bad), "--images", str(setup["images"])]) == 1
+    assert "bad.pth: not a readable PyTorch checkpoint" in capsys.readouterr().err
+    empty = setup["root"] / "empty"
+    empty.mkdir()
+    assert load_tool().main(base + ["--checkpoint", str(setup["checkpoint"]), "--images", str(empty)]) == 1
+    assert "empty: no image files" in capsys.readouterr().err
+    assert not (setup["root"] / "never.json").exists()

@@ -1,0 +1,67 @@
+"""Checkpoint reading: official/our format, and clear errors for bad or unsafe files."""
+import pytest
+import torch
+from torch import nn
+
+from pretrain.models import CheckpointError, load_model_state, load_model_weights
+
+
+class Opaque:
+    """A class torch's weights-only unpickler does not allow."""
+
+
+def small_model():
+    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+
+def test_reads_the_model_entry_and_loads_strictly(tmp_path):
+    source, target = small_model(), small_model()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": source.state_dict(), "optimizer": {}, "iteration": 5}, path)
+    assert set(load_model_state(path)) == set(source.state_dict())
+    load_model_weights(target, path)
+    assert torch.equal(target[0].weight, source[0].weight)
+
+
+def test_mismatched_weights_name_the_file(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"model": nn.Linear(3, 2).state_dict()}, path)
+    with pytest.raises(CheckpointError, match="other.pth: does not fit the model"):
+        load_model_weights(small_model(), path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([1, 2, 3], "expected a dict with a 'model' entry, got list"),
+        ({"state_dict": {}}, r"no 'model' entry \(found keys: \['state_dict'\]\)"),
+        ({"model": {"w": 3}}, "'model' is not a state dict of named tensors"),
+    ],
+)
+def test_wrong_structure(tmp_path, content, message):
+    path = tmp_path / "bad.pth"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match="bad.pth: " + message):
+        load_model_state(path)
+
+
+def test_missing_corrupt_and_truncated_files(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.pth: checkpoint file not found"):
+        load_model_state(tmp_path / "missing.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pth: not a readable PyTorch checkpoint"):
+        load_model_state(garbage)
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": small_model().state_dict()}, whole)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
+        load_model_state(truncated)
+
+
+def test_files_needing_arbitrary_unpickling_are_refused(tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {}, "extra": Opaque()}, path)
+    with pytest.raises(CheckpointError, match="pickled.pth: refusing to load.*arbitrary unpickling"):
+        load_model_state(path)
