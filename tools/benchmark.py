@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Speed and memory of pretraining, on the machine at hand.
+
+    python tools/benchmark.py pretrain --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml \\
+        --batch-size 8 --image-size 224 --iters 6 --warmup 2 --json OUT.json
+    python tools/benchmark.py data --config CFG DATA.ROOT datasets/coco --batch-size 32 --workers 4
+
+``pretrain`` times full training steps (forward, backward, clipping, optimizer, schedule: the
+functions of the training loop) on a synthetic batch like the official baseline's (N(0,1) images,
+caption lengths 20..30 padded to 30, token ids in [4, vocab)). Defaults are the settings
+recommended for training: mixed precision (bf16 on CPU, fp16 on accelerators), channels-last,
+fused optimizer, tuned glibc malloc (the script re-executes itself with it unless
+``MALLOC_MMAP_MAX_`` is set). ``--official-baseline`` measures the official-equivalent step
+instead (as timed in the official notes): contiguous layout, ``torch.optim.SGD`` over one group
+with its default implementation, no Lookahead, clipping or schedule, fp32 unless ``--precision``
+says otherwise. ``data`` measures DataLoader throughput on the
+configured dataset through the training loop's sampler. Results go to the terminal and, with ``--json``, to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.engine.malloc import (  # standard library only: runs before torch loads
+    malloc_is_tuned,
+    reexec_with_tuned_malloc,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    for name in ("pretrain", "data"):
+        mode = modes.add_parser(name)
+        mode.add_argument("--config", required=True, help="pretraining config YAML")
+        mode.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+        mode.add_argument("--iters", type=int, default=6, help="timed iterations (default 6)")
+        mode.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
+        mode.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+        mode.add_argument("--json", help="write the results to this file")
+        mode.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides")
+    train = modes.choices["pretrain"]
+    train.add_argument("--image-size", type=int, default=224, help="square image side (default 224)")
+    train.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto = bf16 autocast on CPU, fp16 autocast + GradScaler on accelerators")
+    train.add_argument("--no-channels-last", action="store_true", help="keep the CNN in contiguous layout")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--official-baseline", action="store_true",
+                       help="official-equivalent step: contiguous, plain SGD, fp32 unless --precision is given")
+    train.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
+    modes.choices["data"].add_argument("--workers", type=int, default=None, help="DataLoader workers (default: config)")
+    return parser.parse_args(argv)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def synthetic_batch(batch_size: int, image_size: int, vocab_size: int, max_length: int, generator) -> dict:
+    """N(0,1) images and random captions of 20..30 tokens (capped at ``max_length``), padded."""
+    import torch
+
+    lengths = torch.randint(min(20, max_length), min(30, max_length) + 1, (batch_size,), generator=generator)
+    tokens = torch.zeros(batch_size, int(lengths.max()), dtype=torch.long)
+    reversed_tokens = torch.zeros_like(tokens)
+    for i, length in enumerate(lengths.tolist()):
+        words = torch.randint(4, vocab_size, (length,), generator=generator)
+        tokens[i, :length] = words
+        reversed_tokens[i, :length] = words.flip(0)
+    return {
+        "image": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        "caption_tokens": tokens,
+        "noitpac_tokens": reversed_tokens,
+        "caption_lengths": lengths,
+        "image_id": torch.arange(batch_size),
+    }
+
+
+def timed(fn, iters: int, warmup: int, sync) -> list[float]:
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_pretrain(args, cfg) -> dict:
+    import torch
+
+    from pretrain.engine.distributed import seed_everything, select_device
+    from pretrain.engine.optim import build_optimizer, inner_optimizer
+    from pretrain.engine.schedule import build_lr_scheduler
+    from pretrain.engine.trainer import (
+        autocast_dtype,
+        forward_backward,
+        make_autocast,
+        make_batch_mover,
+        optimizer_step,
+    )
+    from pretrain.models import build_model
+
+    device = select_device(0, force_cpu=args.cpu)
+    baseline = args.official_baseline
+    if args.precision == "auto":
+        dtype = None if baseline else autocast_dtype(True, device)
+    else:
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    channels_last = not (baseline or args.no_channels_last)
+
+    seed_everything(cfg.RANDOM_SEED)
+    model = build_model(cfg).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if baseline:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.OPTIM.LR, momentum=cfg.OPTIM.SGD_MOMENTUM,
+                                    weight_decay=cfg.OPTIM.WEIGHT_DECAY)
+
+        def optimise():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_lr_scheduler(cfg, inner_optimizer(optimizer))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def optimise():
+            optimizer_step(params, optimizer, scheduler, scaler, cfg.OPTIM.CLIP_GRAD_NORM)
+    train_model = torch.compile(model) if args.compile and not baseline else model
+    batch = make_batch_mover(device, channels_last)(
+        synthetic_batch(args.batch_size, args.image_size, cfg.DATA.VOCAB_SIZE, cfg.DATA.MAX_CAPTION_LENGTH,
+                        torch.Generator().manual_seed(cfg.RANDOM_SEED))
+    )
+    autocast = make_autocast(device, dtype)
+    losses = []
+
+    def step():
+        losses.append(float(forward_backward(train_model, batch, scaler, autocast)["loss"]))
+        optimise()
+
+    sync = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
+    times = timed(step, args.iters, args.warmup, sync)
+    median = statistics.median(times)
+    result = {
+        "mode": "pretrain",
+        "official_baseline": baseline,
+        "precision": str(dtype or torch.float32).replace("torch.", ""),
+        "channels_last": channels_last,
+        "compile": bool(args.compile and not baseline),
+        "step_s_median": median,
+        "step_s_min": min(times),
+        "step_s_all": times,
+        "images_per_s": args.batch_size / median,
+        "peak_rss_gib": peak_rss_gib(),
+        "first_loss": losses[0],
+    }
+    if device.type != "cpu":
+        result["peak_device_memory_gib"] = torch.accelerator.max_memory_allocated() / 2**30
+    return result
+
+
+def bench_data(args, cfg) -> dict:
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import build_dataset, collate_fn
+    from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
+    from pretrain.tokenizer import SentencePieceBPETokenizer
+
+    dataset = build_dataset(cfg, "train", SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL))
+    workers = cfg.DATA.NUM_WORKERS if args.workers is None else args.workers
+    sampler = IterationBatchSampler(len(dataset), args.batch_size, 0, 1, cfg.RANDOM_SEED, args.warmup + args.iters)
+    loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers)
+    batches = iter(loader)
+    times = timed(lambda: next(batches), args.iters, args.warmup, lambda: None)
+    return {
+        "mode": "data",
+        "workers": workers,
+        "batch_s_median": statistics.median(times),
+        "images_per_s": args.batch_size * len(times) / sum(times),
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from pretrain.config import load_config
+
+    torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    if args.mode == "pretrain":
+        overrides += ["DATA.IMAGE_CROP_SIZE", str(args.image_size)]
+    cfg = load_config(args.config, overrides)
+    load_before = os.getloadavg()[0]
+    result = (bench_pretrain if args.mode == "pretrain" else bench_data)(args, cfg)
+    result.update({
+        "config": args.config,
+        "overrides": args.overrides,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "malloc_tuned": malloc_is_tuned(),
+        "torch": torch.__version__,
+        "load_avg_1min_before_after": [load_before, os.getloadavg()[0]],
+        **({"image_size": args.image_size} if args.mode == "pretrain" else {}),
+    })
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    reexec_with_tuned_malloc()
+    sys.exit(main())

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Pretrain a VirTex model: one CPU process, or one process per device under torchrun.
+
+    python tools/pretrain.py --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml \\
+        --output-dir outputs/bicap_h2048 [--resume] [KEY VALUE ...]
+    torchrun --nproc-per-node 8 tools/pretrain.py --config CFG --output-dir DIR
+
+``KEY VALUE`` pairs override config keys (``OPTIM.BATCH_SIZE 64``). ``--resume`` continues from
+the newest valid checkpoint in the output directory. SIGTERM saves a checkpoint and exits 0.
+
+On Linux with glibc the script re-executes itself once with ``MALLOC_MMAP_MAX_=0`` and
+``MALLOC_TRIM_THRESHOLD_=10^12`` unless ``MALLOC_MMAP_MAX_`` is already set (see
+``pretrain/engine/malloc.py``; set ``MALLOC_MMAP_MAX_`` yourself to opt out).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.engine.malloc import (
+    reexec_with_tuned_malloc,  # standard library only: runs before torch loads
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pretraining config YAML")
+    parser.add_argument("--output-dir", required=True, help="checkpoints, logs, TensorBoard events")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pretrain.config import ConfigError, load_config
+    from pretrain.engine.checkpoint import CheckpointError
+    from pretrain.engine.trainer import NonFiniteLossError, run_pretraining
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"pretrain: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run_pretraining(cfg, args.output_dir, resume=args.resume)
+    except (NonFiniteLossError, CheckpointError, FileExistsError) as err:
+        print(f"pretrain: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    reexec_with_tuned_malloc()
+    sys.exit(main())
