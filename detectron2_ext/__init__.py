@@ -4,6 +4,6 @@ backbone conversion, evaluation and reports for VirTex downstream transfer.
 Importing the package registers its components with detectron2's registries.
 """
 from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
-from .config import add_virtex_config
+from .config import add_virtex_config, load_config
 
-__all__ = ["add_virtex_config"]
+__all__ = ["add_virtex_config", "load_config"]

@@ -1,0 +1,171 @@
+"""Side-by-side results of downstream runs (COCO, LVIS, VOC), per initialisation.
+
+Reads training output directories of tools/train_net.py: the numbers are those the evaluators
+returned (``inference/<dataset>/evaluation.json``, written by
+:class:`detectron2_ext.evaluation.SavedResultsEvaluator`), and the loss curves come from
+detectron2's ``metrics.json``. Nothing is recomputed. Writes ``report.md`` (one table per dataset
+and task), ``report.json``, ``loss_curves.png`` and, for LVIS, ``<dataset>_ap_by_frequency.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .evaluation import RESULTS_FILE
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+FREQUENCY_METRICS = ("APr", "APc", "APf")
+TASKS = {"bbox": "box", "segm": "mask"}
+OUTPUT_FILES = ("report.md", "report.json", "loss_curves.png")
+
+
+@dataclass
+class Run:
+    """One training output directory: its label, evaluations and training loss."""
+
+    label: str
+    directory: Path
+    evaluations: dict  # dataset -> task -> metric -> value, as the evaluator returned them
+    losses: list = field(default_factory=list)  # (iteration, total_loss)
+
+
+def _init_name(directory: Path) -> str | None:
+    config = directory / "config.yaml"
+    if not config.is_file():
+        return None
+    return (yaml.safe_load(config.read_text()) or {}).get("VIRTEX", {}).get("INIT_NAME") or None
+
+
+def read_run(directory, label: str | None = None) -> Run:
+    """Read a run; its label is ``label``, else its config's VIRTEX.INIT_NAME, else its name."""
+    directory = Path(directory)
+    files = sorted(directory.glob(f"inference/*/{RESULTS_FILE}"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no inference/*/{RESULTS_FILE}; has tools/train_net.py evaluated it?")
+    evaluations = {}
+    for path in files:
+        record = json.loads(path.read_text())
+        evaluations[record["dataset"]] = record["results"]
+    losses = []
+    metrics = directory / "metrics.json"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if "total_loss" in entry:
+                losses.append((entry["iteration"], entry["total_loss"]))
+    return Run(label or _init_name(directory) or directory.name, directory, evaluations, losses)
+
+
+def _value(value):
+    """JSON-safe metric: NaN (the evaluators' "not computable") becomes None."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def build_report(runs) -> dict:
+    """``{"datasets": {dataset: {task: {label: {metric: value}}}}, "runs": {...}}``."""
+    datasets, seen = {}, set()
+    for run in runs:
+        for dataset, results in run.evaluations.items():
+            if (run.label, dataset) in seen:
+                raise ValueError(f"two runs labelled '{run.label}' evaluate {dataset}; label them LABEL=DIR")
+            seen.add((run.label, dataset))
+            for task, metrics in results.items():
+                if task in TASKS:
+                    row = {m: _value(metrics[m]) for m in METRICS if m in metrics}
+                    datasets.setdefault(dataset, {}).setdefault(TASKS[task], {})[run.label] = row
+    return {
+        "datasets": datasets,
+        "runs": {run.label: {"directory": str(run.directory), "datasets": sorted(run.evaluations)} for run in runs},
+    }
+
+
+def _defined(value) -> bool:
+    """False for the evaluators' "not computable" values: None (NaN) and LVIS's -100."""
+    return value is not None and value >= 0
+
+
+def to_markdown(report: dict) -> str:
+    """One table per dataset and task: a row per initialisation, a column per metric."""
+    lines = ["# Downstream results", ""]
+    for dataset, tasks in report["datasets"].items():
+        for task, rows in tasks.items():
+            columns = [m for m in METRICS if any(m in row for row in rows.values())]
+            lines += [f"## {dataset}: {task} AP", "", "| init | " + " | ".join(columns) + " |",
+                      "|---|" + "---:|" * len(columns)]
+            for label, row in rows.items():
+                cells = [f"{row[m]:.1f}" if _defined(row.get(m)) else "–" for m in columns]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines.append("Numbers are the evaluators' own output, AP in percent. –: not computable (no ground truth "
+                 "in that group; COCO's evaluator returns NaN, LVIS's -100).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ap_by_frequency(tasks: dict, title: str, path: Path) -> None:
+    """Grouped bars of APr/APc/APf per initialisation, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, (task, rows) in zip(axes[0], tasks.items()):
+        width = 0.8 / max(1, len(rows))
+        for i, (label, row) in enumerate(rows.items()):
+            values = [row[m] if _defined(row.get(m)) else math.nan for m in FREQUENCY_METRICS]
+            ax.bar([g + i * width for g in range(len(FREQUENCY_METRICS))], values, width, label=label)
+        ax.set_xticks([g + width * (len(rows) - 1) / 2 for g in range(len(FREQUENCY_METRICS))])
+        ax.set_xticklabels(["rare", "common", "frequent"])
+        defined = [row[m] for row in rows.values() for m in FREQUENCY_METRICS if _defined(row.get(m))]
+        ax.set_ylim(0, max([1.0, *defined]) * 1.15)
+        ax.set_ylabel(f"{task} AP")
+        ax.set_title(f"{title}: {task} AP by frequency group")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_losses(runs, path: Path) -> None:
+    """Total training loss against iteration, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        if run.losses:
+            iterations, losses = zip(*run.losses)
+            ax.plot(iterations, losses, marker="o", label=f"{run.label} ({', '.join(sorted(run.evaluations))})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total loss")
+    ax.set_title("Training loss")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(runs, output_dir, force: bool = False) -> list:
+    """Write the report files into ``output_dir``; returns their paths."""
+    output_dir = Path(output_dir)
+    report = build_report(runs)
+    frequency_plots = {f"{dataset}_ap_by_frequency.png": (dataset, tasks) for dataset, tasks in report["datasets"].items()
+                       if any(m in row for rows in tasks.values() for row in rows.values() for m in FREQUENCY_METRICS)}
+    paths = [output_dir / name for name in (*OUTPUT_FILES, *frequency_plots)]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"report files exist ({', '.join(existing)}); pass --force to overwrite them")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.md").write_text(to_markdown(report))
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    plot_losses(runs, output_dir / "loss_curves.png")
+    for name, (dataset, tasks) in frequency_plots.items():
+        plot_ap_by_frequency(tasks, dataset, output_dir / name)
+    return paths

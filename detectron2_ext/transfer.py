@@ -1,0 +1,80 @@
+"""Checkpoint -> detectron2 backbone weights, verified: the library side of tools/convert_backbone.py.
+
+The output is a ``.pth`` of tensors that ``torch.load(weights_only=True)`` reads and that
+detectron2's ``DetectionCheckpointer`` accepts as ``MODEL.WEIGHTS``. detectron2 also reads
+``.pkl`` files, but only with plain pickle (arbitrary code on load), so that format is refused.
+The file is written under a temporary name, verified against every target config, and only
+then renamed to the output path: a failed check leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .convert import (
+    ConversionError,
+    ConvertedBackbone,
+    convert_resnet_state_dict,
+    to_detectron2_checkpoint,
+)
+from .verify import verify_target
+
+
+def check_output_path(output, force: bool) -> Path:
+    """The output path, after refusing ``.pkl`` and other suffixes and existing files without force."""
+    output = Path(output)
+    if output.suffix == ".pkl":
+        raise ConversionError(
+            f"{output}: write a .pth instead: detectron2 reads .pkl weights with plain pickle, which "
+            f"can run arbitrary code, while a .pth of tensors loads with torch.load(weights_only=True) "
+            f"and is accepted by DetectionCheckpointer and MODEL.WEIGHTS alike"
+        )
+    if output.suffix != ".pth":
+        raise ConversionError(f"{output}: the output must be a .pth file")
+    if output.exists() and not force:
+        raise FileExistsError(f"{output}: already exists; pass --force to overwrite it")
+    return output
+
+
+def convert_checkpoint_file(input_path, output_path, targets, force=False, allow_unsafe_pickle=False):
+    """Convert ``input_path`` into verified detectron2 weights at ``output_path``.
+
+    ``targets`` is a list of ``(name, cfg)``: the detectron2 configs the weights must load
+    into. Returns ``(ConvertedBackbone, [TargetCheck, ...])``.
+    """
+    output = check_output_path(output_path, force)
+    if not targets:
+        raise ConversionError("no target config to verify the converted weights against")
+    try:
+        backbone: ConvertedBackbone = convert_resnet_state_dict(load_checkpoint(input_path, allow_unsafe_pickle))
+    except ConversionError as e:
+        raise ConversionError(f"{input_path}: {e}") from None
+    staging = output.with_name(f".{output.name}.unverified")
+    save_checkpoint(to_detectron2_checkpoint(backbone, Path(input_path).name), staging, force=True)
+    try:
+        checks = [verify_target(cfg, backbone, staging, name) for name, cfg in targets]
+        if output.exists() and not force:  # appeared while we were verifying
+            raise FileExistsError(f"{output}: already exists; pass --force to overwrite it")
+        os.replace(staging, output)
+    finally:
+        staging.unlink(missing_ok=True)
+    return backbone, checks
+
+
+def describe(backbone: ConvertedBackbone, source) -> str:
+    """One-line summary of what a conversion took from the source checkpoint."""
+    norms = sum(1 for k in backbone.state_dict if k.endswith(".norm.running_mean"))
+    prefix = f"'{backbone.source_prefix}*'" if backbone.source_prefix else "top-level keys"
+    text = (
+        f"ResNet-{backbone.depth} ({backbone.block} blocks {'-'.join(map(str, backbone.blocks_per_stage))}) "
+        f"from {prefix} of {source}: {len(backbone.state_dict)} tensors, {norms} BatchNorm layers with "
+        f"affine parameters and running statistics"
+    )
+    if backbone.dropped_keys:
+        text += f"; dropped the classifier ({', '.join(backbone.dropped_keys)})"
+    if backbone.ignored_keys:
+        text += f"; ignored {backbone.ignored_keys} keys outside the ResNet"
+    if backbone.filled_batch_counters:
+        text += f"; {backbone.filled_batch_counters} BN layers had no num_batches_tracked (set to 0)"
+    return text

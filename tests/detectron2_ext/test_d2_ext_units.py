@@ -1,0 +1,156 @@
+"""detectron2_ext without training: configs, registered head, runtime adaptations, dataset checks
+and the report built from crafted evaluator outputs."""
+import json
+import logging
+import math
+from pathlib import Path
+
+import detectron2.engine.defaults as d2_defaults
+import numpy as np
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
+
+from detectron2_ext import load_config
+from detectron2_ext.compat import (
+    adapt_config_to_devices,
+    patch_cpu_ddp,
+    patch_lvis_numpy,
+)
+from detectron2_ext.datasets import check_dataset_files, check_datasets_root
+from detectron2_ext.report import read_run, write_report
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs" / "detectron2"
+TORCHVISION_MEAN = [123.675, 116.28, 103.53]
+TORCHVISION_STD = [58.395, 57.12, 57.375]
+
+
+def test_configs_follow_the_virtex_protocol():
+    coco = load_config(CONFIGS / "coco_segm_default_init_2x.yaml")
+    for cfg in (coco, load_config(CONFIGS / "voc_det_default_init_24k.yaml")):
+        assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.STRIDE_IN_1X1) == ("SyncBN", 0, False)
+        assert cfg.INPUT.FORMAT == "RGB" and cfg.TEST.PRECISE_BN.ENABLED
+        assert cfg.MODEL.PIXEL_MEAN == TORCHVISION_MEAN and cfg.MODEL.PIXEL_STD == TORCHVISION_STD
+        assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.MODEL.WEIGHTS) == (16, 0.02, "")
+    assert coco.MODEL.FPN.NORM == "SyncBN" and coco.MODEL.MASK_ON
+    assert (coco.SOLVER.MAX_ITER, coco.SOLVER.STEPS) == (180000, (120000, 160000))
+    assert coco.DATASETS.TRAIN == ("coco_2017_train",) and coco.DATASETS.TEST == ("coco_2017_val",)
+
+    lvis = load_config(CONFIGS / "lvis_segm_default_init_2x.yaml")
+    assert lvis.DATASETS.TRAIN == ("lvis_v1_train",) and lvis.DATASETS.TEST == ("lvis_v1_val",)
+    assert lvis.MODEL.ROI_HEADS.NUM_CLASSES == 1203 and lvis.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 1e-4
+    assert lvis.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler" and lvis.DATALOADER.REPEAT_THRESHOLD == 0.001
+    assert lvis.TEST.DETECTIONS_PER_IMAGE == 300
+    imagenet = load_config(CONFIGS / "lvis_segm_imagenet_init_2x.yaml")
+    assert imagenet.MODEL.RESNETS.NORM == "FrozenBN" and imagenet.VIRTEX.INIT_NAME == "imagenet"
+
+    voc = load_config(CONFIGS / "voc_det_default_init_24k.yaml")
+    assert voc.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm" and voc.MODEL.BACKBONE.NAME == "build_resnet_backbone"
+    assert voc.DATASETS.TRAIN == ("voc_2007_trainval", "voc_2012_trainval") and voc.DATASETS.TEST == ("voc_2007_test",)
+    assert (voc.SOLVER.MAX_ITER, voc.SOLVER.STEPS, voc.SOLVER.WARMUP_ITERS) == (24000, (18000, 22000), 100)
+    assert voc.MODEL.ROI_HEADS.NUM_CLASSES == 20 and not voc.MODEL.MASK_ON
+
+
+@pytest.mark.parametrize("name", ["coco_segm", "lvis_segm", "voc_det"])
+def test_cpu_configs_keep_model_and_data(name):
+    full = load_config(next(CONFIGS.glob(f"{name}_default_init_*.yaml")))
+    cpu = load_config(CONFIGS / "cpu" / f"{name}_default_init_cpu.yaml")
+    for key in ("MODEL.META_ARCHITECTURE", "MODEL.BACKBONE", "MODEL.RESNETS", "MODEL.FPN", "MODEL.ROI_HEADS.NAME",
+                "MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.PIXEL_MEAN", "DATASETS", "INPUT.FORMAT"):
+        node_full, node_cpu = full, cpu
+        for part in key.split("."):
+            node_full, node_cpu = node_full[part], node_cpu[part]
+        assert node_full == node_cpu, key
+    assert cpu.SOLVER.IMS_PER_BATCH == 2 and cpu.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 64
+
+
+def test_multiprocess_cpu_uses_naive_syncbn_also_in_the_extra_norm():
+    cfg = load_config(CONFIGS / "voc_det_default_init_24k.yaml")
+    adapt_config_to_devices(cfg, world_size=2)
+    assert cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
+    assert "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY
+    model = build_model(cfg)
+    assert isinstance(model.roi_heads.res5.norm, NaiveSyncBatchNorm)
+    assert isinstance(model.backbone.stem.conv1.norm, NaiveSyncBatchNorm)
+
+    single = load_config(CONFIGS / "coco_segm_default_init_2x.yaml")
+    adapt_config_to_devices(single, world_size=1)
+    assert (single.MODEL.RESNETS.NORM, single.MODEL.FPN.NORM) == ("SyncBN", "SyncBN")
+    frozen = load_config(CONFIGS / "voc_det_default_init_24k.yaml", ["MODEL.RESNETS.NORM", "FrozenBN"])
+    frozen.MODEL.DEVICE = "cpu"
+    assert isinstance(build_model(frozen).roi_heads.res5.norm, FrozenBatchNorm2d)
+
+
+def test_cpu_ddp_patch_passes_no_device_ids(monkeypatch, caplog):
+    calls = []
+    monkeypatch.setattr(d2_defaults, "create_ddp_model", lambda model, **kw: calls.append(kw) or model)
+    with caplog.at_level(logging.INFO, logger="detectron2_ext.compat"):
+        patch_cpu_ddp()
+    d2_defaults.create_ddp_model(torch.nn.Linear(1, 1), broadcast_buffers=False)
+    assert calls == [{"device_ids": None, "broadcast_buffers": False}]
+    assert "device_ids=None" in caplog.text
+
+
+def test_lvis_numpy_shim_is_visible(monkeypatch, caplog):
+    monkeypatch.delattr(np, "float", raising=False)
+    try:
+        with caplog.at_level(logging.INFO, logger="detectron2_ext.compat"):
+            patch_lvis_numpy()
+        assert np.float is float
+        assert "np.float = float for lvis" in caplog.text
+    finally:
+        if "float" in vars(np):
+            del np.float
+
+
+def test_dataset_root_and_files_are_checked(monkeypatch, tmp_path):
+    check_datasets_root()  # tests/conftest.py set DETECTRON2_DATASETS before detectron2 was imported
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    with pytest.raises(RuntimeError, match="must be set before detectron2.data is imported"):
+        check_datasets_root()
+    MetadataCatalog.get("virtex_test_missing").set(json_file=str(tmp_path / "nope.json"), image_root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="virtex_test_missing: json_file .*nope.json"):
+        check_dataset_files(["virtex_test_missing"])
+
+
+def make_run(directory: Path, init: str, dataset: str, results: dict, losses) -> Path:
+    (directory / "inference" / dataset).mkdir(parents=True)
+    (directory / "inference" / dataset / "evaluation.json").write_text(
+        json.dumps({"dataset": dataset, "evaluator": "X", "results": results}))
+    (directory / "config.yaml").write_text(f"VIRTEX:\n  INIT_NAME: {init}\n")
+    (directory / "metrics.json").write_text("\n".join(json.dumps({"iteration": i, "total_loss": v}) for i, v in losses))
+    return directory
+
+
+def test_report_from_crafted_runs(tmp_path):
+    lvis_metrics = {"AP": 23.0, "AP50": 35.4, "AP75": 24.3, "APs": 15.1, "APm": 30.2, "APl": -100.0,
+                    "APr": 12.5, "APc": 21.7, "APf": 28.9, "AP-person": 1.0}
+    runs = [
+        read_run(make_run(tmp_path / "a", "virtex", "lvis_v1_val", {"segm": lvis_metrics, "bbox": dict(lvis_metrics, AP=25.5)},
+                          [(19, 3.0), (39, 2.0)])),
+        read_run(make_run(tmp_path / "b", "random", "lvis_v1_val", {"segm": dict(lvis_metrics, AP=17.4, APr=math.nan)},
+                          [(19, 3.5)])),
+        read_run(make_run(tmp_path / "c", "random", "voc_2007_test", {"bbox": {"AP": 55.3, "AP50": 81.3, "AP75": 61.0}}, []),
+                 label="rand-voc"),
+    ]
+    paths = write_report(runs, tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["datasets"]["lvis_v1_val"]["mask"]["virtex"]["APr"] == 12.5
+    assert report["datasets"]["lvis_v1_val"]["box"]["virtex"]["AP"] == 25.5
+    assert report["datasets"]["lvis_v1_val"]["mask"]["random"]["APr"] is None
+    assert "AP-person" not in report["datasets"]["lvis_v1_val"]["mask"]["virtex"]
+    assert report["datasets"]["voc_2007_test"]["box"] == {"rand-voc": {"AP": 55.3, "AP50": 81.3, "AP75": 61.0}}
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| virtex | 23.0 | 35.4 | 24.3 | 15.1 | 30.2 | – | 12.5 | 21.7 | 28.9 |" in markdown
+    assert "| random | 17.4 | 35.4 | 24.3 | 15.1 | 30.2 | – | – | 21.7 | 28.9 |" in markdown
+    assert sorted(p.name for p in paths) == ["loss_curves.png", "lvis_v1_val_ap_by_frequency.png", "report.json", "report.md"]
+    for path in paths:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileExistsError, match="--force"):
+        write_report(runs, tmp_path / "report")
+    with pytest.raises(ValueError, match="two runs labelled 'virtex' evaluate lvis_v1_val"):
+        write_report([runs[0], read_run(tmp_path / "a")], tmp_path / "report2")

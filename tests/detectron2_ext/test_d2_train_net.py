@@ -1,0 +1,198 @@
+"""tools/train_net.py on the built-in dataset: the three downstream setups train a few iterations
+on CPU and evaluate (COCO and LVIS Mask R-CNN R50-FPN, VOC Faster R-CNN R50-C4), COCO also over
+2 gloo processes; eval-only reproduces a trained model's detections; the report's numbers are
+the evaluators'.
+
+Every run uses the real configs, shrunk further by overrides (128 px, 2 iterations, fewer test
+detections) so the module fits in a few minutes on 2 shared cores.
+"""
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from detectron2_ext import load_config
+from detectron2_ext.transfer import convert_checkpoint_file
+
+REPO = Path(__file__).resolve().parents[2]
+CPU_CONFIGS = REPO / "configs" / "detectron2" / "cpu"
+SMALL = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192", "INPUT.MIN_SIZE_TEST", "128",
+         "INPUT.MAX_SIZE_TEST", "192", "SOLVER.MAX_ITER", "2", "TEST.DETECTIONS_PER_IMAGE", "20",
+         "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
+NO_PRECISE_BN = ["TEST.PRECISE_BN.ENABLED", "False"]  # exercised once, in the 2-process run
+COCO_METRICS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+LVIS_METRICS = COCO_METRICS | {"APr", "APc", "APf"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_net(config: str, output_dir: Path, *opts, launcher=()):
+    """Run tools/train_net.py to completion; returns the output directory."""
+    command = [sys.executable, str(REPO / "tools" / "train_net.py"), *launcher,
+               "--config-file", str(CPU_CONFIGS / config), *SMALL, *map(str, opts), "OUTPUT_DIR", str(output_dir)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return output_dir
+
+
+def evaluation(run: Path, dataset: str) -> dict:
+    record = json.loads((run / "inference" / dataset / "evaluation.json").read_text())
+    assert record["dataset"] == dataset
+    return record
+
+
+def metrics_lines(run: Path) -> list:
+    return [json.loads(line) for line in (run / "metrics.json").read_text().splitlines() if line.strip()]
+
+
+def saved_config(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def same(a, b) -> bool:
+    return (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)) or a == b
+
+
+def assert_trained_and_evaluated(run: Path, dataset: str, evaluator: str, tasks: dict):
+    """Two finite training losses logged, then the evaluator's results, also in metrics.json."""
+    lines = metrics_lines(run)
+    losses = [line for line in lines if "total_loss" in line]
+    assert losses and losses[-1]["iteration"] == 1 and math.isfinite(losses[-1]["total_loss"])
+    record = evaluation(run, dataset)
+    assert record["evaluator"] == evaluator
+    assert {task: {m for m in metrics if not m.startswith("AP-")} for task, metrics in record["results"].items()} == tasks
+    flat = {k: v for line in lines for k, v in line.items() if "/" in k and k.split("/")[0] in tasks}
+    for task, metrics in record["results"].items():
+        for metric, value in metrics.items():
+            assert same(flat[f"{task}/{metric}"], value), f"{task}/{metric}"
+    assert (run / "model_final.pth").is_file()
+
+
+@pytest.fixture(scope="module")
+def converted_weights(tmp_path_factory) -> Path:
+    """A ResNet-50 checkpoint in the official VirTex layout, converted by the library."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    state = {f"visual.cnn.{k}": v for k, v in torchvision.models.resnet50().state_dict().items()}
+    torch.save({"model": state}, folder / "virtex.pth")
+    targets = [(name, load_config(REPO / "configs" / "detectron2" / name))
+               for name in ("coco_segm_default_init_2x.yaml", "voc_det_default_init_24k.yaml")]
+    convert_checkpoint_file(folder / "virtex.pth", folder / "virtex_r50.pth", targets)
+    return folder / "virtex_r50.pth"
+
+
+@pytest.fixture(scope="module")
+def coco_run(synthetic_root, converted_weights, tmp_path_factory):
+    return train_net("coco_segm_default_init_cpu.yaml", tmp_path_factory.mktemp("coco_virtex"),
+                     "MODEL.WEIGHTS", converted_weights, "VIRTEX.INIT_NAME", "virtex", *NO_PRECISE_BN)
+
+
+@pytest.fixture(scope="module")
+def coco_ddp_run(synthetic_root, tmp_path_factory):
+    return train_net("coco_segm_default_init_cpu.yaml", tmp_path_factory.mktemp("coco_random_ddp"),
+                     launcher=["--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{free_port()}"])
+
+
+@pytest.fixture(scope="module")
+def lvis_run(synthetic_root, tmp_path_factory):
+    return train_net("lvis_segm_default_init_cpu.yaml", tmp_path_factory.mktemp("lvis_random"), *NO_PRECISE_BN)
+
+
+@pytest.fixture(scope="module")
+def voc_run(synthetic_root, converted_weights, tmp_path_factory):
+    return train_net("voc_det_default_init_cpu.yaml", tmp_path_factory.mktemp("voc_virtex"),
+                     "MODEL.WEIGHTS", converted_weights, "VIRTEX.INIT_NAME", "virtex", *NO_PRECISE_BN)
+
+
+def test_coco_from_converted_weights(coco_run, converted_weights):
+    assert_trained_and_evaluated(coco_run, "coco_2017_val", "COCOEvaluator", {"bbox": COCO_METRICS, "segm": COCO_METRICS})
+    cfg = saved_config(coco_run)
+    assert (cfg["MODEL"]["DEVICE"], cfg["MODEL"]["RESNETS"]["NORM"], cfg["MODEL"]["FPN"]["NORM"]) == ("cpu", "SyncBN", "SyncBN")
+    log = (coco_run / "log.txt").read_text()
+    assert f"Loading from {converted_weights}" in log
+    assert "matched with submodule backbone.bottom_up - Total num: 53" in log  # 53 conv+norm modules
+
+
+def test_coco_two_gloo_processes_with_naive_syncbn(coco_ddp_run):
+    assert_trained_and_evaluated(coco_ddp_run, "coco_2017_val", "COCOEvaluator",
+                                 {"bbox": COCO_METRICS, "segm": COCO_METRICS})
+    cfg = saved_config(coco_ddp_run)
+    assert (cfg["MODEL"]["RESNETS"]["NORM"], cfg["MODEL"]["FPN"]["NORM"]) == ("naiveSyncBN", "naiveSyncBN")
+    assert cfg["VIRTEX"]["INIT_NAME"] == "random"
+    log = (coco_ddp_run / "log.txt").read_text()
+    assert "compat: no CUDA, detectron2's DDP wrapper gets device_ids=None" in log
+    assert "compat: 2 local processes without CUDA" in log
+    assert "Running precise-BN for 2 iterations" in log
+    assert "on 2 devices" in log  # inference was shared by both processes
+
+
+def test_lvis_random_init(lvis_run):
+    assert_trained_and_evaluated(lvis_run, "lvis_v1_val", "LVISEvaluator", {"bbox": LVIS_METRICS, "segm": LVIS_METRICS})
+    cfg = saved_config(lvis_run)
+    assert cfg["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 1203
+    assert cfg["DATALOADER"]["SAMPLER_TRAIN"] == "RepeatFactorTrainingSampler"
+    assert "compat: set np.float = float for lvis" in (lvis_run / "log.txt").read_text()
+
+
+def test_voc_c4_with_extra_norm(voc_run, converted_weights):
+    assert_trained_and_evaluated(voc_run, "voc_2007_test", "PascalVOCDetectionEvaluator",
+                                 {"bbox": {"AP", "AP50", "AP75"}})
+    cfg = saved_config(voc_run)
+    assert cfg["MODEL"]["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
+    assert cfg["DATASETS"]["TRAIN"] == ["voc_2007_trainval", "voc_2012_trainval"]
+    weights = torch.load(voc_run / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert weights["roi_heads.res5.norm.weight"].shape == (2048,)
+    assert f"Loading from {converted_weights}" in (voc_run / "log.txt").read_text()
+
+
+def test_eval_only_reproduces_the_trained_model(coco_run, tmp_path):
+    train_net("coco_segm_default_init_cpu.yaml", tmp_path, "MODEL.WEIGHTS", coco_run / "model_final.pth",
+              launcher=["--eval-only"])
+    name = "inference/coco_2017_val/coco_instances_results.json"
+    trained, reloaded = (json.loads((run / name).read_text()) for run in (coco_run, tmp_path))
+    assert len(trained) == len(reloaded) > 0
+    def key(d):
+        return d["image_id"], d["category_id"], round(d["score"], 4)
+
+    for a, b in zip(sorted(trained, key=key), sorted(reloaded, key=key)):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)
+
+
+def test_report_matches_the_evaluators(coco_run, coco_ddp_run, lvis_run, voc_run, tmp_path):
+    command = [sys.executable, str(REPO / "tools" / "report.py"), str(coco_run), str(coco_ddp_run), str(lvis_run),
+               f"virtex-voc={voc_run}", "--output", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["datasets"]["coco_2017_val"]["mask"]) == {"virtex", "random"}  # side by side
+    expected_runs = [(coco_run, "coco_2017_val", "virtex"), (coco_ddp_run, "coco_2017_val", "random"),
+                     (lvis_run, "lvis_v1_val", "random"), (voc_run, "voc_2007_test", "virtex-voc")]
+    for run, dataset, label in expected_runs:
+        flat = {k: v for line in metrics_lines(run) for k, v in line.items() if "/" in k}
+        tasks = report["datasets"][dataset]
+        for task_key, task in (("bbox", "box"), ("segm", "mask")):
+            if f"{task_key}/AP" not in flat:
+                assert task not in tasks
+                continue
+            row = tasks[task][label]
+            assert set(row) == {k.split("/")[1] for k in flat if k.startswith(task_key + "/") and "-" not in k}
+            for metric, value in row.items():
+                expected = flat[f"{task_key}/{metric}"]
+                assert (value is None and math.isnan(expected)) or value == expected, (dataset, task, metric)
+    assert {"APr", "APc", "APf"} <= set(report["datasets"]["lvis_v1_val"]["mask"]["random"])
+    for png in ("loss_curves.png", "lvis_v1_val_ap_by_frequency.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert "## lvis_v1_val: mask AP" in (tmp_path / "report.md").read_text()

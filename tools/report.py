@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Compare downstream runs side by side: COCO, LVIS and VOC AP per initialisation.
+
+Each RUN is a tools/train_net.py output directory, optionally labelled as LABEL=DIR (default
+label: the run's VIRTEX.INIT_NAME). Writes report.md, report.json and PNG plots (training loss;
+AP by frequency group for LVIS) into --output:
+
+    python tools/report.py virtex=outputs/lvis_virtex random=outputs/lvis_random \
+        imagenet=outputs/lvis_imagenet --output outputs/report_lvis
+"""
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from detectron2_ext.report import read_run, write_report
+
+
+def parse_run(text: str):
+    """``LABEL=DIR`` or ``DIR`` -> (label or None, directory)."""
+    label, sep, directory = text.partition("=")
+    if sep and not Path(text).exists():
+        return label, Path(directory)
+    return None, Path(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="output directory, or LABEL=DIR")
+    parser.add_argument("--output", required=True, help="folder for report.md, report.json and plots")
+    parser.add_argument("--force", action="store_true", help="overwrite existing report files")
+    args = parser.parse_args(argv)
+    try:
+        runs = [read_run(directory, label) for label, directory in map(parse_run, args.runs)]
+        paths = write_report(runs, args.output, force=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.output) / "report.md").read_text())
+    print("Wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

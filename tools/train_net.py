@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Fine-tune and evaluate detectron2 models for VirTex transfer (COCO, LVIS, VOC).
+
+detectron2's standard trainer with our configs (configs/detectron2/), an evaluator chosen from
+the dataset, and weights read as data only (MODEL.WEIGHTS: converted weights from
+tools/convert_backbone.py, or empty for random init). Without GPUs it runs on CPU, and
+``--num-gpus N`` then starts N CPU processes over gloo, with naiveSyncBN in place of SyncBN:
+
+    python tools/train_net.py --config-file configs/detectron2/coco_segm_default_init_2x.yaml \
+        --num-gpus 8 MODEL.WEIGHTS virtex_r50.pth OUTPUT_DIR outputs/coco_virtex
+"""
+import logging
+import os
+import sys
+import weakref
+from pathlib import Path
+
+# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from detectron2.engine import (
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from detectron2_ext import load_config
+from detectron2_ext.checkpoint import UNSAFE_OPT_IN_FLAG, SafeDetectionCheckpointer
+from detectron2_ext.compat import (
+    adapt_config_to_devices,
+    limit_cpu_threads,
+    patch_cpu_ddp,
+)
+from detectron2_ext.config import default_init_name
+from detectron2_ext.datasets import check_dataset_files, check_datasets_root
+from detectron2_ext.evaluation import build_evaluator
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with dataset-specific evaluators and weights-only checkpoint loading."""
+
+    def __init__(self, cfg, allow_unsafe_pickle=False):
+        super().__init__(cfg)
+        self.checkpointer = SafeDetectionCheckpointer(
+            self.checkpointer.model, cfg.OUTPUT_DIR, allow_unsafe_pickle=allow_unsafe_pickle,
+            trainer=weakref.proxy(self),
+        )
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+
+
+def setup(args):
+    """Config from file and overrides, adapted to the machine, frozen; logging set up."""
+    cfg = load_config(args.config_file, args.opts)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2_ext")
+    adapt_config_to_devices(cfg, comm.get_world_size())
+    if not cfg.VIRTEX.INIT_NAME:
+        cfg.VIRTEX.INIT_NAME = default_init_name(cfg.MODEL.WEIGHTS)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    patch_cpu_ddp()
+    limit_cpu_threads()
+    check_datasets_root()
+    check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    logging.getLogger("detectron2_ext").info("initialisation: %s", cfg.VIRTEX.INIT_NAME)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        SafeDetectionCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, allow_unsafe_pickle=args.allow_unsafe_pickle
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+
+    trainer = Trainer(cfg, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def parse_args(argv=None):
+    parser = default_argument_parser()
+    parser.add_argument(UNSAFE_OPT_IN_FLAG, action="store_true",
+                        help="allow MODEL.WEIGHTS files that need arbitrary unpickling (.pkl; trusted files only)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
