@@ -1,0 +1,143 @@
+"""Captioning evaluation: decode a COCO-format split with the model's decoder and score it.
+
+CIDEr-D and BLEU-4 come from :func:`pretrain.engine.validation.caption_metrics` (the metric
+used during pretraining, with the same caption normalisation), so the numbers of this tool and
+of the training logs agree. METEOR and SPICE need Java, and SPICE also needs the Stanford
+CoreNLP jars that pycocoevalcap otherwise downloads on first use; each is computed only when
+everything it needs is present on this machine. Otherwise it is reported as unavailable, with
+the reason, and never as a score of zero.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pretrain.data.collate import collate_fn
+from pretrain.engine.validation import caption_metrics, normalise_caption, strip_special
+from pretrain.models import build_model, load_model_weights
+from pretrain.tokenizer import SentencePieceBPETokenizer
+
+logger = logging.getLogger(__name__)
+
+SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def load_captioning_model(cfg, checkpoint: str | Path) -> tuple[nn.Module, SentencePieceBPETokenizer]:
+    """The config's captioning model with all weights of ``checkpoint`` (strictly), in eval
+    mode, and the config's tokenizer, checked against the config's special ids and size.
+
+    Raises ``ValueError`` for a model that does not generate captions or a tokenizer that does
+    not fit, and :class:`~pretrain.models.CheckpointError` naming the file for a checkpoint
+    that does not fit the config's model.
+    """
+    tokenizer = SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL)
+    tokenizer.check_special_ids(
+        {"<unk>": cfg.DATA.UNK_INDEX, "[SOS]": cfg.DATA.SOS_INDEX, "[EOS]": cfg.DATA.EOS_INDEX, "[MASK]": cfg.DATA.MASK_INDEX}
+    )
+    if tokenizer.get_vocab_size() != cfg.DATA.VOCAB_SIZE:
+        raise ValueError(
+            f"{cfg.DATA.TOKENIZER_MODEL}: {tokenizer.get_vocab_size()} pieces, but DATA.VOCAB_SIZE is {cfg.DATA.VOCAB_SIZE}"
+        )
+    model = build_model(cfg)
+    if not hasattr(model, "decode_features"):
+        raise ValueError(f"MODEL.NAME '{cfg.MODEL.NAME}' does not generate captions")
+    load_model_weights(model, checkpoint)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def decode_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    decode: Callable[[list[int]], str],
+    eos_index: int,
+    first_word_index: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 2,
+) -> dict[int, str]:
+    """image_id -> generated caption for every image of a captioning dataset.
+
+    ``model`` is a captioning model; an image-only batch makes it decode with its configured
+    decoder (beam search by default). ``decode`` turns token ids into text.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
+    model = model.to(device).eval()
+    captions: dict[int, str] = {}
+    for batch in tqdm(loader, desc="decoding", unit="batch", mininterval=2.0):
+        predictions = model({"image": batch["image"].to(device)})["predictions"].cpu()
+        for image_id, ids in zip(batch["image_id"].tolist(), predictions.tolist()):
+            captions[int(image_id)] = decode(strip_special(ids, eos_index, first_word_index))
+    return captions
+
+
+def _missing_java_files(module: str, files: Sequence[str]) -> str | None:
+    """Why a Java scorer of pycocoevalcap cannot run offline (no Java, or one of ``files``,
+    relative to ``module``'s folder, absent), or None when it can."""
+    if shutil.which("java") is None:
+        return "needs Java (no 'java' on PATH)"
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return f"{module} is not installed"
+    folder = Path(spec.origin).parent
+    for name in files:
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+    return None
+
+
+def meteor_unavailable() -> str | None:
+    """Why METEOR cannot be computed here, or None when it can."""
+    return _missing_java_files("pycocoevalcap.meteor.meteor", ("meteor-1.5.jar", "data/paraphrase-en.gz"))
+
+
+def spice_unavailable() -> str | None:
+    """Why SPICE cannot be computed offline here (pycocoevalcap would try to download the
+    Stanford CoreNLP jars), or None when it can."""
+    jars = tuple(f"lib/{jar}" for jar in SPICE_CORENLP_JARS)
+    return _missing_java_files("pycocoevalcap.spice.spice", ("spice-1.0.jar", *jars))
+
+
+def _java_metric(name: str, predictions: dict[int, str], references: dict[int, list[str]]) -> float | str:
+    """METEOR or SPICE through pycocoevalcap, or the reason it is unavailable."""
+    reason = meteor_unavailable() if name == "METEOR" else spice_unavailable()
+    if reason is not None:
+        return f"unavailable: {reason}"
+    ids = sorted(predictions)
+    gts = {i: references[i] for i in ids}
+    res = {i: [normalise_caption(predictions[i]) or "<empty>"] for i in ids}
+    try:
+        if name == "METEOR":
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            score, _ = Meteor().compute_score(gts, res)
+        else:
+            from pycocoevalcap.spice.spice import Spice
+
+            score, _ = Spice().compute_score(gts, res)
+    except (OSError, ValueError, RuntimeError, AssertionError) as err:
+        logger.warning("%s could not be computed: %s", name, err)
+        return f"unavailable: the {name} scorer failed ({type(err).__name__}: {err})"
+    return float(score)
+
+
+def score_captions(predictions: dict[int, str], references: dict[int, list[str]]) -> dict[str, float | str]:
+    """CIDEr-D, BLEU-4, METEOR and SPICE of one caption per image.
+
+    Values are floats in [0, 1] (CIDEr-D in [0, 10]); METEOR/SPICE are strings starting with
+    "unavailable:" when they cannot be computed here.
+    """
+    if not predictions:
+        raise ValueError("no captions to score")
+    scores: dict[str, float | str] = dict(caption_metrics(predictions, references))
+    for name in ("METEOR", "SPICE"):
+        scores[name] = _java_metric(name, predictions, references)
+    return scores

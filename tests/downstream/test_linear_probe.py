@@ -1,0 +1,93 @@
+"""Linear probe on an ImageFolder built from the built-in images, single process and DDP."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.config import load_config
+from pretrain.downstream.features import load_frozen_backbone
+from pretrain.downstream.linear_probe import (
+    LinearProbe,
+    ProbeSettings,
+    build_datasets,
+    train_linear_probe,
+)
+from pretrain.engine.distributed import DistContext
+from tests.downstream.conftest import REPO, load_tool
+
+
+@pytest.fixture(scope="module")
+def folder_root(synthetic_root, tmp_path_factory):
+    """``train/`` and ``val/`` with two classes a linear layer can tell apart: the built-in
+    images as they are ("bright") and darkened to a quarter ("dark")."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split, source in (("train", "train2017"), ("val", "val2017")):
+        for path in sorted((synthetic_root / "coco" / source).glob("*.jpg")):
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            for name, factor in (("bright", 1.0), ("dark", 0.25)):
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray((pixels * factor).astype(np.uint8)).save(root / split / name / path.name)
+    return root
+
+
+SMALL = ProbeSettings(iterations=12, batch_size=8, lr=0.3, crop=64, resize=72, eval_period=0, log_period=4, num_workers=0)
+
+
+def test_probe_learns_and_leaves_the_backbone_untouched(folder_root, tiny_config, tiny_checkpoint, tmp_path):
+    cfg = load_config(str(tiny_config))
+    torch.manual_seed(0)
+    backbone = load_frozen_backbone(cfg, tiny_checkpoint)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    train_set, val_set = build_datasets(folder_root, SMALL)
+    probe = LinearProbe(backbone, cfg.MODEL.VISUAL.FEATURE_SIZE, len(train_set.classes))
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    metrics = train_linear_probe(probe, train_set, val_set, SMALL, ctx, tmp_path)
+    assert metrics["images"] == 8 and metrics["top1"] >= 87.5  # chance is 50 %
+    for key, value in probe.backbone.state_dict().items():  # weights and BatchNorm statistics
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    saved = torch.load(tmp_path / "linear_probe.pth", weights_only=True)
+    torch.testing.assert_close(saved["model"]["weight"], probe.fc.weight.detach())
+    assert json.loads((tmp_path / "linear_probe_metrics.json").read_text())["metrics"] == metrics
+
+
+def test_clf_linear_under_torchrun_scores_the_whole_val_split_once(folder_root, tiny_config, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(REPO / "tools" / "clf_linear.py"), "--config", str(tiny_config), "--random-init",
+        "--data-root", str(folder_root), "--output-dir", str(out), "--iterations", "6", "--batch-size", "8",
+        "--crop", "64", "--resize", "72", "--eval-period", "0", "--num-workers", "0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "linear_probe_metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["metrics"]["images"] == 8
+    assert (out / "linear_probe.pth").is_file()
+
+
+def test_empty_split_and_unreadable_image_are_named(folder_root, tiny_config, tmp_path, capsys):
+    tool = load_tool("clf_linear")
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    (empty / "val" / "cat").mkdir(parents=True)
+    base = ["--config", str(tiny_config), "--random-init", "--output-dir", str(tmp_path / "out"), "--iterations", "2",
+            "--batch-size", "2", "--crop", "64", "--resize", "72", "--num-workers", "0"]
+    assert tool.main(base + ["--data-root", str(empty)]) == 1
+    assert f"{empty / 'train'}: empty split" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (broken / split / name).mkdir(parents=True)
+            (broken / split / name / "x.jpg").write_bytes(b"\xff\xd8 truncated")
+    assert tool.main(base + ["--data-root", str(broken)]) == 1
+    assert "x.jpg: cannot read image" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Write captions for a folder of images with a pretrained captioning model.
+
+    python tools/caption.py --config configs/pretrain/bicaptioning_R_50_L1_H2048.yaml \\
+        --checkpoint checkpoint_500000.pth --images photos/ --output captions.json
+
+The checkpoint may be an official VirTex file or one of ours (both keep the weights under
+``"model"``). Images (.jpg .jpeg .png .bmp .webp, not recursive) go through the config's
+validation transforms and are decoded by the forward head with MODEL.DECODER (beam search or
+nucleus sampling); override any config key after ``--opts``, e.g.
+``--opts MODEL.DECODER.BEAM_SIZE 3``. The output is a JSON list of
+``{"image": <file name>, "caption": <text>}`` in file-name order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from pretrain.config import ConfigError, load_config
+from pretrain.data.images import BadImageError, load_rgb_image
+from pretrain.data.transforms import build_transform
+from pretrain.downstream.caption_eval import load_captioning_model
+from pretrain.engine.distributed import select_device
+from pretrain.engine.validation import strip_special
+from pretrain.models import CheckpointError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pretraining config (YAML) of the checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="official VirTex or virtex-d2 checkpoint (.pth)")
+    parser.add_argument("--images", required=True, help="folder of images to caption")
+    parser.add_argument("--output", default="captions.json", help="JSON file to write (default: captions.json)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name; errors name the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder not found")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+@torch.no_grad()
+def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, device: torch.device | str) -> list[dict]:
+    """Load the model and tokenizer of ``cfg`` and caption ``images``; one dict per image."""
+    model, tokenizer = load_captioning_model(cfg, checkpoint)
+    model.to(device)
+    transform = build_transform(cfg, "val")
+    results = []
+    for start in range(0, len(images), batch_size):
+        paths = images[start : start + batch_size]
+        batch = torch.stack([transform(load_rgb_image(path), "")[0] for path in paths]).to(device)
+        predictions = model({"image": batch})["predictions"].cpu()
+        for path, ids in zip(paths, predictions.tolist()):
+            words = strip_special(ids, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1)
+            results.append({"image": path.name, "caption": tokenizer.decode(words)})
+    return results
+
+
+def write_json_atomic(data, path: Path, force: bool) -> None:
+    """Write ``data`` as JSON through a temporary file; refuse to replace ``path`` unless ``force``."""
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists (pass --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(f.name, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        output = Path(args.output)
+        if output.exists() and not args.force:
+            raise FileExistsError(f"{output}: already exists (pass --force to overwrite)")
+        cfg = load_config(args.config, args.opts)
+        images = list_images(args.images)
+        results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))
+        write_json_atomic(results, output, args.force)
+    except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
+        print(f"caption: error: {err}", file=sys.stderr)
+        return 1
+    print(f"caption: wrote {len(results)} captions to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

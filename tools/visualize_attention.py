@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Show where the captioning decoder looks for each word it generates (the paper's figure).
+
+    python tools/visualize_attention.py --config CFG --checkpoint outputs/run/checkpoint_500000.pth \\
+        --images photos/ [more images or folders] --output-dir outputs/attention
+    python tools/visualize_attention.py --config CFG --checkpoint CKPT --output-dir outputs/attention
+        # no --images: the first --max-images images of the config's COCO val split
+
+Each image goes through the config's validation transforms, is captioned with MODEL.DECODER,
+and every generated word gets a heat-map of the decoder's cross-attention over the image
+(averaged over heads; ``--layer`` picks the decoder layer, the last by default). Written to
+``--output-dir``: ``<image>_attention.png`` (a grid per image), ``tiles/`` and ``index.html``,
+a page to open in a browser. The checkpoint must fit the config's model exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.config import ConfigError, load_config
+from pretrain.data import BadImageError, load_rgb_image, read_caption_records
+from pretrain.data.transforms import build_transform
+from pretrain.downstream.attention import (
+    caption_with_attention,
+    denormalize,
+    render_image,
+    write_html,
+)
+from pretrain.downstream.caption_eval import load_captioning_model
+from pretrain.engine.distributed import select_device
+from pretrain.models import CheckpointError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pretraining config (YAML) of the checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="official VirTex or virtex-d2 checkpoint (.pth)")
+    parser.add_argument("--images", nargs="*", default=[], help="image files and/or folders (default: COCO val split)")
+    parser.add_argument("--output-dir", required=True, help="folder for the PNGs and index.html")
+    parser.add_argument("--max-images", type=int, default=16, help="visualise at most this many images")
+    parser.add_argument("--layer", type=int, default=-1, help="decoder layer whose attention is shown (default: last)")
+    parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --output-dir")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def collect_images(inputs: list[str], cfg, limit: int) -> list[Path]:
+    """Image files named or found directly inside named folders (sorted), else the val split's."""
+    if not inputs:
+        root = Path(cfg.DATA.ROOT)
+        records = read_caption_records(root / "annotations" / "captions_val2017.json")
+        return [root / "val2017" / record.file_name for record in records[:limit]]
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FileNotFoundError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found.extend(images)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image file or folder")
+    return found[:limit]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        output_dir = Path(args.output_dir)
+        if output_dir.is_dir() and any(output_dir.iterdir()) and not args.force:
+            raise FileExistsError(f"{output_dir}: not empty (pass --force to write into it)")
+        cfg = load_config(args.config, args.opts)
+        model, tokenizer = load_captioning_model(cfg, args.checkpoint)
+        device = args.device or select_device(0)
+        model.to(device)
+        transform = build_transform(cfg, "val")
+        rendered = []
+        for k, path in enumerate(collect_images(args.images, cfg, args.max_images)):
+            image = transform(load_rgb_image(path), "")[0]
+            [result] = caption_with_attention(
+                model, image.unsqueeze(0).to(device), tokenizer,
+                cfg.DATA.SOS_INDEX, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1, args.layer,
+            )
+            rendered.append(render_image(f"{k:03d}_{path.stem}", denormalize(image), result, output_dir))
+            print(f"{path}: {result.caption}", flush=True)
+        page = write_html(
+            rendered, output_dir,
+            f"Checkpoint {args.checkpoint}, config {args.config}, decoder layer {args.layer}; "
+            "heat-maps are cross-attention probabilities averaged over heads.",
+        )
+    except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
+        print(f"visualize_attention: error: {err}", file=sys.stderr)
+        return 1
+    print(f"open {page.resolve().as_uri()} in a browser")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
