@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.virtex-d2-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint clean-demo
+.PHONY: setup test-deps test demo lint clean-demo
 
 setup: $(STAMP)
 
@@ -15,7 +15,11 @@ $(STAMP): setup.py scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 	touch $@
 
-test: setup
+# System packages the tests need beyond Python: headless Chromium opens the attention page.
+test-deps:
+	bash scripts/install_chromium.sh
+
+test: setup test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
