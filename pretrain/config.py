@@ -8,7 +8,7 @@ An unknown or misspelt key in a file or override list raises :class:`ConfigError
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from fvcore.common.config import CfgNode
 

@@ -9,6 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_project_packages_and_detectron2_import():
     import detectron2
+
     import detectron2_ext  # noqa: F401
     import pretrain  # noqa: F401
 
@@ -16,7 +17,7 @@ def test_project_packages_and_detectron2_import():
 
 
 def test_collect_env_runs():
-    result = subprocess.run([sys.executable, "-m", "detectron2.utils.collect_env"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "detectron2.utils.collect_env"], capture_output=True, text=True, check=False,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "detectron2" in result.stdout and "PyTorch" in result.stdout

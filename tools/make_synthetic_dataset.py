@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, not tools/pretrain.py
 
-from pretrain.data.synthetic import make_synthetic_dataset  # noqa: E402
+from pretrain.data.synthetic import make_synthetic_dataset
 
 
 def main(argv=None) -> int:

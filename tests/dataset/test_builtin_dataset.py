@@ -2,6 +2,7 @@
 import json
 import shutil
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,11 @@ from pycocotools.coco import COCO
 
 from pretrain.data.dataset_root import DatasetLayoutError, check_dataset_root
 from pretrain.data.synthetic import make_synthetic_dataset, read_manifest
-from pretrain.data.synthetic.categories import COCO_CATEGORIES, VOC_CLASS_NAMES, WORLD_CLASSES
+from pretrain.data.synthetic.categories import (
+    COCO_CATEGORIES,
+    VOC_CLASS_NAMES,
+    WORLD_CLASSES,
+)
 from pretrain.data.synthetic.formats import lvis_frequency
 
 
@@ -109,7 +114,8 @@ def test_detectron2_builtin_names_load(synthetic_root):
         dicts = DatasetCatalog.get(name)
         assert dicts, name
         for d in dicts:
-            assert str(d["file_name"]).startswith(str(synthetic_root)) and open(d["file_name"], "rb").read(2) == b"\xff\xd8"
+            assert str(d["file_name"]).startswith(str(synthetic_root))
+            assert Path(d["file_name"]).read_bytes()[:2] == b"\xff\xd8"
     coco = DatasetCatalog.get("coco_2017_train")
     n_classes = len(MetadataCatalog.get("coco_2017_train").thing_classes)
     assert n_classes == 80

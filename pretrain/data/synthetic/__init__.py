@@ -21,7 +21,7 @@ from .categories import VOC_CLASS_NAMES, WORLD_CLASSES
 from .formats import ImageRecord, write_coco, write_lvis, write_voc
 from .scenes import class_weights, sample_scene
 
-__all__ = ["make_synthetic_dataset", "MANIFEST_NAME", "VOC_CLASS_NAMES", "WORLD_CLASSES"]
+__all__ = ["MANIFEST_NAME", "VOC_CLASS_NAMES", "WORLD_CLASSES", "make_synthetic_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _render_split(root: Path, split: str, count: int, image_size: int, seed: int
         rng = np.random.RandomState([seed, 0 if split == "train" else 1, k])
         aw, ah = _ASPECTS[rng.randint(len(_ASPECTS))]
         scale = image_size / max(aw, ah)
-        width, height = int(round(aw * scale)), int(round(ah * scale))
+        width, height = round(aw * scale), round(ah * scale)
         scene = sample_scene(rng, width, height, weights)
         objects = []
         for obj in scene.objects:

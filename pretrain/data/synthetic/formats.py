@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from .categories import COCO_CATEGORIES, VOC_CLASS_NAMES, WORLD_CLASSES, lvis_v1_categories
+from .categories import (
+    COCO_CATEGORIES,
+    VOC_CLASS_NAMES,
+    WORLD_CLASSES,
+    lvis_v1_categories,
+)
 
 
 @dataclass
@@ -124,7 +129,7 @@ def _voc_xml(voc_id: str, year: str, rec: ImageRecord) -> ET.Element:
     for o in rec.objects:
         x, y, w, h = o["bbox"]
         # VOC boxes are 1-based inclusive pixel indices.
-        xmin, ymin, xmax, ymax = int(x) + 1, int(y) + 1, int(round(x + w)), int(round(y + h))
+        xmin, ymin, xmax, ymax = int(x) + 1, int(y) + 1, round(x + w), round(y + h)
         obj = ET.SubElement(ann, "object")
         ET.SubElement(obj, "name").text = VOC_CLASS_NAMES[o["class_index"]]
         ET.SubElement(obj, "pose").text = "Unspecified"
