@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from . import pretraining_report
 from .evaluation import RESULTS_FILE
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
@@ -152,18 +153,27 @@ def plot_losses(runs, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(runs, output_dir, force: bool = False) -> list:
-    """Write the report files into ``output_dir``; returns their paths."""
+def write_report(runs, output_dir, force: bool = False, pretraining=None) -> list:
+    """Write the report files into ``output_dir``; returns their paths.
+
+    ``pretraining``: an optional :class:`~detectron2_ext.pretraining_report.PretrainingSummary`
+    whose loss curve and example captions are appended to the report.
+    """
     output_dir = Path(output_dir)
     report = build_report(runs)
     frequency_plots = {f"{dataset}_ap_by_frequency.png": (dataset, tasks) for dataset, tasks in report["datasets"].items()
                        if any(m in row for rows in tasks.values() for row in rows.values() for m in FREQUENCY_METRICS)}
-    paths = [output_dir / name for name in (*OUTPUT_FILES, *frequency_plots)]
+    pretraining_files = (pretraining_report.CURVES_FILE,) if pretraining is not None else ()
+    paths = [output_dir / name for name in (*OUTPUT_FILES, *frequency_plots, *pretraining_files)]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise FileExistsError(f"report files exist ({', '.join(existing)}); pass --force to overwrite them")
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.md").write_text(to_markdown(report))
+    markdown = to_markdown(report)
+    if pretraining is not None:
+        markdown += "\n" + pretraining_report.to_markdown(pretraining)
+        pretraining_report.write_pretraining_files(pretraining, output_dir)
+    (output_dir / "report.md").write_text(markdown)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     plot_losses(runs, output_dir / "loss_curves.png")
     for name, (dataset, tasks) in frequency_plots.items():

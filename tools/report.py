@@ -7,6 +7,9 @@ AP by frequency group for LVIS) into --output:
 
     python tools/report.py virtex=outputs/lvis_virtex random=outputs/lvis_random \
         imagenet=outputs/lvis_imagenet --output outputs/report_lvis
+
+With --pretrain-dir (and --captions/--caption-references) the report also shows the pretraining
+loss curves and generated captions beside reference captions.
 """
 import argparse
 import sys
@@ -15,6 +18,11 @@ from pathlib import Path
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from detectron2_ext.pretraining_report import (
+    PretrainingSummary,
+    read_caption_examples,
+    read_curves,
+)
 from detectron2_ext.report import read_run, write_report
 
 
@@ -31,10 +39,24 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="output directory, or LABEL=DIR")
     parser.add_argument("--output", required=True, help="folder for report.md, report.json and plots")
     parser.add_argument("--force", action="store_true", help="overwrite existing report files")
+    pretraining = parser.add_argument_group("pretraining section (optional)")
+    pretraining.add_argument("--pretrain-dir", help="tools/pretrain.py output directory: adds its loss curves")
+    pretraining.add_argument("--captions", help="tools/caption.py output: adds generated captions ...")
+    pretraining.add_argument("--caption-references", help="... beside these COCO captions (captions_val2017.json)")
+    pretraining.add_argument("--num-captions", type=int, default=8, help="example captions to show (default: 8)")
     args = parser.parse_args(argv)
+    if bool(args.captions) != bool(args.caption_references):
+        parser.error("--captions and --caption-references go together")
+    if args.captions and not args.pretrain_dir:
+        parser.error("--captions needs --pretrain-dir")
     try:
         runs = [read_run(directory, label) for label, directory in map(parse_run, args.runs)]
-        paths = write_report(runs, args.output, force=args.force)
+        summary = None
+        if args.pretrain_dir:
+            examples = (read_caption_examples(args.captions, args.caption_references, args.num_captions)
+                        if args.captions else [])
+            summary = PretrainingSummary(Path(args.pretrain_dir), read_curves(args.pretrain_dir), examples)
+        paths = write_report(runs, args.output, force=args.force, pretraining=summary)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2

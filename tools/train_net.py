@@ -38,6 +38,7 @@ from detectron2_ext.compat import (
 from detectron2_ext.config import default_init_name
 from detectron2_ext.datasets import check_dataset_files, check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
+from detectron2_ext.progress import ProgressBarHook
 
 
 class Trainer(DefaultTrainer):
@@ -52,6 +53,9 @@ class Trainer(DefaultTrainer):
         for hook in self._hooks:
             if isinstance(hook, hooks.PeriodicCheckpointer):
                 hook.checkpointer = self.checkpointer
+
+    def build_hooks(self):
+        return [*super().build_hooks(), ProgressBarHook()]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,190 @@
+"""The demo pipeline on the built-in dataset, as a list of stages (the library side of tools/demo.py).
+
+Data -> vocabulary -> bicaptioning pretraining -> captions -> backbone conversion -> LVIS
+Mask R-CNN fine-tuning from VirTex and from random initialisation (same schedule and seed)
+-> report. Each stage is one of the project's own command-line tools, so a user can re-run any
+of them by hand with the command the demo prints.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.data.synthetic import read_manifest
+from pretrain.engine.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+)
+
+from .evaluation import RESULTS_FILE
+from .pretraining_report import read_caption_examples
+from .stages import Stage
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN_CONFIG = REPO / "configs/builtin/bicaptioning_R_18_L1_H256.yaml"
+FINETUNE_CONFIG = REPO / "configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml"
+VOCAB_SIZE = 256
+LVIS_VAL = "lvis_v1_val"
+
+
+@dataclass
+class DemoSettings:
+    """Where the demo reads and writes, and how big each stage is."""
+
+    data_root: Path = Path("datasets/builtin")
+    output_dir: Path = Path("outputs/demo")
+    num_train: int = 1000
+    num_val: int = 100
+    image_size: int = 256
+    pretrain_iters: int = 500
+    finetune_iters: int = 300
+    seed: int = 0
+    num_captions: int = 6
+
+    @property
+    def vocab_prefix(self) -> Path:
+        return self.data_root / "vocab" / f"builtin_{VOCAB_SIZE}"
+
+    @property
+    def pretrain_dir(self) -> Path:
+        return self.output_dir / "pretrain"
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return checkpoint_path(self.pretrain_dir, self.pretrain_iters)
+
+    @property
+    def captions_file(self) -> Path:
+        return self.output_dir / "captions_val.json"
+
+    @property
+    def caption_references(self) -> Path:
+        return self.data_root / "coco" / "annotations" / "captions_val2017.json"
+
+    @property
+    def weights(self) -> Path:
+        return self.output_dir / "virtex_R_18.pth"
+
+    def finetune_dir(self, init: str) -> Path:
+        return self.output_dir / f"lvis_{init}"
+
+
+def _tool(name: str) -> list:
+    return [sys.executable, str(REPO / "tools" / name)]
+
+
+def _dataset_complete(s: DemoSettings) -> bool:
+    try:
+        manifest = read_manifest(s.data_root)
+    except ValueError:
+        return False
+    wanted = {"num_train": s.num_train, "num_val": s.num_val, "image_size": s.image_size, "seed": 0}
+    return manifest is not None and all(manifest["parameters"].get(k) == v for k, v in wanted.items())
+
+
+def _checkpoint_valid(path: Path) -> bool:
+    try:
+        load_checkpoint(path)
+    except (CheckpointError, FileNotFoundError):
+        return False
+    return True
+
+
+def _evaluated(directory: Path) -> bool:
+    return (directory / "inference" / LVIS_VAL / RESULTS_FILE).is_file()
+
+
+def print_caption_examples(s: DemoSettings) -> None:
+    """Print a few generated captions of val images next to one of their references."""
+    print("Generated captions of val images (beam search) next to a human-style reference:")
+    for example in read_caption_examples(s.captions_file, s.caption_references, s.num_captions):
+        print(f"  {example.image}\n    model:     {example.generated}\n    reference: {example.references[0]}")
+
+
+def _finetune_stage(s: DemoSettings, init: str, weights: str) -> Stage:
+    directory = s.finetune_dir(init)
+    command = [
+        *_tool("train_net.py"), "--config-file", FINETUNE_CONFIG,
+        "MODEL.WEIGHTS", weights, "VIRTEX.INIT_NAME", init, "SEED", s.seed,
+        "SOLVER.MAX_ITER", s.finetune_iters, "OUTPUT_DIR", directory,
+    ]
+    return Stage(
+        name=f"finetune_lvis_{init}",
+        command=command,
+        is_complete=lambda: _evaluated(directory),
+        outputs=[directory],
+        resume_args=["--resume"],
+        is_partial=lambda: (directory / "last_checkpoint").is_file(),
+    )
+
+
+def build_stages(s: DemoSettings) -> list:
+    """The demo's stages in order; ``s`` fixes every path and size."""
+    pretrain = [
+        *_tool("pretrain.py"), "--config", PRETRAIN_CONFIG, "--output-dir", s.pretrain_dir,
+        "DATA.ROOT", s.data_root / "coco", "DATA.TOKENIZER_MODEL", f"{s.vocab_prefix}.model",
+        "OPTIM.NUM_ITERATIONS", s.pretrain_iters, "RANDOM_SEED", s.seed,
+    ]
+    return [
+        Stage(
+            name="dataset",
+            command=[*_tool("make_synthetic_dataset.py"), "--root", s.data_root, "--num-train", s.num_train,
+                     "--num-val", s.num_val, "--image-size", s.image_size],
+            is_complete=lambda: _dataset_complete(s),
+            force_args=["--force"],
+        ),
+        Stage(
+            name="vocabulary",
+            command=[*_tool("build_vocabulary.py"), "--captions",
+                     s.data_root / "coco" / "annotations" / "captions_train2017.json",
+                     "--output", s.vocab_prefix, "--vocab-size", VOCAB_SIZE],
+            is_complete=lambda: Path(f"{s.vocab_prefix}.model").is_file(),
+            force_args=["--force"],
+        ),
+        Stage(
+            name="pretrain",
+            command=pretrain,
+            is_complete=lambda: _checkpoint_valid(s.final_checkpoint),
+            outputs=[s.pretrain_dir],
+            resume_args=["--resume"],
+            is_partial=lambda: bool(list_checkpoints(s.pretrain_dir)),
+        ),
+        Stage(
+            name="captions",
+            command=[*_tool("caption.py"), "--config", PRETRAIN_CONFIG, "--checkpoint", s.final_checkpoint,
+                     "--images", s.data_root / "coco" / "val2017", "--output", s.captions_file,
+                     "--opts", "DATA.TOKENIZER_MODEL", f"{s.vocab_prefix}.model"],
+            is_complete=lambda: s.captions_file.is_file(),
+            force_args=["--force"],
+            report=lambda: print_caption_examples(s),
+        ),
+        Stage(
+            name="convert",
+            command=[*_tool("convert_backbone.py"), "--input", s.final_checkpoint, "--output", s.weights,
+                     "--config-file", FINETUNE_CONFIG],
+            is_complete=lambda: s.weights.is_file(),
+            force_args=["--force"],
+        ),
+        _finetune_stage(s, "virtex", str(s.weights)),
+        _finetune_stage(s, "random", ""),
+        Stage(
+            name="report",
+            command=[*_tool("report.py"), f"virtex={s.finetune_dir('virtex')}", f"random={s.finetune_dir('random')}",
+                     "--output", s.output_dir, "--pretrain-dir", s.pretrain_dir, "--captions", s.captions_file,
+                     "--caption-references", s.caption_references, "--num-captions", s.num_captions, "--force"],
+            is_complete=lambda: (s.output_dir / "report.md").is_file(),
+        ),
+    ]
+
+
+def lvis_mask_ap(s: DemoSettings) -> dict:
+    """LVIS val mask AP per initialisation, as the evaluator wrote it."""
+    results = {}
+    for init in ("virtex", "random"):
+        record = json.loads((s.finetune_dir(init) / "inference" / LVIS_VAL / RESULTS_FILE).read_text())
+        results[init] = record["results"]["segm"]["AP"]
+    return results

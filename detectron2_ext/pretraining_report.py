@@ -1,0 +1,108 @@
+"""The pretraining side of a report: loss curves from TensorBoard and example captions.
+
+Reads what the pretraining run and tools/caption.py wrote (the run's ``tensorboard/`` events,
+a captions JSON) and what the dataset holds (COCO captions annotations), so that a report can
+show how pretraining went and what the model says next to what people wrote. Nothing is
+recomputed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CURVES_FILE = "pretraining_loss.png"
+
+
+@dataclass
+class CaptionExample:
+    """A generated caption beside the image's reference captions."""
+
+    image: str
+    generated: str
+    references: list
+
+
+@dataclass
+class PretrainingSummary:
+    """Scalar curves of one pretraining run (``tag -> [(iteration, value)]``) and caption examples."""
+
+    directory: Path
+    curves: dict
+    examples: list = field(default_factory=list)
+
+
+def read_curves(run_dir) -> dict:
+    """The ``loss/*`` and ``val/*`` scalars of a pretraining run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = Path(run_dir) / "tensorboard"
+    if not any(events.glob("events.out.tfevents.*")):
+        raise FileNotFoundError(f"{events}: no TensorBoard events; is {run_dir} a tools/pretrain.py output directory?")
+    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+        if tag.startswith(("loss/", "val/"))
+    }
+
+
+def read_caption_examples(captions_file, references_file, limit: int) -> list:
+    """The first ``limit`` generated captions of ``captions_file`` (tools/caption.py output) with
+    the reference captions of the same image files in a COCO captions JSON."""
+    generated = json.loads(Path(captions_file).read_text())
+    coco = json.loads(Path(references_file).read_text())
+    file_of_id = {image["id"]: image["file_name"] for image in coco["images"]}
+    references: dict[str, list] = {}
+    for annotation in coco["annotations"]:
+        references.setdefault(file_of_id[annotation["image_id"]], []).append(annotation["caption"].strip())
+    missing = [item["image"] for item in generated if item["image"] not in references]
+    if missing:
+        raise ValueError(f"{references_file}: no reference captions for {', '.join(missing[:3])} "
+                         f"(from {captions_file}); are they from the same split?")
+    return [CaptionExample(item["image"], item["caption"], references[item["image"]]) for item in generated[:limit]]
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Training losses (and validation loss) against iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tag, points in sorted(curves.items()):
+        if tag.startswith("loss/") or tag == "val/loss":
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if tag.startswith("val/") else None, label=tag)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy (nats per token; loss/loss sums both directions)")
+    ax.set_title("Pretraining loss")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_markdown(summary: PretrainingSummary) -> str:
+    """Pretraining section: final scalars, the curve, and captions beside their references."""
+    lines = ["# Pretraining", "", f"Run: `{summary.directory}`", "", "| scalar | iteration | value |", "|---|---:|---:|"]
+    for tag, points in sorted(summary.curves.items()):
+        step, value = points[-1]
+        lines.append(f"| {tag} | {step} | {value:.4f} |")
+    lines += ["", f"![pretraining loss]({CURVES_FILE})", ""]
+    if summary.examples:
+        lines += ["## Example captions (val images, beam search)", "", "| image | generated | a reference |", "|---|---|---|"]
+        for example in summary.examples:
+            lines.append(f"| {example.image} | {example.generated} | {example.references[0]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_pretraining_files(summary: PretrainingSummary, output_dir: Path) -> list:
+    """Write the pretraining plot into ``output_dir``; returns its path."""
+    path = Path(output_dir) / CURVES_FILE
+    plot_curves(summary.curves, path)
+    return [path]

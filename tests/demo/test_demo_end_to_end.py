@@ -1,0 +1,70 @@
+"""A reduced `make demo` end to end: every stage through the real tools, then a re-run that skips.
+
+Small enough for CI (a few dozen images, a handful of iterations); the full-size demo's numbers
+are in docs/demo.md. The report's numbers must be the evaluators' own (evaluation.json).
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+REDUCED = ["--num-train", "24", "--num-val", "4", "--pretrain-iters", "6", "--finetune-iters", "4", "--num-captions", "2"]
+
+
+def _demo(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "tools" / "demo.py"), "--data-root", str(tmp / "data"),
+               "--output-dir", str(tmp / "demo"), *REDUCED, *extra]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    first = _demo(tmp)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return tmp, first
+
+
+def _mask_row(report: str, label: str) -> list:
+    section = report.split("lvis_v1_val: mask AP")[1]
+    row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")[1:]]
+
+
+def test_every_stage_runs_and_the_report_quotes_the_evaluators(demo_run):
+    tmp, run = demo_run
+    stages = re.findall(r"^\[(\d)/8\] (\w+): ", run.stdout, flags=re.MULTILINE)
+    assert [name for _, name in stages] == ["dataset", "vocabulary", "pretrain", "captions", "convert",
+                                             "finetune_lvis_virtex", "finetune_lvis_random", "report"]
+    assert "model:" in run.stdout and "reference:" in run.stdout, "captions are printed beside references"
+    assert "Stage timings" in run.stdout
+    report = (tmp / "demo" / "report.md").read_text()
+    for label in ("virtex", "random"):
+        record = json.loads((tmp / "demo" / f"lvis_{label}" / "inference" / "lvis_v1_val" / "evaluation.json").read_text())
+        ap = record["results"]["segm"]["AP"]
+        assert _mask_row(report, label)[0] == f"{ap:.1f}"
+        assert f"{label} init" in run.stdout or label in run.stdout
+    assert "# Pretraining" in report and "Example captions" in report
+    for png in ("pretraining_loss.png", "loss_curves.png", "lvis_v1_val_ap_by_frequency.png"):
+        assert (tmp / "demo" / png).stat().st_size > 0
+    weights = tmp / "demo" / "virtex_R_18.pth"
+    import torch
+
+    assert "model" in torch.load(weights, weights_only=True)
+
+
+def test_rerun_skips_complete_stages_and_force_redoes_one(demo_run):
+    tmp, _ = demo_run
+    again = _demo(tmp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("outputs complete, skipped") == 8
+    # An interrupted fine-tuning (evaluation missing, checkpoint present) resumes; later stages rerun.
+    (tmp / "demo" / "lvis_random" / "inference" / "lvis_v1_val" / "evaluation.json").unlink()
+    resumed = _demo(tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"\[7/8\] finetune_lvis_random: .*train_net\.py --resume", resumed.stdout)
+    assert re.search(r"\[8/8\] report: ", resumed.stdout) and "[6/8] finetune_lvis_virtex: outputs complete" in resumed.stdout
