@@ -40,7 +40,7 @@ class DemoSettings:
     num_train: int = 1000
     num_val: int = 100
     image_size: int = 256
-    pretrain_iters: int = 500
+    pretrain_iters: int = 600
     finetune_iters: int = 300
     seed: int = 0
     num_captions: int = 6

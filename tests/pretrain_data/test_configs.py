@@ -70,7 +70,7 @@ def test_builtin_config_is_small():
     assert (cfg.DATA.ROOT, cfg.DATA.TOKENIZER_MODEL, cfg.DATA.VOCAB_SIZE) == (
         "datasets/builtin/coco", "datasets/builtin/vocab/builtin_256.model", 256)
     assert (cfg.MODEL.VISUAL.FEATURE_SIZE, cfg.DATA.IMAGE_CROP_SIZE, cfg.OPTIM.BATCH_SIZE) == (512, 128, 16)
-    assert cfg.OPTIM.NUM_ITERATIONS <= 500 and cfg.OPTIM.WARMUP_STEPS < cfg.OPTIM.NUM_ITERATIONS
+    assert cfg.OPTIM.NUM_ITERATIONS <= 1000 and cfg.OPTIM.WARMUP_STEPS < cfg.OPTIM.NUM_ITERATIONS
 
 
 def test_unknown_key_is_an_error(tmp_path):
