@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .plots import save_line_plot
+
 CURVES_FILE = "pretraining_loss.png"
 
 
@@ -66,24 +68,10 @@ def read_caption_examples(captions_file, references_file, limit: int) -> list:
 
 def plot_curves(curves: dict, path: Path) -> None:
     """Training losses (and validation loss) against iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for tag, points in sorted(curves.items()):
-        if tag.startswith("loss/") or tag == "val/loss":
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if tag.startswith("val/") else None, label=tag)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy (nats per token; loss/loss sums both directions)")
-    ax.set_title("Pretraining loss")
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    lines = [(tag, *zip(*points), "o" if tag.startswith("val/") else None)
+             for tag, points in sorted(curves.items()) if tag.startswith("loss/") or tag == "val/loss"]
+    save_line_plot(lines, path, "Pretraining loss (loss/loss = forward + backward)", "iteration",
+                   "cross-entropy, nats per token")
 
 
 def to_markdown(summary: PretrainingSummary) -> str:

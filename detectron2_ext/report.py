@@ -17,6 +17,7 @@ import yaml
 
 from . import pretraining_report
 from .evaluation import RESULTS_FILE
+from .plots import save_line_plot
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 FREQUENCY_METRICS = ("APr", "APc", "APf")
@@ -133,24 +134,8 @@ def plot_ap_by_frequency(tasks: dict, title: str, path: Path) -> None:
 
 def plot_losses(runs, path: Path) -> None:
     """Total training loss against iteration, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
-        if run.losses:
-            iterations, losses = zip(*run.losses)
-            ax.plot(iterations, losses, marker="o", label=f"{run.label} ({', '.join(sorted(run.evaluations))})")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("total loss")
-    ax.set_title("Training loss")
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    lines = [(f"{run.label} ({', '.join(sorted(run.evaluations))})", *zip(*run.losses), "o") for run in runs if run.losses]
+    save_line_plot(lines, path, "Training loss", "iteration", "total loss")
 
 
 def write_report(runs, output_dir, force: bool = False, pretraining=None) -> list:
