@@ -8,7 +8,9 @@ Images of ``DATA.ROOT/val2017`` (references in ``DATA.ROOT/annotations/captions_
 go through the config's validation transforms and are decoded by the forward head with
 MODEL.DECODER (beam search, beam 5, by default). Reported: CIDEr-D and BLEU-4 (as in the
 pretraining logs), and METEOR and SPICE when their Java dependencies are present on this
-machine (otherwise "unavailable" with the reason). The output JSON holds the scores and one
+machine (otherwise "unavailable" with the reason), and the grounding gap: the val loss with
+each caption's own image against the loss with the images of a batch rotated, which is zero for
+a model that ignores the image. The output JSON holds the scores and one
 ``{"image_id", "caption"}`` per image. The checkpoint must fit the config's model exactly.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.data import BadImageError, build_dataset
 from pretrain.downstream.caption_eval import (
     decode_dataset,
+    grounding_gap,
     load_captioning_model,
     score_captions,
 )
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device or select_device(0), args.batch_size, args.num_workers,
         )
         scores = score_captions(captions, references)
+        scores.update(grounding_gap(model, dataset, args.device or select_device(0), args.batch_size, args.num_workers))
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError, KeyError) as err:
         print(f"eval_captioning: error: {err}", file=sys.stderr)
         return 1

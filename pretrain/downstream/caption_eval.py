@@ -79,6 +79,35 @@ def decode_dataset(
     return captions
 
 
+@torch.no_grad()
+def grounding_gap(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 2,
+) -> dict[str, float]:
+    """How much the captioning loss depends on the image: the mean loss with each caption's own
+    image, and with the images of every batch rotated by one so that each caption meets another
+    image. A model that ignores the image (a language model in disguise) has a gap of zero.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
+    model = model.to(device).eval()
+    matched = shuffled = 0.0
+    batches = 0
+    for batch in tqdm(loader, desc="grounding gap", unit="batch", mininterval=2.0):
+        if batch["image"].size(0) < 2:
+            continue  # a last batch of one image has no other image to swap in
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        matched += float(model(batch)["loss"])
+        shuffled += float(model({**batch, "image": batch["image"].roll(1, 0)})["loss"])
+        batches += 1
+    if batches == 0:
+        raise ValueError("the grounding gap needs a split with at least 2 images")
+    return {"loss_matched_images": matched / batches, "loss_shuffled_images": shuffled / batches,
+            "grounding_gap": (shuffled - matched) / batches}
+
+
 def _missing_java_files(module: str, files: Sequence[str]) -> str | None:
     """Why a Java scorer of pycocoevalcap cannot run offline (no Java, or one of ``files``,
     relative to ``module``'s folder, absent), or None when it can."""

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from pretrain.downstream import caption_eval
 from pretrain.engine.validation import caption_metrics, load_references
@@ -51,3 +52,40 @@ def test_checkpoint_of_another_model_and_empty_split_are_named(tiny_config, tiny
     (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": [], "annotations": []}))
     assert tool.main(base + ["DATA.ROOT", str(root)]) == 1
     assert "captions_val2017.json: no usable images" in capsys.readouterr().err
+
+
+def _val_model_and_data(tiny_config):
+    from pretrain.config import load_config
+    from pretrain.data import build_dataset
+    from pretrain.models import build_model
+    from pretrain.tokenizer import SentencePieceBPETokenizer
+
+    cfg = load_config(str(tiny_config))
+    dataset = build_dataset(cfg, "val", SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL))
+    torch.manual_seed(0)
+    return build_model(cfg), dataset
+
+
+def test_grounding_gap_is_zero_for_a_model_blind_to_the_image(tiny_config):
+    model, dataset = _val_model_and_data(tiny_config)
+    with torch.no_grad():  # every image becomes the same (zero) decoder memory
+        model.textual.visual_projection.weight.zero_()
+        model.textual.visual_projection.bias.zero_()
+    gap = caption_eval.grounding_gap(model, dataset, batch_size=4, num_workers=0)
+    assert gap["grounding_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert gap["loss_matched_images"] > 0
+
+
+def test_grounding_gap_grows_when_captions_depend_on_their_images(tiny_config):
+    from pretrain.data import collate_fn
+
+    model, dataset = _val_model_and_data(tiny_config)
+    batch = collate_fn([dataset[i] for i in range(len(dataset))])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):  # memorise the val captions of these few images
+        optimizer.zero_grad()
+        model(batch)["loss"].backward()
+        optimizer.step()
+    gap = caption_eval.grounding_gap(model, dataset, batch_size=len(dataset), num_workers=0)
+    assert gap["grounding_gap"] > 0.05, gap  # a blind model scores 0 (test above)
