@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pretrain.data.collate import collate_fn
+from pretrain.engine.trainer import make_batch_mover
 from pretrain.engine.validation import caption_metrics, normalise_caption, strip_special
 from pretrain.models import build_model, load_model_weights
 from pretrain.tokenizer import SentencePieceBPETokenizer
@@ -93,12 +94,13 @@ def grounding_gap(
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
     model = model.to(device).eval()
+    move = make_batch_mover(torch.device(device), channels_last=False)
     matched = shuffled = 0.0
     batches = 0
     for batch in tqdm(loader, desc="grounding gap", unit="batch", mininterval=2.0):
         if batch["image"].size(0) < 2:
             continue  # a last batch of one image has no other image to swap in
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = move(batch)
         matched += float(model(batch)["loss"])
         shuffled += float(model({**batch, "image": batch["image"].roll(1, 0)})["loss"])
         batches += 1

@@ -21,7 +21,7 @@ from .categories import VOC_CLASS_NAMES, WORLD_CLASSES
 from .formats import ImageRecord, write_coco, write_lvis, write_voc
 from .scenes import class_weights, sample_scene
 
-__all__ = ["MANIFEST_NAME", "VOC_CLASS_NAMES", "WORLD_CLASSES", "make_synthetic_dataset"]
+__all__ = ["MANIFEST_NAME", "VOC_CLASS_NAMES", "WORLD_CLASSES", "is_complete", "make_synthetic_dataset", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,14 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path}: malformed manifest ({err}); regenerate with --force") from None
 
 
+def is_complete(root: str | os.PathLike, num_train: int = 1000, num_val: int = 100,
+                image_size: int = 256, seed: int = 0) -> bool:
+    """Whether ``root`` holds a complete built-in dataset made with exactly these parameters
+    (what :func:`make_synthetic_dataset` keeps instead of rebuilding)."""
+    manifest = read_manifest(root)
+    return manifest is not None and manifest.get("parameters") == _parameters(num_train, num_val, image_size, seed)
+
+
 def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_val: int = 100,
                            image_size: int = 256, seed: int = 0, force: bool = False) -> dict:
     """Write the built-in dataset under ``root`` and return its manifest.
@@ -87,11 +95,10 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
     if image_size < 64:
         raise ValueError(f"image_size must be at least 64 pixels (got {image_size})")
     root = Path(root)
-    wanted = _parameters(num_train, num_val, image_size, seed)
-    existing = read_manifest(root)
-    if existing is not None and not force and existing.get("parameters") == wanted:
+    if not force and is_complete(root, num_train, num_val, image_size, seed):
         logger.info("built-in dataset at %s is complete; keeping it", root)
-        return existing
+        return read_manifest(root)
+    existing = read_manifest(root)
     in_the_way = [root / name for name in _OUTPUTS if (root / name).exists()]
     if in_the_way and not force:
         what = "a built-in dataset with other parameters" if existing else "files of an incomplete dataset"
@@ -110,7 +117,7 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
     write_voc(root, "2007", {"train": train[:half // 2], "val": train[half // 2:half], "test": val}, "{:06d}")
     write_voc(root, "2012", {"train": train[half:half + (num_train - half) // 2],
                              "val": train[half + (num_train - half) // 2:]}, "2012_{:06d}")
-    manifest = {"parameters": wanted, "images": {"train": num_train, "val": num_val},
+    manifest = {"parameters": _parameters(num_train, num_val, image_size, seed), "images": {"train": num_train, "val": num_val},
                 "instances": {"train": sum(len(r.objects) for r in train), "val": sum(len(r.objects) for r in val)},
                 "lvis_frequency_groups": frequencies}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
