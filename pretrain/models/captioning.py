@@ -4,10 +4,11 @@ Loss semantics are the official ones: teacher-forced next-token cross-entropy av
 all non-padding target tokens of the batch (``ignore_index`` = padding), forward head on
 ``caption_tokens``, backward head on ``noitpac_tokens``, total = plain sum of the directions.
 
-Two things make the step cheaper than the official implementation without changing any
-value: the visual projection, shared by both heads, is computed once; and the vocabulary
-projection (the largest matmul of the head) is applied only to the hidden states whose target
-is not padding, so padded positions never produce logits.
+Three things make the step cheaper than the official implementation without changing any
+value: the visual projection, shared by both heads, is computed once; the causal decoder runs
+on the real tokens only (:mod:`pretrain.models.packed_decoder`); and the vocabulary projection
+(the largest matmul of the head) is applied only to the hidden states whose target is not
+padding, so padded positions never produce logits.
 """
 from __future__ import annotations
 
@@ -107,7 +108,9 @@ class CaptioningModel(nn.Module):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if parallel:
             inputs = inputs.masked_fill(inputs != head.padding_idx, self.mask_index)
-        hidden = head.hidden_states(projected_visual, inputs, lengths, causal=not parallel)
+            hidden = head.hidden_states(projected_visual, inputs, lengths, causal=False)
+        else:
+            hidden, targets = head.teacher_forced_hidden_states(projected_visual, inputs, targets)
         return gathered_cross_entropy(head, hidden, targets)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .embedding import WordAndPositionalEmbedding
+from .packed_decoder import PackedLayout, packed_causal_decode
 
 _TRANSDEC_NAME = re.compile(r"^transdec_(postnorm|prenorm)::L(\d+)_H(\d+)_A(\d+)_F(\d+)$")
 
@@ -70,8 +71,9 @@ class TransformerTextualHead(nn.Module):
     is a Linear whose weight *is* the word-embedding matrix (tied) with its own bias.
 
     The head exposes its stages separately so that models can project the visual features once
-    for several heads (:meth:`project_visual`), run the decoder (:meth:`hidden_states`) and
-    apply the vocabulary projection only where a prediction is needed (``output``).
+    for several heads (:meth:`project_visual`), run the decoder (:meth:`hidden_states`, or
+    :meth:`teacher_forced_hidden_states` on real tokens only) and apply the vocabulary projection
+    only where a prediction is needed (``output``).
     """
 
     def __init__(
@@ -144,6 +146,23 @@ class TransformerTextualHead(nn.Module):
         positions = torch.arange(length, device=tokens.device)
         padding = positions.unsqueeze(0) >= lengths.unsqueeze(1)
         return self.transformer(embeddings, projected_visual, tgt_key_padding_mask=padding)
+
+    def teacher_forced_hidden_states(
+        self, projected_visual: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal decoder states for (B, T) right-padded ``inputs``, only where they are needed.
+
+        Returns packed ``(hidden (N, H), targets (N,))`` for every position up to the last one
+        of its row whose target is not padding; they equal the corresponding rows of
+        :meth:`hidden_states` (see :mod:`pretrain.models.packed_decoder`), at the cost of the
+        real tokens instead of the padded batch.
+        """
+        predicts = targets != self.padding_idx
+        needed = predicts.flip(1).cumsum(1).flip(1) > 0
+        layout = PackedLayout.from_mask(needed)
+        tokens = layout.pack(self.embedding(inputs))
+        hidden = packed_causal_decode(self.transformer, tokens, projected_visual, layout)
+        return hidden, layout.pack(targets.unsqueeze(-1)).squeeze(-1)
 
     def forward(
         self,

@@ -113,3 +113,42 @@ def test_embedding_zeroes_padding_and_unknown_positions():
     assert embeddings[0, [0, 2, 3]].abs().sum(-1).gt(0).all()
     with pytest.raises(ValueError, match="MAX_CAPTION_LENGTH"):
         head.embedding(torch.ones(1, MAX_LENGTH + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("textual", ["transdec_postnorm::L2_H64_A2_F128", "transdec_prenorm::L2_H64_A4_F128"])
+def test_teacher_forced_packed_states_and_gradients_equal_the_padded_decoder(textual):
+    """Packed decoding (real tokens only) against the padded ``nn.TransformerDecoder`` path:
+    same hidden states at every needed position and the same gradients for every parameter and
+    for the visual memory. Row 1 holds an <unk> (id 0) inside the caption: not a prediction
+    target, but still a key for the positions after it."""
+    head = make_head(textual).eval()
+    batch = caption_batch(batch_size=4, lengths=[4, 7, MAX_LENGTH, 5])
+    tokens = batch["caption_tokens"]
+    tokens[1, 3] = 0
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    memory = torch.randn(4, 3, 64, requires_grad=True)
+    needed = torch.arange(inputs.size(1))[None] < (batch["caption_lengths"][:, None] - 1)
+    assert not bool((targets != 0)[~needed].any())
+
+    names, params = zip(*[("memory", memory), *head.transformer.named_parameters(), *head.embedding.named_parameters()])
+    padded = head.hidden_states(memory, inputs)[needed]
+    probe = torch.randn_like(padded)
+    expected_grads = torch.autograd.grad((padded * probe).sum(), params)
+    packed, packed_targets = head.teacher_forced_hidden_states(memory, inputs, targets)
+    grads = torch.autograd.grad((packed * probe).sum(), params)
+
+    assert torch.equal(packed_targets, targets[needed])
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for name, grad, expected in zip(names, grads, expected_grads):
+        assert expected.abs().sum() > 0, name
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_teacher_forced_states_skip_the_padding_tail():
+    head = make_head().eval()
+    batch = caption_batch(batch_size=3, lengths=[4, 5, MAX_LENGTH])
+    tokens = batch["caption_tokens"]
+    with torch.no_grad():
+        hidden, targets = head.teacher_forced_hidden_states(torch.randn(3, 2, 64), tokens[:, :-1], tokens[:, 1:])
+    assert hidden.shape == (3 + 4 + MAX_LENGTH - 1, 64)
+    assert targets.ne(0).all()
