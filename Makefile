@@ -11,13 +11,13 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Re-run the (idempotent) setup whenever what it installs changes.
-$(STAMP): setup.py scripts/setup_env.sh
+$(STAMP): setup.py scripts/setup_env.sh scripts/apt_install.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 	touch $@
 
 # System packages the tests need beyond Python: headless Chromium opens the attention page.
 test-deps:
-	bash scripts/install_chromium.sh
+	bash scripts/apt_install.sh chromium sh -c 'command -v chromium || command -v chromium-browser'
 
 test: setup test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -21,7 +21,10 @@ def get_default_config() -> CfgNode:
     """A fresh, mutable config holding every key with its default value."""
     C = CfgNode()
     C.RANDOM_SEED = 0  # seeds python, numpy and torch; each rank adds its rank
-    C.AMP = True  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU
+    C.AMP = True  # mixed precision where it pays: see AMP_DTYPE
+    # auto: fp16 + GradScaler on accelerators; bf16 on CPUs with native bf16 (AVX512-BF16/AMX),
+    # fp32 on other CPUs, where bf16 is emulated and several times slower. bf16 | fp16: forced.
+    C.AMP_DTYPE = "auto"
     C.CUDNN_BENCHMARK = True
     C.CUDNN_DETERMINISTIC = False
 

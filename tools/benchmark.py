@@ -8,9 +8,9 @@
 ``pretrain`` times full training steps (forward, backward, clipping, optimizer, schedule: the
 functions of the training loop) on a synthetic batch like the official baseline's (N(0,1) images,
 caption lengths 20..30 padded to 30, token ids in [4, vocab)). Defaults are the settings
-recommended for training: mixed precision (bf16 on CPU, fp16 on accelerators), channels-last,
-fused optimizer, tuned glibc malloc (the script re-executes itself with it unless
-``MALLOC_MMAP_MAX_`` is set). ``--official-baseline`` measures the official-equivalent step
+recommended for training: mixed precision where it pays (fp16 on accelerators, bf16 on CPUs with
+native bf16, fp32 on other CPUs), channels-last, fused optimizer, tcmalloc or else tuned glibc
+malloc (the script re-executes itself with it unless ``MALLOC_MMAP_MAX_`` is set). ``--official-baseline`` measures the official-equivalent step
 instead (as timed in the official notes): contiguous layout, ``torch.optim.SGD`` over one group
 with its default implementation, no Lookahead, clipping or schedule, fp32 unless ``--precision``
 says otherwise. ``data`` measures DataLoader throughput on the
@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.engine.malloc import (  # standard library only: runs before torch loads
-    malloc_is_tuned,
+    allocator_in_use,
     reexec_with_tuned_malloc,
 )
 
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = modes.choices["pretrain"]
     train.add_argument("--image-size", type=int, default=224, help="square image side (default 224)")
     train.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="auto = bf16 autocast on CPU, fp16 autocast + GradScaler on accelerators")
+                       help="auto = the training default: fp16 + GradScaler on accelerators, bf16 on CPUs with native bf16, else fp32")
     train.add_argument("--no-channels-last", action="store_true", help="keep the CNN in contiguous layout")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--official-baseline", action="store_true",
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pretrain.config import load_config
+    from pretrain.engine.trainer import cpu_has_native_bf16
 
     torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
@@ -215,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "batch_size": args.batch_size,
         "threads": args.threads,
-        "malloc_tuned": malloc_is_tuned(),
+        "allocator": allocator_in_use(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__,
         "load_avg_1min_before_after": [load_before, os.getloadavg()[0]],
         **({"image_size": args.image_size} if args.mode == "pretrain" else {}),

@@ -35,6 +35,7 @@ from pretrain.engine.distributed import (
     set_rng_state,
     shutdown_distributed,
 )
+from pretrain.engine.malloc import allocator_in_use
 from pretrain.engine.monitor import TrainingMonitor, setup_logging
 from pretrain.engine.optim import build_optimizer, inner_optimizer
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
@@ -50,11 +51,33 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stops without saving."""
 
 
-def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
-    """Mixed-precision type: bf16 on CPU (no loss scaling needed), fp16 on accelerators."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, and a bf16 step is several times slower than fp32 (docs/benchmarks.md)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast_dtype(amp: bool, device: torch.device, requested: str = "auto") -> torch.dtype | None:
+    """Mixed-precision type for ``cfg.AMP`` / ``cfg.AMP_DTYPE`` on ``device`` (None: fp32).
+
+    ``auto`` picks fp16 (with loss scaling) on accelerators, bf16 (no scaling needed) on CPUs
+    with native bf16, and fp32 on other CPUs; ``bf16`` and ``fp16`` are used as asked.
+    """
     if not amp:
         return None
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if requested != "auto":
+        if requested not in AMP_DTYPES:
+            raise ValueError(f"AMP_DTYPE '{requested}' is not one of auto, {', '.join(AMP_DTYPES)}")
+        return AMP_DTYPES[requested]
+    if device.type != "cpu":
+        return torch.float16
+    if cpu_has_native_bf16():
+        return torch.bfloat16
+    logger.info("AMP: this CPU has no native bf16 (AVX512-BF16/AMX), training in fp32; AMP_DTYPE bf16 forces it")
+    return None
 
 
 def make_autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], Any]:
@@ -205,7 +228,7 @@ def train(
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, inner_optimizer(optimizer))
-    dtype = autocast_dtype(cfg.AMP, ctx.device)
+    dtype = autocast_dtype(cfg.AMP, ctx.device, cfg.AMP_DTYPE)
     autocast = make_autocast(ctx.device, dtype)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
     manager = CheckpointManager(output_dir, cfg.ENGINE.KEEP_LAST_CHECKPOINTS, cfg.ENGINE.PINNED_CHECKPOINTS)
@@ -295,8 +318,9 @@ def train(
     monitor = TrainingMonitor(output_dir, ctx.is_main, start, num_iterations)
     stop = _StopSignal()
     logger.info(
-        "training iterations %d..%d: %d rank(s) × %d images on %s, precision %s",
+        "training iterations %d..%d: %d rank(s) × %d images on %s, precision %s, allocator %s",
         start + 1, num_iterations, world, cfg.OPTIM.BATCH_SIZE // world, ctx.device, dtype or torch.float32,
+        allocator_in_use(),
     )
     try:
         batches = iter(loader)

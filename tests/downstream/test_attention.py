@@ -89,7 +89,7 @@ window.addEventListener("load", () => {
 
 def test_visualize_attention_page_opens_in_headless_chromium(tiny_config, tiny_checkpoint, tmp_path, capsys):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "headless Chromium is needed for this test: run scripts/install_chromium.sh"
+    assert chromium, "headless Chromium is needed for this test: run make test-deps"
     out = tmp_path / "attention"
     tool = load_tool("visualize_attention")
     assert tool.main(["--config", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--output-dir", str(out)]) == 0

@@ -19,7 +19,9 @@ from pretrain.engine.distributed import get_rng_state, seed_everything, set_rng_
 from pretrain.engine.optim import Lookahead, build_optimizer, build_param_groups
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
 from pretrain.engine.schedule import build_lr_scheduler, lr_multiplier
+from pretrain.engine import trainer
 from pretrain.engine.validation import caption_metrics, normalise_caption, strip_special
+from tests.engine.conftest import REPO
 from tests.engine.standin import StandInDataset, StandInModel, standin_config
 
 
@@ -212,3 +214,50 @@ def test_indivisible_batch_is_a_clear_error(tmp_path):
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="OPTIM.BATCH_SIZE 6 does not split evenly into 1 rank"):
         train(cfg, tmp_path, ctx, StandInModel(), StandInDataset(), collate_fn=list)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_automatic_precision_follows_the_hardware(monkeypatch, caplog, native_bf16):
+    """bf16 only where the CPU computes it natively (emulated bf16 is slower than fp32), fp16 on
+    accelerators, forced types as asked, and a clear error for an unknown one."""
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="pretrain.engine"):
+        assert trainer.autocast_dtype(True, cpu) == (torch.bfloat16 if native_bf16 else None)
+    assert ("no native bf16" in caplog.text) is not native_bf16
+    assert trainer.autocast_dtype(True, cuda) == torch.float16
+    assert trainer.autocast_dtype(True, cpu, "bf16") == torch.bfloat16
+    assert trainer.autocast_dtype(True, cuda, "bf16") == torch.bfloat16
+    assert trainer.autocast_dtype(False, cpu, "bf16") is None
+    with pytest.raises(ValueError, match="AMP_DTYPE 'fp8'"):
+        trainer.autocast_dtype(True, cpu, "fp8")
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_launcher_reexecutes_with_the_best_allocator(tmp_path, opt_out):
+    """A launcher process replaces itself with tcmalloc preloaded where it is installed (else
+    tuned glibc) and reports it; ``MALLOC_MMAP_MAX_`` keeps the allocator the user chose."""
+    import os
+    import subprocess
+    import sys
+
+    from pretrain.engine.malloc import find_tcmalloc
+
+    script = tmp_path / "launcher.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from pretrain.engine.malloc import allocator_in_use, reexec_with_tuned_malloc\n"
+        "reexec_with_tuned_malloc()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(allocator_in_use(), 'libtcmalloc' in maps)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_MAX_")}
+    if opt_out:
+        env["MALLOC_MMAP_MAX_"] = "65536"
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True).stdout
+    if opt_out:
+        expected = "glibc-default False"
+    else:
+        expected = "tcmalloc True" if find_tcmalloc() else "glibc-tuned False"
+    assert out.split() == expected.split()

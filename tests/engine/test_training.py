@@ -15,10 +15,10 @@ from tests.engine.conftest import PRETRAIN, TINY_CONFIG, run_pretrain, subproces
 
 
 def test_short_run_loss_falls_and_is_recorded(tiny_overrides, tmp_path):
-    """12 iterations with the recommended CPU settings (bf16 autocast, channels-last) and
+    """12 iterations with the recommended settings of a bf16 CPU (bf16 autocast, channels-last) and
     validation every 6: the logged loss falls and every record is written."""
     overrides = [*tiny_overrides, "OPTIM.NUM_ITERATIONS", "12", "ENGINE.VAL_PERIOD", "6", "OPTIM.WARMUP_STEPS", "1",
-                 "AMP", "True", "ENGINE.CHANNELS_LAST", "True"]
+                 "AMP", "True", "AMP_DTYPE", "bf16", "ENGINE.CHANNELS_LAST", "True"]
     run_pretrain(tmp_path, overrides)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
