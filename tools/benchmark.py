@@ -3,18 +3,21 @@
 
     python tools/benchmark.py pretrain --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml \\
         --batch-size 8 --image-size 224 --iters 6 --warmup 2 --json OUT.json
+    python tools/benchmark.py decoder --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml
     python tools/benchmark.py data --config CFG DATA.ROOT datasets/coco --batch-size 32 --workers 4
 
 ``pretrain`` times full training steps (forward, backward, clipping, optimizer, schedule: the
 functions of the training loop) on a synthetic batch like the official baseline's (N(0,1) images,
-caption lengths 20..30 padded to 30, token ids in [4, vocab)). Defaults are the settings
+caption lengths 20..30 padded to the longest, token ids in [4, vocab)). Defaults are the settings
 recommended for training: mixed precision where it pays (fp16 on accelerators, bf16 on CPUs with
 native bf16, fp32 on other CPUs), channels-last, fused optimizer, tcmalloc or else tuned glibc
-malloc (the script re-executes itself with it unless ``MALLOC_MMAP_MAX_`` is set). ``--official-baseline`` measures the official-equivalent step
-instead (as timed in the official notes): contiguous layout, ``torch.optim.SGD`` over one group
-with its default implementation, no Lookahead, clipping or schedule, fp32 unless ``--precision``
-says otherwise. ``data`` measures DataLoader throughput on the
-configured dataset through the training loop's sampler. Results go to the terminal and, with ``--json``, to a file.
+malloc (the script re-executes itself with it unless ``MALLOC_MMAP_MAX_`` is set).
+``--official-baseline`` measures the official-equivalent step instead (as timed in the official
+notes): contiguous layout, ``torch.optim.SGD`` over one group with its default implementation,
+no Lookahead, clipping or schedule, fp32 unless ``--precision`` says otherwise. ``decoder`` times
+forward + backward of one textual head on those captions, the padded decoder against the packed
+one that training uses. ``data`` measures DataLoader throughput on the configured dataset
+through the training loop's sampler. Results go to the terminal and, with ``--json``, to a file.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
-    for name in ("pretrain", "data"):
+    for name in ("pretrain", "decoder", "data"):
         mode = modes.add_parser(name)
         mode.add_argument("--config", required=True, help="pretraining config YAML")
         mode.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
@@ -59,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--official-baseline", action="store_true",
                        help="official-equivalent step: contiguous, plain SGD, fp32 unless --precision is given")
     train.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
+    modes.choices["decoder"].add_argument("--visual-tokens", type=int, default=49,
+                                          help="decoder memory length (default 49: 7x7 features of 224 px)")
     modes.choices["data"].add_argument("--workers", type=int, default=None, help="DataLoader workers (default: config)")
     return parser.parse_args(argv)
 
@@ -175,6 +180,52 @@ def bench_pretrain(args, cfg) -> dict:
     return result
 
 
+def bench_decoder(args, cfg) -> dict:
+    """Forward + backward of one textual head on the synthetic captions, padded decoder
+    (``hidden_states``) against packed (``teacher_forced_hidden_states``), alternating steps in
+    one process so that both see the same machine state; fp32 on the CPU."""
+    import torch
+    from torch.nn import functional as F
+
+    from pretrain.models.factory import build_transformer_head
+
+    torch.manual_seed(cfg.RANDOM_SEED)
+    head = build_transformer_head(cfg)
+    batch = synthetic_batch(args.batch_size, 32, cfg.DATA.VOCAB_SIZE, cfg.DATA.MAX_CAPTION_LENGTH,
+                            torch.Generator().manual_seed(cfg.RANDOM_SEED))
+    tokens = batch["caption_tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    memory = torch.randn(args.batch_size, args.visual_tokens, head.hidden_size, requires_grad=True)
+
+    def loss_of(hidden, hidden_targets):
+        keep = hidden_targets != head.padding_idx
+        return F.cross_entropy(head.output(hidden[keep]), hidden_targets[keep])
+
+    paths = {
+        "padded": lambda: loss_of(head.hidden_states(memory, inputs), targets),
+        "packed": lambda: loss_of(*head.teacher_forced_hidden_states(memory, inputs, targets)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for i in range(args.warmup + args.iters):
+        for name, loss in paths.items():
+            start = time.perf_counter()
+            loss().backward()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+            head.zero_grad(set_to_none=True)
+            memory.grad = None
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "mode": "decoder",
+        "padded_s_median": medians["padded"],
+        "packed_s_median": medians["packed"],
+        "padded_s_all": times["padded"],
+        "packed_s_all": times["packed"],
+        "speedup": medians["padded"] / medians["packed"],
+        "real_token_fraction": float((targets != 0).sum() / targets.numel()),
+    }
+
+
 def bench_data(args, cfg) -> dict:
     from torch.utils.data import DataLoader
 
@@ -210,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["DATA.IMAGE_CROP_SIZE", str(args.image_size)]
     cfg = load_config(args.config, overrides)
     load_before = os.getloadavg()[0]
-    result = (bench_pretrain if args.mode == "pretrain" else bench_data)(args, cfg)
+    result = {"pretrain": bench_pretrain, "decoder": bench_decoder, "data": bench_data}[args.mode](args, cfg)
     result.update({
         "config": args.config,
         "overrides": args.overrides,
