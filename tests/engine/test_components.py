@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain.engine import trainer
 from pretrain.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -19,7 +20,6 @@ from pretrain.engine.distributed import get_rng_state, seed_everything, set_rng_
 from pretrain.engine.optim import Lookahead, build_optimizer, build_param_groups
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
 from pretrain.engine.schedule import build_lr_scheduler, lr_multiplier
-from pretrain.engine import trainer
 from pretrain.engine.validation import caption_metrics, normalise_caption, strip_special
 from tests.engine.conftest import REPO
 from tests.engine.standin import StandInDataset, StandInModel, standin_config
