@@ -98,6 +98,8 @@ def test_lookahead_state_round_trip_and_official_format():
         optimizer.step()
     state = optimizer.state_dict()
     assert state["step_count"] == 3 and len(state["slow"]) == len(list(model.parameters()))
+    # No copy of the slow weights at checkpoint time (it would double their memory).
+    assert all(s.data_ptr() == live.data_ptr() for s, live in zip(state["slow"], optimizer.slow))
     restored = build_optimizer(cfg, model)
     restored.load_state_dict(state)
     assert restored.step_count == 3
