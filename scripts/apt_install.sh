@@ -6,7 +6,7 @@
 # Idempotent: exits 0 at once when PROBE-COMMAND succeeds. Installing needs root and apt-get;
 # elsewhere the script says what to install and exits non-zero, so callers decide whether the
 # package is required (make test-deps: Chromium for the attention-page test) or only helps
-# (make setup: tcmalloc for faster, leaner CPU training).
+# (make setup: tcmalloc for a lower memory peak in CPU training).
 set -euo pipefail
 
 package=$1

@@ -83,10 +83,10 @@ print(f"[setup] detectron2 {detectron2.__version__} from {detectron2.__file__.rs
 print(f"[setup] detectron2 compiled ops: {ops}")
 print(f"[setup] torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
 PY
-# Optional: tcmalloc makes CPU pretraining faster and leaner than tuned glibc malloc (the
+# Optional: tcmalloc trains as fast as tuned glibc malloc with a lower memory peak (the
 # launchers preload it when installed, see pretrain/engine/malloc.py).
 if [ "$(uname -s)" = Linux ] && ! bash scripts/apt_install.sh libtcmalloc-minimal4 \
         sh -c 'ldconfig -p | grep -q libtcmalloc_minimal'; then
-    say "note: tcmalloc is not installed; CPU training falls back to tuned glibc malloc (slower, more memory)"
+    say "note: tcmalloc is not installed; CPU training falls back to tuned glibc malloc (higher memory peak)"
 fi
 say "done: activate with 'source $VENV/bin/activate'"
