@@ -31,8 +31,9 @@ def gathered_cross_entropy(
 ) -> torch.Tensor:
     """Mean CE over positions whose target is not padding, computing logits only there.
 
-    Equal to ``F.cross_entropy(head.output(hidden).flatten(0, 1), targets.flatten(),
-    ignore_index=padding)`` but without the (B, T, V) logits tensor. The logits are cast to
+    ``hidden`` is (..., H) with ``targets`` of its leading shape: padded (B, T) or packed (N,).
+    Equal to ``F.cross_entropy(head.output(hidden).flatten(0, -2), targets.flatten(),
+    ignore_index=padding)`` but without the full logits tensor. The logits are cast to
     float32 so that the loss is accurate under bf16/fp16 autocast.
     """
     keep = targets != head.padding_idx
