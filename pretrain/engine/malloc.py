@@ -35,9 +35,12 @@ def find_tcmalloc() -> str | None:
 
 
 def allocator_in_use() -> str:
-    """``tcmalloc``, ``glibc-tuned`` or ``glibc-default``: what this process allocates with."""
-    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return "tcmalloc"
+    """What this process allocates with: ``tcmalloc``, another preloaded allocator by library
+    name (e.g. ``libjemalloc.so.2``), ``glibc-tuned`` or ``glibc-default``."""
+    for library in os.environ.get("LD_PRELOAD", "").split():
+        name = os.path.basename(library)
+        if "malloc" in name:
+            return "tcmalloc" if "tcmalloc" in name else name
     tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
     return "glibc-tuned" if tuned else "glibc-default"
 
