@@ -185,8 +185,8 @@ def bench_decoder(args, cfg) -> dict:
     (``hidden_states``) against packed (``teacher_forced_hidden_states``), alternating steps in
     one process so that both see the same machine state; fp32 on the CPU."""
     import torch
-    from torch.nn import functional as F
 
+    from pretrain.models.captioning import gathered_cross_entropy
     from pretrain.models.factory import build_transformer_head
 
     torch.manual_seed(cfg.RANDOM_SEED)
@@ -197,13 +197,9 @@ def bench_decoder(args, cfg) -> dict:
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     memory = torch.randn(args.batch_size, args.visual_tokens, head.hidden_size, requires_grad=True)
 
-    def loss_of(hidden, hidden_targets):
-        keep = hidden_targets != head.padding_idx
-        return F.cross_entropy(head.output(hidden[keep]), hidden_targets[keep])
-
     paths = {
-        "padded": lambda: loss_of(head.hidden_states(memory, inputs), targets),
-        "packed": lambda: loss_of(*head.teacher_forced_hidden_states(memory, inputs, targets)),
+        "padded": lambda: gathered_cross_entropy(head, head.hidden_states(memory, inputs), targets),
+        "packed": lambda: gathered_cross_entropy(head, *head.teacher_forced_hidden_states(memory, inputs, targets)),
     }
     times: dict[str, list[float]] = {name: [] for name in paths}
     for i in range(args.warmup + args.iters):

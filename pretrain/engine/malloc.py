@@ -54,9 +54,9 @@ def reexec_with_tuned_malloc() -> None:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_MAX_" in os.environ:
         return
-    preload = os.environ.get("LD_PRELOAD", "")
-    if "malloc" in preload:
+    if not allocator_in_use().startswith("glibc"):
         return
+    preload = os.environ.get("LD_PRELOAD", "")
     env = {**os.environ, **TUNED_MALLOC}
     tcmalloc = find_tcmalloc()
     if tcmalloc:
