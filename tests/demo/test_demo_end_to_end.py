@@ -41,6 +41,9 @@ def test_every_stage_runs_and_the_report_quotes_the_evaluators(demo_run):
     assert [name for _, name in stages] == ["dataset", "vocabulary", "pretrain", "captions", "convert",
                                              "finetune_lvis_virtex", "finetune_lvis_random", "report"]
     assert "model:" in run.stdout and "reference:" in run.stdout, "captions are printed beside references"
+    assert "running finetune_lvis_virtex and finetune_lvis_random side by side" in run.stdout
+    for label in ("virtex", "random"):  # the side-by-side fine-tunes write their output to logs/
+        assert "Evaluation results for segm" in (tmp / "demo" / "logs" / f"finetune_lvis_{label}.log").read_text()
     assert "Stage timings" in run.stdout
     report = (tmp / "demo" / "report.md").read_text()
     for label in ("virtex", "random"):

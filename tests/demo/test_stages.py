@@ -1,9 +1,12 @@
-"""The stage runner: skip complete stages, resume partial ones, redo with force, chain re-runs."""
+"""The stage runner: skip complete stages, resume partial ones, redo with force, chain re-runs,
+run independent stages side by side."""
+import os
 import sys
+import time
 
 import pytest
 
-from detectron2_ext.stages import Stage, StageError, format_timings, run_stages
+from detectron2_ext.stages import SideBySide, Stage, StageError, format_timings, run_stages
 
 
 def _writer(path, flag_file=None):
@@ -63,3 +66,51 @@ def test_timings_table_lists_every_stage_and_the_total(tmp_path):
     results = run_stages([_stage("only", tmp_path / "x")], echo=lambda _: None)
     table = format_timings(results)
     assert "only" in table and "ran" in table and table.splitlines()[-1].startswith("total")
+
+
+def _side_tool(tmp_path, name, body):
+    tool = tmp_path / f"{name}_tool.py"
+    tool.write_text("import os, pathlib, sys, time\n" + body)
+    return [sys.executable, str(tool)]
+
+
+def test_side_by_side_stages_run_at_once_with_a_share_of_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    stages = []
+    for name, other in (("left", "right"), ("right", "left")):
+        # Each waits for the other to have started: run one after the other, both would time out.
+        body = (f"pathlib.Path({str(tmp_path / name)!r} + '.started').touch()\n"
+                f"deadline = time.time() + 60\n"
+                f"while not pathlib.Path({str(tmp_path / other)!r} + '.started').exists():\n"
+                f"    if time.time() > deadline: sys.exit('{other} never started')\n"
+                f"    time.sleep(0.05)\n"
+                f"print('working on', {name!r})\n"
+                f"pathlib.Path({str(tmp_path / name)!r}).write_text(os.environ['OMP_NUM_THREADS'])\n")
+        stages.append(Stage(name=name, command=_side_tool(tmp_path, name, body),
+                            is_complete=(tmp_path / name).is_file, progress=lambda: (1, 2)))
+    logs = tmp_path / "logs"
+    results = run_stages([_stage("first", tmp_path / "first"), SideBySide(stages, log_dir=logs)],
+                         echo=lambda _: None)
+    assert [(r.name, r.status) for r in results] == [("first", "ran"), ("left", "ran"), ("right", "ran")]
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert (tmp_path / "left").read_text() == (tmp_path / "right").read_text() == share
+    assert (logs / "left.log").read_text().strip() == "working on left"
+    # The total counts the side-by-side pair once, by the longer of the two.
+    total = float(format_timings(results).splitlines()[-1].split()[-1])
+    expected = results[0].seconds + max(results[1].seconds, results[2].seconds)
+    assert total == pytest.approx(expected, abs=0.11)
+    assert "(side by side)" in format_timings(results)
+    # Complete side-by-side stages are skipped like any other.
+    assert [r.status for r in run_stages([SideBySide(stages, log_dir=logs)], echo=lambda _: None)] == ["skipped"] * 2
+
+
+def test_a_failing_side_by_side_stage_stops_the_other_and_names_its_log(tmp_path):
+    slow = Stage(name="slow", command=_side_tool(tmp_path, "slow", f"time.sleep(60)\npathlib.Path({str(tmp_path / 'slow')!r}).touch()\n"),
+                 is_complete=(tmp_path / "slow").is_file)
+    bad = Stage(name="bad", command=_side_tool(tmp_path, "bad", "print('boom')\nsys.exit(3)\n"), is_complete=lambda: False)
+    start = time.perf_counter()
+    with pytest.raises(StageError, match=r"'bad' failed with exit code 3 \(its output: .*bad\.log\)"):
+        run_stages([SideBySide([slow, bad], log_dir=tmp_path / "logs")], echo=lambda _: None)
+    assert time.perf_counter() - start < 30, "the other stage was stopped, not waited for"
+    assert (tmp_path / "logs" / "bad.log").read_text().strip() == "boom"
+    assert not (tmp_path / "slow").exists()
