@@ -6,7 +6,13 @@ import time
 
 import pytest
 
-from detectron2_ext.stages import SideBySide, Stage, StageError, format_timings, run_stages
+from detectron2_ext.stages import (
+    SideBySide,
+    Stage,
+    StageError,
+    format_timings,
+    run_stages,
+)
 
 
 def _writer(path, flag_file=None):
