@@ -134,8 +134,9 @@ def _run_side_by_side(jobs: list, log_dir: Path, env: dict | None) -> dict:
             for stage, process, log, bar, start in running:
                 if stage.name in seconds:
                     continue
-                if stage.progress is not None:
-                    bar.n, bar.total = stage.progress()
+                progress = stage.progress() if stage.progress is not None else (bar.n, bar.total)
+                if progress != (bar.n, bar.total):  # redraw on news only: a log gets a line per redraw
+                    bar.n, bar.total = progress
                     bar.refresh()
                 returncode = process.poll()
                 if returncode is not None:
