@@ -182,8 +182,8 @@ def build_stages(s: DemoSettings) -> list:
             is_complete=lambda: s.weights.is_file(),
             force_args=["--force"],
         ),
-        # Independent of each other: on a CPU, one process per core does both in about 70 % of
-        # the time of one after the other (see docs/demo.md).
+        # Independent of each other: on a 2-core CPU, one process per core trains both in about
+        # 72 % of the time of one after the other; their evaluations gain nothing (docs/demo.md).
         SideBySide([_finetune_stage(s, "virtex", str(s.weights)), _finetune_stage(s, "random", "")],
                    log_dir=s.output_dir / "logs"),
         Stage(

@@ -194,7 +194,7 @@ def format_timings(results) -> str:
         groups.setdefault(r.group, []).append(r)
     lines = [f"{'stage'.ljust(width)}  status    seconds"]
     for members in groups.values():
-        mark = "  (side by side)" if len(members) > 1 else ""
+        mark = "  (side by side)" if sum(r.status != "skipped" for r in members) > 1 else ""
         lines += [f"{r.name.ljust(width)}  {r.status.ljust(8)}  {r.seconds:7.1f}{mark}" for r in members]
     wall = sum(max(r.seconds for r in members) for members in groups.values())
     lines.append(f"{'total'.ljust(width)}            {wall:7.1f}")
