@@ -1,5 +1,6 @@
 """The built-in dataset loads with the real tools and its annotations are self-consistent."""
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -49,6 +50,14 @@ def test_coco_captions_five_per_image_with_left_and_right(synthetic_root):
     assert all(len(caps) == 5 and len(set(caps)) == 5 for caps in per_image.values())
     words = " ".join(c for caps in per_image.values() for c in caps).lower().split()
     assert "left" in words and "right" in words
+
+
+def test_captions_use_a_and_an_by_the_next_word(synthetic_root):
+    data = json.loads((synthetic_root / "coco/annotations/captions_train2017.json").read_text())
+    text = " ".join(a["caption"] for a in data["annotations"]).lower()
+    assert re.search(r"\ban [a-z]", text) and re.search(r"\ba [a-z]", text)
+    assert not re.search(r"\ba [aeiou]", text), re.search(r"\ba [aeiou]\w*", text).group(0)
+    assert not re.search(r"\ban [^aeiou]", text), re.search(r"\ban [^aeiou]\w*", text).group(0)
 
 
 def test_captions_name_the_objects_in_the_image(synthetic_root):

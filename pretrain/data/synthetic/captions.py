@@ -27,11 +27,13 @@ def _size_word(obj: SceneObject, scene: Scene) -> str:
     return "small" if ratio < 0.27 else "large" if ratio > 0.4 else ""
 
 
+def _with_article(text: str) -> str:
+    return f"{'an' if text[0] in 'aeiou' else 'a'} {text}"
+
+
 def _phrase(obj: SceneObject, scene: Scene, rng: np.random.RandomState, with_size: bool = True) -> str:
     size = _size_word(obj, scene) if with_size else ""
-    words = [w for w in (size, obj.colour, _word(obj, rng)) if w]
-    article = "an" if words[0][0] in "aeiou" else "a"
-    return f"{article} {' '.join(words)}"
+    return _with_article(" ".join(w for w in (size, obj.colour, _word(obj, rng)) if w))
 
 
 def _join(items: list[str]) -> str:
@@ -46,7 +48,7 @@ def _counts(scene: Scene) -> str:
     for cls, n in sorted(by_class.items(), key=lambda kv: -kv[1]):
         c = WORLD_CLASSES[cls]
         if n == 1:
-            parts.append(f"{'an' if c.words[0][0] in 'aeiou' else 'a'} {c.words[0]}")
+            parts.append(_with_article(c.words[0]))
         else:
             parts.append(f"{NUMBERS[n]} {c.plurals[0]}")
     return _join(parts)
@@ -73,7 +75,7 @@ def write_captions(scene: Scene, rng: np.random.RandomState) -> list[str]:
     pic = PICTURE[rng.randint(len(PICTURE))]
     bg = f"{scene.background_colour} {BACKGROUND_WORDS[scene.background]}background"
     listing = _join([_phrase(o, scene, rng) for o in objs])
-    caps = [f"A {pic} of {listing} on a {bg}."]
+    caps = [f"{_with_article(pic).capitalize()} of {listing} on {_with_article(bg)}."]
     n = len(objs)
     counts = _counts(scene)
     caps.append(f"There {'is' if counts.startswith('a') else 'are'} {counts} in this {pic}.")
@@ -89,6 +91,6 @@ def write_captions(scene: Scene, rng: np.random.RandomState) -> list[str]:
         x = o.centre[0] / scene.image.size[0]
         where = "on the left" if x < 0.4 else "on the right" if x > 0.6 else "in the middle"
         caps.append(f"{_phrase(o, scene, rng).capitalize()} {where} of the {pic}.")
-        caps.append(f"Only one {o.colour} {_word(o, rng)} against a {bg}.")
+        caps.append(f"Only one {o.colour} {_word(o, rng)} against {_with_article(bg)}.")
         caps.append(f"A single {_word(o, rng)} sits {where}, painted {o.colour}.")
     return caps
