@@ -21,6 +21,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 CONTROL_SYMBOLS = ["[SOS]", "[EOS]", "[MASK]"]
+WORD_START = "\u2581"  # SentencePiece's marker of a piece that begins a word
 
 
 def normalize_caption(text: str, keep_accents: bool = False) -> str:
@@ -152,3 +153,14 @@ class SentencePieceBPETokenizer:
                     f"{self.model_path}: '{token}' has id {actual}, expected {token_id}; "
                     "rebuild the vocabulary with tools/build_vocabulary.py"
                 )
+
+
+def group_pieces(pieces: Sequence[str]) -> list[list[int]]:
+    """Indices of the SentencePiece pieces that form each word ("▁dog", "s" -> one word)."""
+    groups: list[list[int]] = []
+    for index, piece in enumerate(pieces):
+        if not groups or piece.startswith(WORD_START):
+            groups.append([index])
+        else:
+            groups[-1].append(index)
+    return groups

@@ -10,14 +10,17 @@ MODEL.DECODER (beam search, beam 5, by default). Reported: CIDEr-D and BLEU-4 (a
 pretraining logs), and METEOR and SPICE when their Java dependencies are present on this
 machine (otherwise "unavailable" with the reason), and the grounding gap: the val loss with
 each caption's own image against the loss with the images of a batch rotated, which is zero for
-a model that ignores the image. The output JSON holds the scores and one
-``{"image_id", "caption"}`` per image. The checkpoint must fit the config's model exactly.
+a model that ignores the image. The same gap word by word (forward head, the loss of each word
+with its caption's own image and with another one) shows *what* the captions take from the
+image: the ``--words`` most frequent words are printed, every word is in the output. The
+output JSON holds the scores, the word gaps and one ``{"image_id", "caption"}`` per image. The checkpoint must fit the config's model exactly.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
@@ -30,6 +33,7 @@ from pretrain.downstream.caption_eval import (
     grounding_gap,
     load_captioning_model,
     score_captions,
+    word_grounding,
 )
 from pretrain.engine.distributed import select_device
 from pretrain.engine.validation import load_references
@@ -45,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per decoding batch")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
+    parser.add_argument("--words", type=int, default=20, help="most frequent words whose grounding gap is printed")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output file")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser.parse_args(argv)
@@ -59,23 +64,30 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_captioning_model(cfg, args.checkpoint)
         dataset = build_dataset(cfg, args.split, tokenizer)
         references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")
+        device = args.device or select_device(0)
         captions = decode_dataset(
             model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1,
-            args.device or select_device(0), args.batch_size, args.num_workers,
+            device, args.batch_size, args.num_workers,
         )
         scores = score_captions(captions, references)
-        scores.update(grounding_gap(model, dataset, args.device or select_device(0), args.batch_size, args.num_workers))
+        scores.update(grounding_gap(model, dataset, device, args.batch_size, args.num_workers))
+        words = word_grounding(model, dataset, tokenizer.id_to_token, cfg.DATA.MASK_INDEX + 1, device,
+                               args.batch_size, args.num_workers)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError, KeyError) as err:
         print(f"eval_captioning: error: {err}", file=sys.stderr)
         return 1
     for name, value in scores.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    print(f"\n{'word':<16}{'count':>7}{'own image':>11}{'other image':>13}{'gap':>8}")
+    for w in words[: args.words]:
+        print(f"{w.word:<16}{w.count:>7}{w.loss_matched_images:>11.3f}{w.loss_shuffled_images:>13.3f}{w.gap:>8.3f}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "checkpoint": args.checkpoint,
             "split": args.split,
             "scores": scores,
+            "word_grounding": [{**asdict(w), "gap": w.gap} for w in words],
             "captions": [{"image_id": i, "caption": captions[i]} for i in sorted(captions)],
         }
         Path(args.output).write_text(json.dumps(payload, indent=2), encoding="utf-8")

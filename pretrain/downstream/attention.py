@@ -35,9 +35,7 @@ from torch.nn import functional as F
 
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.engine.validation import strip_special
-from pretrain.tokenizer import SentencePieceBPETokenizer
-
-_WORD_START = "\u2581"  # SentencePiece's marker of a piece that begins a word
+from pretrain.tokenizer import SentencePieceBPETokenizer, group_pieces
 
 
 class CrossAttentionRecorder:
@@ -86,17 +84,6 @@ class CaptionAttention:
 
     caption: str
     words: list[WordAttention]
-
-
-def group_pieces(pieces: Sequence[str]) -> list[list[int]]:
-    """Indices of the SentencePiece pieces that form each word ("▁dog", "s" -> one word)."""
-    groups: list[list[int]] = []
-    for index, piece in enumerate(pieces):
-        if not groups or piece.startswith(_WORD_START):
-            groups.append([index])
-        else:
-            groups[-1].append(index)
-    return groups
 
 
 @torch.no_grad()

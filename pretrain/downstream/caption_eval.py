@@ -12,10 +12,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -24,7 +28,7 @@ from pretrain.data.collate import collate_fn
 from pretrain.engine.trainer import make_batch_mover
 from pretrain.engine.validation import caption_metrics, normalise_caption, strip_special
 from pretrain.models import build_model, load_model_weights
-from pretrain.tokenizer import SentencePieceBPETokenizer
+from pretrain.tokenizer import WORD_START, SentencePieceBPETokenizer, group_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,21 @@ def decode_dataset(
     return captions
 
 
+def _with_rotated_images(
+    model: nn.Module, dataset: Dataset, device: torch.device | str, batch_size: int, num_workers: int, desc: str
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each batch of ``dataset`` on ``device``, and the same batch with its images rotated by one
+    so that each caption meets another image. Batches of one image are left out."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
+    model.to(device).eval()
+    move = make_batch_mover(torch.device(device), channels_last=False)
+    for batch in tqdm(loader, desc=desc, unit="batch", mininterval=2.0):
+        if batch["image"].size(0) < 2:
+            continue  # a last batch of one image has no other image to swap in
+        batch = move(batch)
+        yield batch, {**batch, "image": batch["image"].roll(1, 0)}
+
+
 @torch.no_grad()
 def grounding_gap(
     model: nn.Module,
@@ -92,22 +111,71 @@ def grounding_gap(
     image, and with the images of every batch rotated by one so that each caption meets another
     image. A model that ignores the image (a language model in disguise) has a gap of zero.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
-    model = model.to(device).eval()
-    move = make_batch_mover(torch.device(device), channels_last=False)
     matched = shuffled = 0.0
     batches = 0
-    for batch in tqdm(loader, desc="grounding gap", unit="batch", mininterval=2.0):
-        if batch["image"].size(0) < 2:
-            continue  # a last batch of one image has no other image to swap in
-        batch = move(batch)
+    for batch, rotated in _with_rotated_images(model, dataset, device, batch_size, num_workers, "grounding gap"):
         matched += float(model(batch)["loss"])
-        shuffled += float(model({**batch, "image": batch["image"].roll(1, 0)})["loss"])
+        shuffled += float(model(rotated)["loss"])
         batches += 1
     if batches == 0:
         raise ValueError("the grounding gap needs a split with at least 2 images")
     return {"loss_matched_images": matched / batches, "loss_shuffled_images": shuffled / batches,
             "grounding_gap": (shuffled - matched) / batches}
+
+
+@dataclass
+class WordGrounding:
+    """One word of the captions: how often it occurs and its mean loss (nats, summed over its
+    pieces) under the forward head with its caption's own image and with another image."""
+
+    word: str
+    count: int
+    loss_matched_images: float
+    loss_shuffled_images: float
+
+    @property
+    def gap(self) -> float:
+        return self.loss_shuffled_images - self.loss_matched_images
+
+
+def _forward_token_losses(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, T-1) next-token CE of the forward head, teacher-forced (0 where the target is padding)."""
+    head = model.textual
+    tokens = batch["caption_tokens"]
+    hidden = head.hidden_states(head.project_visual(model.visual(batch["image"])), tokens[:, :-1], batch["caption_lengths"])
+    logits = head.output(hidden).float()
+    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=head.padding_idx, reduction="none")
+
+
+@torch.no_grad()
+def word_grounding(
+    model: nn.Module,
+    dataset: Dataset,
+    id_to_piece: Callable[[int], str],
+    first_word_index: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 2,
+) -> list[WordGrounding]:
+    """The grounding gap word by word, most frequent words first: which words of the captions
+    the model predicts better from their own image (objects, colours, counts) and which it gets
+    from the language alone. Special tokens (ids below ``first_word_index``) are left out; the
+    captions are those the dataset draws, one per image, as for :func:`grounding_gap`."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for batch, rotated in _with_rotated_images(model, dataset, device, batch_size, num_workers, "word grounding"):
+        matched, shuffled = _forward_token_losses(model, batch), _forward_token_losses(model, rotated)
+        for targets, own, other in zip(batch["caption_tokens"][:, 1:].tolist(), matched.tolist(), shuffled.tolist()):
+            positions = [i for i, token in enumerate(targets) if token >= first_word_index]
+            pieces = [id_to_piece(targets[i]) for i in positions]
+            for group in group_pieces(pieces):
+                entry = totals["".join(pieces[i] for i in group).lstrip(WORD_START)]
+                entry[0] += 1
+                entry[1] += sum(own[positions[i]] for i in group)
+                entry[2] += sum(other[positions[i]] for i in group)
+    if not totals:
+        raise ValueError("word grounding needs a split with at least 2 images")
+    words = [WordGrounding(word, int(n), own / n, other / n) for word, (n, own, other) in totals.items()]
+    return sorted(words, key=lambda w: (-w.count, w.word))
 
 
 def _missing_java_files(module: str, files: Sequence[str]) -> str | None:

@@ -12,12 +12,9 @@ import torch
 from PIL import Image
 
 from pretrain.config import load_config
-from pretrain.downstream.attention import (
-    CrossAttentionRecorder,
-    caption_with_attention,
-    group_pieces,
-)
+from pretrain.downstream.attention import CrossAttentionRecorder, caption_with_attention
 from pretrain.downstream.caption_eval import load_captioning_model
+from pretrain.tokenizer import group_pieces
 from tests.downstream.conftest import load_tool
 
 

@@ -29,7 +29,11 @@ def test_eval_captioning_decodes_the_val_split_and_scores_it(tiny_config, tiny_c
             assert isinstance(result["scores"][name], float) and 0.0 <= result["scores"][name] <= 1.0
         else:
             assert result["scores"][name] == f"unavailable: {unavailable}"
-    assert "CIDEr-D: " in capsys.readouterr().out
+    words = result["word_grounding"]
+    assert words and set(words[0]) == {"word", "count", "loss_matched_images", "loss_shuffled_images", "gap"}
+    assert words[0]["gap"] == pytest.approx(words[0]["loss_shuffled_images"] - words[0]["loss_matched_images"])
+    out = capsys.readouterr().out
+    assert "CIDEr-D: " in out and f"\n{words[0]['word']:<16}{words[0]['count']:>7}" in out
     assert tool.main(argv) == 1  # no silent overwrite
 
 
@@ -66,14 +70,52 @@ def _val_model_and_data(tiny_config):
     return build_model(cfg), dataset
 
 
-def test_grounding_gap_is_zero_for_a_model_blind_to_the_image(tiny_config):
-    model, dataset = _val_model_and_data(tiny_config)
+def _blind(model):
     with torch.no_grad():  # every image becomes the same (zero) decoder memory
         model.textual.visual_projection.weight.zero_()
         model.textual.visual_projection.bias.zero_()
-    gap = caption_eval.grounding_gap(model, dataset, batch_size=4, num_workers=0)
+    return model
+
+
+def test_grounding_gap_is_zero_for_a_model_blind_to_the_image(tiny_config):
+    model, dataset = _val_model_and_data(tiny_config)
+    gap = caption_eval.grounding_gap(_blind(model), dataset, batch_size=4, num_workers=0)
     assert gap["grounding_gap"] == pytest.approx(0.0, abs=1e-6)
     assert gap["loss_matched_images"] > 0
+
+
+def _word_grounding(model, dataset, first_word_index, seed=0):
+    torch.manual_seed(seed)  # the dataset draws one of each image's captions from torch's RNG
+    return caption_eval.word_grounding(model, dataset, dataset.tokenizer.id_to_token, first_word_index,
+                                       batch_size=len(dataset), num_workers=0)
+
+
+def test_word_losses_add_up_to_the_forward_loss(tiny_config):
+    """With every token counted (first_word_index 0: [EOS] joins the word before it), the word
+    losses times their counts are the forward head's summed CE, with own and rotated images."""
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import collate_fn
+
+    model, dataset = _val_model_and_data(tiny_config)
+    words = _word_grounding(model.eval(), dataset, first_word_index=0)
+    torch.manual_seed(0)  # the same captions as word_grounding's DataLoader drew
+    batch = next(iter(DataLoader(dataset, batch_size=len(dataset), collate_fn=collate_fn)))
+    targets = int((batch["caption_tokens"][:, 1:] != 0).sum())
+    with torch.no_grad():
+        own = model(batch)["loss_components"]["captioning_forward"]
+        other = model({**batch, "image": batch["image"].roll(1, 0)})["loss_components"]["captioning_forward"]
+    assert sum(w.count * w.loss_matched_images for w in words) == pytest.approx(float(own) * targets, rel=1e-5)
+    assert sum(w.count * w.loss_shuffled_images for w in words) == pytest.approx(float(other) * targets, rel=1e-5)
+    assert [w.count for w in words] == sorted((w.count for w in words), reverse=True)
+
+
+def test_word_gaps_are_zero_for_a_blind_model_and_words_are_whole(tiny_config):
+    model, dataset = _val_model_and_data(tiny_config)
+    words = _word_grounding(_blind(model), dataset, first_word_index=4)
+    assert words and all(w.gap == pytest.approx(0.0, abs=1e-5) for w in words)
+    assert all(w.word and not w.word.startswith("\u2581") and "[" not in w.word for w in words)
+    assert {"left", "right"} & {w.word for w in words}  # whole words of the built-in captions
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -98,3 +140,5 @@ def test_grounding_gap_grows_when_captions_depend_on_their_images(tiny_config, s
         optimizer.step()
     gap = caption_eval.grounding_gap(model, dataset, batch_size=len(dataset), num_workers=0)
     assert gap["grounding_gap"] > 0.05, gap  # a blind model scores 0 (test above)
+    words = _word_grounding(model, dataset, first_word_index=4, seed=seed)
+    assert max(w.gap for w in words) > 0.5, words[:5]  # some words now come from the image
