@@ -155,12 +155,21 @@ class SentencePieceBPETokenizer:
                 )
 
 
-def group_pieces(pieces: Sequence[str]) -> list[list[int]]:
-    """Indices of the SentencePiece pieces that form each word ("▁dog", "s" -> one word)."""
+def group_pieces(pieces: Sequence[str], punctuation_apart: bool = False) -> list[list[int]]:
+    """Indices of the SentencePiece pieces that form each word ("▁dog", "s" -> one word).
+
+    ``punctuation_apart``: a piece of punctuation only ("," or ".") is a word of its own, so
+    that "dog," counts as the word "dog" and a comma; otherwise it stays with its word, as the
+    caption shows it.
+    """
     groups: list[list[int]] = []
+    after_punctuation = False
     for index, piece in enumerate(pieces):
-        if not groups or piece.startswith(WORD_START):
+        text = piece.lstrip(WORD_START)
+        punctuation = punctuation_apart and bool(text) and not any(ch.isalnum() for ch in text)
+        if not groups or piece.startswith(WORD_START) or punctuation or after_punctuation:
             groups.append([index])
         else:
             groups[-1].append(index)
+        after_punctuation = punctuation
     return groups

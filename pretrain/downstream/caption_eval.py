@@ -159,15 +159,16 @@ def word_grounding(
 ) -> list[WordGrounding]:
     """The grounding gap word by word, most frequent words first: which words of the captions
     the model predicts better from their own image (objects, colours, counts) and which it gets
-    from the language alone. Special tokens (ids below ``first_word_index``) are left out; the
-    captions are those the dataset draws, one per image, as for :func:`grounding_gap`."""
+    from the language alone. Punctuation counts as words of its own; special tokens (ids below
+    ``first_word_index``) are left out. The captions are those the dataset draws, one per
+    image, as for :func:`grounding_gap`."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
     for batch, rotated in _with_rotated_images(model, dataset, device, batch_size, num_workers, "word grounding"):
         matched, shuffled = _forward_token_losses(model, batch), _forward_token_losses(model, rotated)
         for targets, own, other in zip(batch["caption_tokens"][:, 1:].tolist(), matched.tolist(), shuffled.tolist()):
             positions = [i for i, token in enumerate(targets) if token >= first_word_index]
             pieces = [id_to_piece(targets[i]) for i in positions]
-            for group in group_pieces(pieces):
+            for group in group_pieces(pieces, punctuation_apart=True):
                 entry = totals["".join(pieces[i] for i in group).lstrip(WORD_START)]
                 entry[0] += 1
                 entry[1] += sum(own[positions[i]] for i in group)

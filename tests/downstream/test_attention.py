@@ -52,6 +52,10 @@ def test_recorder_returns_the_layer_attention_without_changing_outputs(model_and
 def test_words_group_their_pieces_and_each_map_is_a_distribution(model_and_tokenizer):
     _, model, tokenizer = model_and_tokenizer
     assert group_pieces(["\u2581a", "\u2581do", "g", "s", "\u2581on"]) == [[0], [1, 2, 3], [4]]
+    pieces = ["\u2581a", "\u2581do", "g", ",", "\u2581a", "\u2581tv", "s", "."]
+    assert group_pieces(pieces) == [[0], [1, 2, 3], [4], [5, 6, 7]]  # words as the caption shows them
+    assert group_pieces(pieces, punctuation_apart=True) == [[0], [1, 2], [3], [4], [5, 6], [7]]
+    assert group_pieces(["\u2581", "3", "\u2581,", "\u2581cats"], punctuation_apart=True) == [[0, 1], [2], [3]]
     torch.manual_seed(0)
     [result] = caption_with_attention(model, torch.randn(1, 3, 96, 96), tokenizer, 1, 2, 4)
     assert result.words and " ".join(w.word for w in result.words) == result.caption

@@ -116,6 +116,7 @@ def test_word_gaps_are_zero_for_a_blind_model_and_words_are_whole(tiny_config):
     assert words and all(w.gap == pytest.approx(0.0, abs=1e-5) for w in words)
     assert all(w.word and not w.word.startswith("\u2581") and "[" not in w.word for w in words)
     assert {"left", "right"} & {w.word for w in words}  # whole words of the built-in captions
+    assert "," in {w.word for w in words} and not [w.word for w in words if w.word[-1] in ",." and len(w.word) > 1]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
