@@ -84,19 +84,17 @@ def decode_dataset(
     return captions
 
 
-def _with_rotated_images(
+def _batches_to_compare(
     model: nn.Module, dataset: Dataset, device: torch.device | str, batch_size: int, num_workers: int, desc: str
-) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """Each batch of ``dataset`` on ``device``, and the same batch with its images rotated by one
-    so that each caption meets another image. Batches of one image are left out."""
+) -> Iterator[dict[str, Any]]:
+    """Each batch of ``dataset`` on ``device``, ``model`` in eval mode there; batches of one image
+    are left out, as they have no other image to pair a caption with."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
     model.to(device).eval()
     move = make_batch_mover(torch.device(device), channels_last=False)
     for batch in tqdm(loader, desc=desc, unit="batch", mininterval=2.0):
-        if batch["image"].size(0) < 2:
-            continue  # a last batch of one image has no other image to swap in
-        batch = move(batch)
-        yield batch, {**batch, "image": batch["image"].roll(1, 0)}
+        if batch["image"].size(0) >= 2:
+            yield move(batch)
 
 
 @torch.no_grad()
@@ -113,9 +111,9 @@ def grounding_gap(
     """
     matched = shuffled = 0.0
     batches = 0
-    for batch, rotated in _with_rotated_images(model, dataset, device, batch_size, num_workers, "grounding gap"):
+    for batch in _batches_to_compare(model, dataset, device, batch_size, num_workers, "grounding gap"):
         matched += float(model(batch)["loss"])
-        shuffled += float(model(rotated)["loss"])
+        shuffled += float(model({**batch, "image": batch["image"].roll(1, 0)})["loss"])
         batches += 1
     if batches == 0:
         raise ValueError("the grounding gap needs a split with at least 2 images")
@@ -138,13 +136,18 @@ class WordGrounding:
         return self.loss_shuffled_images - self.loss_matched_images
 
 
-def _forward_token_losses(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """(B, T-1) next-token CE of the forward head, teacher-forced (0 where the target is padding)."""
+def _forward_token_losses(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T-1) teacher-forced next-token CE of the forward head (0 where the target is padding),
+    with each caption's own image and with the images of the batch rotated by one."""
     head = model.textual
     tokens = batch["caption_tokens"]
-    hidden = head.hidden_states(head.project_visual(model.visual(batch["image"])), tokens[:, :-1], batch["caption_lengths"])
-    logits = head.output(hidden).float()
-    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=head.padding_idx, reduction="none")
+    projected = head.project_visual(model.visual(batch["image"]))
+
+    def losses(memory: torch.Tensor) -> torch.Tensor:
+        logits = head.output(head.hidden_states(memory, tokens[:, :-1], batch["caption_lengths"])).float()
+        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=head.padding_idx, reduction="none")
+
+    return losses(projected), losses(projected.roll(1, 0))
 
 
 @torch.no_grad()
@@ -163,8 +166,8 @@ def word_grounding(
     ``first_word_index``) are left out. The captions are those the dataset draws, one per
     image, as for :func:`grounding_gap`."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
-    for batch, rotated in _with_rotated_images(model, dataset, device, batch_size, num_workers, "word grounding"):
-        matched, shuffled = _forward_token_losses(model, batch), _forward_token_losses(model, rotated)
+    for batch in _batches_to_compare(model, dataset, device, batch_size, num_workers, "word grounding"):
+        matched, shuffled = _forward_token_losses(model, batch)
         for targets, own, other in zip(batch["caption_tokens"][:, 1:].tolist(), matched.tolist(), shuffled.tolist()):
             positions = [i for i, token in enumerate(targets) if token >= first_word_index]
             pieces = [id_to_piece(targets[i]) for i in positions]
