@@ -13,7 +13,8 @@ each caption's own image against the loss with the images of a batch rotated, wh
 a model that ignores the image. The same gap word by word (forward head, the loss of each word
 with its caption's own image and with another one) shows *what* the captions take from the
 image: the ``--words`` most frequent words are printed, every word is in the output. The
-output JSON holds the scores, the word gaps and one ``{"image_id", "caption"}`` per image. The checkpoint must fit the config's model exactly.
+output JSON holds the scores, the word gaps and one ``{"image_id", "caption"}`` per image.
+The checkpoint must fit the config's model exactly.
 """
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--words", type=int, default=20, help="most frequent words whose grounding gap is printed")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output file")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.words < 0:
+        parser.error(f"--words must be 0 or more, got {args.words}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name, value in scores.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    print(f"\n{'word':<16}{'count':>7}{'own image':>11}{'other image':>13}{'gap':>8}")
+    if args.words > 0:
+        print(f"\n{'word':<16}{'count':>7}{'own image':>11}{'other image':>13}{'gap':>8}")
     for w in words[: args.words]:
         print(f"{w.word:<16}{w.count:>7}{w.loss_matched_images:>11.3f}{w.loss_shuffled_images:>13.3f}{w.gap:>8.3f}")
     if args.output:

@@ -37,6 +37,12 @@ def test_eval_captioning_decodes_the_val_split_and_scores_it(tiny_config, tiny_c
     assert tool.main(argv) == 1  # no silent overwrite
 
 
+def test_a_negative_number_of_words_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        load_tool("eval_captioning").main(["--config", "c.yaml", "--checkpoint", "c.pth", "--words", "-1"])
+    assert "--words must be 0 or more, got -1" in capsys.readouterr().err
+
+
 def test_missing_java_metrics_are_unavailable_not_zero(monkeypatch):
     monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)
     scores = caption_eval.score_captions({1: "a red car"}, {1: ["a red car", "a car"]})
