@@ -69,13 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         dataset = build_dataset(cfg, args.split, tokenizer)
         references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")
         device = args.device or select_device(0)
+        first_word_index = cfg.DATA.MASK_INDEX + 1  # the ids below it are padding and control symbols
         captions = decode_dataset(
-            model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1,
+            model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, first_word_index,
             device, args.batch_size, args.num_workers,
         )
         scores = score_captions(captions, references)
         scores.update(grounding_gap(model, dataset, device, args.batch_size, args.num_workers))
-        words = word_grounding(model, dataset, tokenizer.id_to_token, cfg.DATA.MASK_INDEX + 1, device,
+        words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index, device,
                                args.batch_size, args.num_workers)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError, KeyError) as err:
         print(f"eval_captioning: error: {err}", file=sys.stderr)
