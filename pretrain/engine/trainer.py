@@ -42,6 +42,7 @@ from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
 from pretrain.engine.schedule import build_lr_scheduler
 from pretrain.engine.validation import evaluate, load_references, val_batches
 from pretrain.models import build_model
+from pretrain.models.captioning import CaptioningModel
 from pretrain.tokenizer import SentencePieceBPETokenizer
 
 logger = logging.getLogger("pretrain.engine")
@@ -213,7 +214,8 @@ def train(
     ``cfg.OPTIM.NUM_ITERATIONS`` iterations; returns the path of the final checkpoint.
 
     ``val_set``, ``decode`` (token ids → text) and ``val_annotations`` (COCO captions json of the
-    val split) enable periodic validation; without ``decode`` only the val loss is computed.
+    val split) enable periodic validation; without ``decode``, or for a model that does not write
+    captions, only the val loss is computed.
     """
     output_dir = Path(output_dir)
     world, rank = ctx.world_size, ctx.rank
@@ -283,7 +285,7 @@ def train(
             num_workers=cfg.DATA.NUM_WORKERS,
         )
         results = evaluate(
-            model, loader_val, ctx, move, decode if cfg.ENGINE.VAL_CAPTION_METRICS else None,
+            model, loader_val, ctx, move, decode if caption_metrics else None,
             references, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1, autocast,
         )
         set_rng_state(rng_state)
@@ -314,6 +316,9 @@ def train(
     if start >= num_iterations:
         logger.info("nothing to do: the run already reached iteration %d", start)
         return last_saved
+    # Only captioning models write captions; the classification and masked-LM baselines of the
+    # paper are validated on their loss alone.
+    caption_metrics = cfg.ENGINE.VAL_CAPTION_METRICS and isinstance(model, CaptioningModel)
     references = load_references(val_annotations) if val_set is not None and val_annotations else None
     monitor = TrainingMonitor(output_dir, ctx.is_main, start, num_iterations)
     stop = _StopSignal()

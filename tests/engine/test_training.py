@@ -2,11 +2,13 @@
 DistributedDataParallel over 2 gloo processes equal to one process."""
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -66,3 +68,25 @@ def test_ddp_two_gloo_processes_equal_one_process(tiny_overrides, tmp_path):
     earlier = load_checkpoint(single / "checkpoint_2.pth")["model"]
     moved = max((earlier[n] - reference["model"][n]).abs().max().item() for n in params)
     assert moved > 1e-3
+
+
+BASELINES = {
+    "token_classification": ["MODEL.TEXTUAL.NAME", "none", "OPTIM.NO_DECAY", "none"],
+    "multilabel_classification": ["MODEL.TEXTUAL.NAME", "none", "OPTIM.NO_DECAY", "none", "DATA.VOCAB_SIZE", "80"],
+    "masked_lm": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_validate_on_their_loss(name, tiny_overrides, tmp_path):
+    """The paper's other pretraining tasks write no captions: periodic validation records their
+    val loss and no caption metrics (it used to ask them to caption the val split and crash)."""
+    overrides = [*tiny_overrides, "MODEL.NAME", name, *BASELINES[name], "OPTIM.NUM_ITERATIONS", "4",
+                 "ENGINE.VAL_PERIOD", "2"]
+    run_pretrain(tmp_path, overrides)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    val_losses = events.Scalars("val/loss")
+    assert [e.step for e in val_losses] == [2, 4]
+    assert all(math.isfinite(e.value) and e.value > 0 for e in val_losses)
+    assert not [tag for tag in events.Tags()["scalars"] if "CIDEr" in tag or "BLEU" in tag]
