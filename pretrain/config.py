@@ -57,6 +57,9 @@ def get_default_config() -> CfgNode:
     C.MODEL.VISUAL.FEATURE_SIZE = 2048
     C.MODEL.VISUAL.PRETRAINED = False  # ImageNet weights cannot be fetched offline; kept for config parity
     C.MODEL.VISUAL.FROZEN = False
+    # The last BatchNorm of every residual block starts at zero, as official; fine over 500k
+    # iterations, but a run of a few hundred barely opens those branches (docs/demo.md).
+    C.MODEL.VISUAL.ZERO_INIT_RESIDUAL = True
     C.MODEL.TEXTUAL = CfgNode()
     C.MODEL.TEXTUAL.NAME = "transdec_postnorm::L1_H2048_A32_F8192"  # "none" for *_classification
     C.MODEL.TEXTUAL.DROPOUT = 0.1

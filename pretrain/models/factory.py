@@ -56,12 +56,13 @@ def build_model(cfg: CfgNode) -> nn.Module:
 
 
 def build_visual_backbone(cfg: CfgNode) -> TorchvisionVisualBackbone:
-    """MODEL.VISUAL.{NAME, FEATURE_SIZE, PRETRAINED, FROZEN} -> backbone."""
+    """MODEL.VISUAL.{NAME, FEATURE_SIZE, PRETRAINED, FROZEN, ZERO_INIT_RESIDUAL} -> backbone."""
     return TorchvisionVisualBackbone(
         parse_visual_name(cfg.MODEL.VISUAL.NAME),
         cfg.MODEL.VISUAL.FEATURE_SIZE,
         pretrained=cfg.MODEL.VISUAL.PRETRAINED,
         frozen=cfg.MODEL.VISUAL.FROZEN,
+        zero_init_residual=cfg.MODEL.VISUAL.ZERO_INIT_RESIDUAL,
     )
 
 

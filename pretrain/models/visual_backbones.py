@@ -27,9 +27,12 @@ def parse_visual_name(name: str) -> str:
 class TorchvisionVisualBackbone(nn.Module):
     """A torchvision ResNet without its classifier, returning the stride-32 feature map.
 
-    Built from scratch with ``zero_init_residual=True`` (the last BatchNorm of every residual
-    block starts at zero, as in official VirTex) unless ``pretrained`` asks for torchvision's
-    ImageNet weights. ``fc`` becomes an ``Identity`` so that no ``cnn.fc.*`` keys exist and the
+    Built from scratch with torchvision's initialisation, by default with
+    ``zero_init_residual=True`` (the last BatchNorm of every residual block starts at zero, as in
+    official VirTex), unless ``pretrained`` asks for torchvision's ImageNet weights. Short runs
+    should pass ``zero_init_residual=False``: in a few hundred steps those BatchNorm weights grow
+    only to about 0.01-0.04, so the residual branches stay shut and the network that is
+    transferred is little more than its stem and shortcuts. ``fc`` becomes an ``Identity`` so that no ``cnn.fc.*`` keys exist and the
     average pool is never applied: ``forward`` maps (B, 3, H, W) images to
     (B, feature_size, H/32, W/32).
 
@@ -43,12 +46,13 @@ class TorchvisionVisualBackbone(nn.Module):
         visual_feature_size: int = 2048,
         pretrained: bool = False,
         frozen: bool = False,
+        zero_init_residual: bool = True,
     ):
         super().__init__()
         if arch not in SUPPORTED_RESNETS:
             raise ValueError(f"unsupported ResNet '{arch}'; choose one of {SUPPORTED_RESNETS}")
         constructor = getattr(torchvision.models, arch)
-        self.cnn = constructor(weights="DEFAULT" if pretrained else None, zero_init_residual=True)
+        self.cnn = constructor(weights="DEFAULT" if pretrained else None, zero_init_residual=zero_init_residual)
         channels = self.cnn.fc.in_features
         if channels != visual_feature_size:
             raise ValueError(

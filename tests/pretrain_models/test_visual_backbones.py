@@ -28,6 +28,17 @@ def test_zero_init_residual_for_basic_and_bottleneck_blocks():
     assert bottleneck.cnn.layer3[0].bn2.weight.eq(1).all()
 
 
+def test_config_can_open_the_residual_branches_from_the_start():
+    """MODEL.VISUAL.ZERO_INIT_RESIDUAL False (the built-in config's choice for short runs)
+    starts every block's last BatchNorm at 1, like the stem's."""
+    opened = build_visual_backbone(tiny_config(**{"MODEL.VISUAL.ZERO_INIT_RESIDUAL": False}))
+    official = build_visual_backbone(tiny_config())
+    for layer in ("layer1", "layer4"):
+        for block_open, block_official in zip(getattr(opened.cnn, layer), getattr(official.cnn, layer)):
+            assert block_open.bn2.weight.eq(1).all()
+            assert block_official.bn2.weight.eq(0).all()
+
+
 def test_channels_last_input_gives_same_features():
     backbone = TorchvisionVisualBackbone("resnet18", 512).eval()
     images = torch.randn(2, 3, 64, 64)
