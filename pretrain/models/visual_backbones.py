@@ -32,9 +32,10 @@ class TorchvisionVisualBackbone(nn.Module):
     official VirTex), unless ``pretrained`` asks for torchvision's ImageNet weights. Short runs
     should pass ``zero_init_residual=False``: in a few hundred steps those BatchNorm weights grow
     only to about 0.01-0.04, so the residual branches stay shut and the network that is
-    transferred is little more than its stem and shortcuts. ``fc`` becomes an ``Identity`` so that no ``cnn.fc.*`` keys exist and the
-    average pool is never applied: ``forward`` maps (B, 3, H, W) images to
-    (B, feature_size, H/32, W/32).
+    transferred is little more than its stem and shortcuts.
+
+    ``fc`` becomes an ``Identity`` so that no ``cnn.fc.*`` keys exist and the average pool is
+    never applied: ``forward`` maps (B, 3, H, W) images to (B, feature_size, H/32, W/32).
 
     ``frozen=True`` turns gradients off and keeps the network in eval mode (BatchNorm uses its
     running statistics) even when the parent model is put in train mode.
