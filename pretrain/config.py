@@ -134,3 +134,30 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -
     cfg.merge_from_list(overrides)
     cfg.freeze()
     return cfg
+
+
+def _flatten(node: CfgNode, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:  # YAML has no tuples: compare (1, 2) from an override equal to a saved [1, 2]
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_differences(saved: str, current: CfgNode) -> list[str]:
+    """``KEY: saved -> current`` for every key whose value differs between a run's saved config
+    (the YAML text a checkpoint stores) and ``current``; a key only one of them has is listed
+    with ``(absent)`` on the other side. Empty when the two describe the same run.
+
+    Used before reusing or resuming a run, so that a changed config is reported instead of
+    being mixed silently into results made with another one.
+    """
+    before, after = _flatten(CfgNode.load_cfg(saved)), _flatten(current)
+    absent = "(absent)"
+    return [
+        f"{key}: {before.get(key, absent)} -> {after.get(key, absent)}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, absent) != after.get(key, absent)
+    ]

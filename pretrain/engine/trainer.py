@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from pretrain.config import config_differences
 from pretrain.data import build_dataset, collate_fn
 from pretrain.engine.checkpoint import CheckpointManager, list_checkpoints
 from pretrain.engine.distributed import (
@@ -244,6 +245,13 @@ def train(
         else:
             start = _restore(state, ctx, cfg.RANDOM_SEED, model, optimizer, scheduler, scaler)
             logger.info("resumed from %s", output_dir / f"checkpoint_{start}.pth")
+            changes = config_differences(state["config"], cfg) if "config" in state else []
+            if changes:
+                logger.warning(
+                    "the config differs from the one checkpoint_%d.pth was trained with, so the run "
+                    "continues with another recipe (config.yaml now holds the new one): %s",
+                    start, "; ".join(changes),
+                )
     elif list_checkpoints(output_dir):
         raise FileExistsError(
             f"{output_dir} already holds checkpoints; pass --resume to continue that run or choose "

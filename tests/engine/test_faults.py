@@ -74,7 +74,18 @@ def test_corrupt_checkpoint_falls_back_to_previous(tiny_overrides, reference_run
     result = run_pretrain(tmp_path, tiny_overrides, resume=True)
     assert f"{corrupt}: unreadable checkpoint" in result.stderr
     assert f"resuming from {tmp_path / 'checkpoint_4.pth'} instead" in result.stderr
+    assert "differs from the one" not in result.stderr  # same config: nothing to report
     assert_same_final_state(tmp_path, reference_run)
+
+
+def test_resume_with_another_config_names_every_changed_key(tiny_overrides, reference_run, tmp_path):
+    (tmp_path / "checkpoint_6.pth").write_bytes((reference_run / "checkpoint_6.pth").read_bytes())
+    changed = [*tiny_overrides, "OPTIM.CLIP_GRAD_NORM", "3.0", "MODEL.VISUAL.ZERO_INIT_RESIDUAL", "False"]
+    result = run_pretrain(tmp_path, changed, resume=True)
+    warning = next(line for line in result.stderr.splitlines() if "differs from the one checkpoint_6.pth" in line)
+    assert "MODEL.VISUAL.ZERO_INIT_RESIDUAL: True -> False" in warning
+    assert "OPTIM.CLIP_GRAD_NORM: 10.0 -> 3.0" in warning
+    assert warning.count(" -> ") == 2
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_overrides, reference_run, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, config_differences, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FILES = sorted(
@@ -78,3 +78,16 @@ def test_unknown_key_is_an_error(tmp_path):
     path.write_text(f'_BASE_: "{CONFIGS / "_base_bicaptioning_R_50_L1_H1024.yaml"}"\nDATA:\n  IMAGE_CROP_SIZ: 128\n')
     with pytest.raises(ConfigError, match="typo.yaml.*IMAGE_CROP_SIZ"):
         load_config(str(path))
+
+
+def test_config_differences_lists_changed_and_missing_keys():
+    config = CONFIGS / "builtin" / "bicaptioning_R_18_L1_H256.yaml"
+    saved = load_config(str(config)).dump()
+    assert config_differences(saved, load_config(str(config))) == []
+    # A tuple from an override equals the list YAML wrote: not a difference.
+    pinned = load_config(str(config), ["ENGINE.PINNED_CHECKPOINTS", "(100, 200)"])
+    assert config_differences(pinned.dump(), pinned) == []
+    assert config_differences(saved, pinned) == ["ENGINE.PINNED_CHECKPOINTS: [] -> [100, 200]"]
+    # A key the saved config lacks (written by an older version) is named, not skipped.
+    older = saved.replace("    ZERO_INIT_RESIDUAL: false\n", "")
+    assert config_differences(older, load_config(str(config))) == ["MODEL.VISUAL.ZERO_INIT_RESIDUAL: (absent) -> False"]
