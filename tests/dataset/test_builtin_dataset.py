@@ -11,7 +11,13 @@ from lvis import LVIS
 from pycocotools.coco import COCO
 
 from pretrain.data.dataset_root import DatasetLayoutError, check_dataset_root
-from pretrain.data.synthetic import make_synthetic_dataset, read_manifest
+from pretrain.data.synthetic import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    is_complete,
+    make_synthetic_dataset,
+    read_manifest,
+)
 from pretrain.data.synthetic.categories import (
     COCO_CATEGORIES,
     VOC_CLASS_NAMES,
@@ -153,6 +159,17 @@ def test_existing_dataset_is_not_overwritten_without_force(tmp_path):
         make_synthetic_dataset(tmp_path, num_train=8, num_val=2, image_size=64, seed=1)
     manifest = make_synthetic_dataset(tmp_path, num_train=8, num_val=2, image_size=64, seed=1, force=True)
     assert manifest["parameters"]["seed"] == 1
+
+
+def test_dataset_of_an_older_format_is_named_and_not_kept(tmp_path):
+    make_synthetic_dataset(tmp_path, num_train=8, num_val=2, image_size=64, seed=0)
+    manifest_path = tmp_path / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["parameters"]["format_version"] = FORMAT_VERSION - 1  # as older code wrote it
+    manifest_path.write_text(json.dumps(manifest))
+    assert not is_complete(tmp_path, num_train=8, num_val=2, image_size=64, seed=0)
+    with pytest.raises(FileExistsError, match=f"format version {FORMAT_VERSION - 1} .*--force"):
+        make_synthetic_dataset(tmp_path, num_train=8, num_val=2, image_size=64, seed=0)
 
 
 def test_too_small_dataset_is_refused(tmp_path):

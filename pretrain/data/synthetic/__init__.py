@@ -26,7 +26,9 @@ __all__ = ["MANIFEST_NAME", "VOC_CLASS_NAMES", "WORLD_CLASSES", "is_complete", "
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "builtin_dataset.json"
-FORMAT_VERSION = 1
+# Raised whenever the same parameters would give other files (version 2: "an" before vowels in
+# the captions), so that a dataset written by older code is not kept as complete.
+FORMAT_VERSION = 2
 _OUTPUTS = ("coco", "lvis", "VOC2007", "VOC2012", MANIFEST_NAME)
 _ASPECTS = ((4, 3), (3, 4), (1, 1))  # width:height, varied like photos
 _VAL_ID_OFFSET = 1_000_000  # COCO image ids are unique across splits
@@ -102,6 +104,9 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
     in_the_way = [root / name for name in _OUTPUTS if (root / name).exists()]
     if in_the_way and not force:
         what = "a built-in dataset with other parameters" if existing else "files of an incomplete dataset"
+        written_by = (existing or {}).get("parameters", {}).get("format_version")
+        if existing and written_by != FORMAT_VERSION:
+            what = f"a built-in dataset of format version {written_by} (this version writes {FORMAT_VERSION})"
         raise FileExistsError(f"{root} already holds {what} ({', '.join(p.name for p in in_the_way)}); "
                               "pass force=True (--force) to replace it")
     for path in in_the_way:
