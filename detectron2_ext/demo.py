@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.config import config_differences, load_config
 from pretrain.data.synthetic import is_complete
 from pretrain.engine.checkpoint import (
     CheckpointError,
@@ -84,6 +85,32 @@ def _dataset_complete(s: DemoSettings) -> bool:
         return False
 
 
+def _pretrain_overrides(s: DemoSettings) -> list[str]:
+    return [
+        "DATA.ROOT", str(s.data_root / "coco"), "DATA.TOKENIZER_MODEL", f"{s.vocab_prefix}.model",
+        "OPTIM.NUM_ITERATIONS", str(s.pretrain_iters), "RANDOM_SEED", str(s.seed),
+    ]
+
+
+def _pretraining_made_otherwise(s: DemoSettings) -> str | None:
+    """Which config keys the newest checkpoint in the pretraining folder was trained with
+    differently from what the demo asks for now (an edited config, another seed or length), or
+    None; reusing or resuming it would report one recipe's results under another's name."""
+    saved = list_checkpoints(s.pretrain_dir)
+    if not saved:
+        return None
+    try:
+        state = load_checkpoint(saved[-1][1])
+    except CheckpointError:  # unreadable: the trainer falls back to an older one and says so
+        return None
+    wanted = load_config(str(PRETRAIN_CONFIG), _pretrain_overrides(s))
+    changes = config_differences(state["config"], wanted) if "config" in state else ["it records no config"]
+    if not changes:
+        return None
+    return (f"{saved[-1][1]} does not match the demo's pretraining config ({'; '.join(changes)}); "
+            "use another --output-dir to keep it")
+
+
 def _checkpoint_valid(path: Path) -> bool:
     try:
         load_checkpoint(path)
@@ -137,11 +164,8 @@ def _finetune_stage(s: DemoSettings, init: str, weights: str) -> Stage:
 
 def build_stages(s: DemoSettings) -> list:
     """The demo's stages in order; ``s`` fixes every path and size."""
-    pretrain = [
-        *_tool("pretrain.py"), "--config", PRETRAIN_CONFIG, "--output-dir", s.pretrain_dir,
-        "DATA.ROOT", s.data_root / "coco", "DATA.TOKENIZER_MODEL", f"{s.vocab_prefix}.model",
-        "OPTIM.NUM_ITERATIONS", s.pretrain_iters, "RANDOM_SEED", s.seed,
-    ]
+    pretrain = [*_tool("pretrain.py"), "--config", PRETRAIN_CONFIG, "--output-dir", s.pretrain_dir,
+                *_pretrain_overrides(s)]
     return [
         Stage(
             name="dataset",
@@ -165,6 +189,7 @@ def build_stages(s: DemoSettings) -> list:
             outputs=[s.pretrain_dir],
             resume_args=["--resume"],
             is_partial=lambda: bool(list_checkpoints(s.pretrain_dir)),
+            outdated=lambda: _pretraining_made_otherwise(s),
         ),
         Stage(
             name="captions",

@@ -1,8 +1,9 @@
 """Run a pipeline as a list of separate commands, skipping those whose outputs are complete.
 
 Each stage is one command a user can also run by hand. A stage whose outputs are complete and
-valid is skipped; one that was interrupted is resumed where its tool supports it; ``force``
-deletes a stage's outputs and runs it again. Once a stage runs, every later stage runs too,
+valid is skipped; one that was interrupted is resumed where its tool supports it; outputs made
+with other settings than the stage now asks for stop the run with an error; ``force`` deletes a
+stage's outputs and runs it again. Once a stage runs, every later stage runs too,
 since its inputs changed. Each stage's own tool draws its progress bar; the runner announces
 the stages and returns how long each took.
 
@@ -47,6 +48,9 @@ class Stage:
     report: Callable[[], None] | None = None
     # (done, total) units of work so far, for the runner's bar when the stage runs side by side.
     progress: Callable[[], tuple[int, int]] | None = None
+    # Why the outputs already there were made with other settings than this command asks for, or
+    # None: then the runner stops rather than skip or resume them (force redoes the stage).
+    outdated: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -163,6 +167,10 @@ def run_stages(stages, force: bool = False, env: dict | None = None, echo=print)
         for stage in group:
             number += 1
             header = f"[{number}/{total}] {stage.name}"
+            reason = None if force or upstream_ran or stage.outdated is None else stage.outdated()
+            if reason:
+                raise StageError(f"stage '{stage.name}': {reason}; nothing was changed. Pass --force to "
+                                 "redo it and the stages after it")
             if not (force or upstream_ran) and stage.is_complete():
                 echo(f"{header}: outputs complete, skipped (pass --force to redo)")
                 seconds[stage.name], statuses[stage.name] = 0.0, "skipped"

@@ -71,3 +71,14 @@ def test_rerun_skips_complete_stages_and_force_redoes_one(demo_run):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"\[7/8\] finetune_lvis_random: .*train_net\.py --resume", resumed.stdout)
     assert re.search(r"\[8/8\] report: ", resumed.stdout) and "[6/8] finetune_lvis_virtex: outputs complete" in resumed.stdout
+
+
+def test_outputs_of_another_config_stop_the_rerun_untouched(demo_run):
+    tmp, _ = demo_run
+    pretrain_dir = tmp / "demo" / "pretrain"
+    before = sorted(p.name for p in pretrain_dir.iterdir())
+    longer = _demo(tmp, "--pretrain-iters", "7")  # would otherwise resume the 6-iteration cosine run
+    assert longer.returncode == 1
+    assert "OPTIM.NUM_ITERATIONS: 6 -> 7" in longer.stderr and "--force" in longer.stderr
+    assert "checkpoint_6.pth does not match the demo's pretraining config" in longer.stderr
+    assert sorted(p.name for p in pretrain_dir.iterdir()) == before

@@ -122,3 +122,14 @@ def test_a_failing_side_by_side_stage_stops_the_other_and_names_its_log(tmp_path
     assert time.perf_counter() - start < 30, "the other stage was stopped, not waited for"
     assert (tmp_path / "logs" / "bad.log").read_text().strip() == "boom"
     assert not (tmp_path / "slow").exists()
+
+
+def test_outputs_made_otherwise_stop_the_run_unless_forced(tmp_path):
+    done = tmp_path / "done"
+    done.write_text("made with other settings")
+    stage = _stage("tool", done, outdated=lambda: "made with seed 1")
+    with pytest.raises(StageError, match="stage 'tool': made with seed 1; nothing was changed. Pass --force"):
+        run_stages([stage], echo=lambda _: None)
+    assert done.read_text() == "made with other settings"
+    assert run_stages([stage], force=True, echo=lambda _: None)[0].status == "ran"
+    assert done.read_text() == "done"
