@@ -99,15 +99,16 @@ def _pretraining_made_otherwise(s: DemoSettings) -> str | None:
     saved = list_checkpoints(s.pretrain_dir)
     if not saved:
         return None
+    newest = saved[-1][1]
     try:
-        state = load_checkpoint(saved[-1][1])
+        state = load_checkpoint(newest)
     except CheckpointError:  # unreadable: the trainer falls back to an older one and says so
         return None
     wanted = load_config(str(PRETRAIN_CONFIG), _pretrain_overrides(s))
     changes = config_differences(state["config"], wanted) if "config" in state else ["it records no config"]
     if not changes:
         return None
-    return (f"{saved[-1][1]} does not match the demo's pretraining config ({'; '.join(changes)}); "
+    return (f"{newest} does not match the demo's pretraining config ({'; '.join(changes)}); "
             "use another --output-dir to keep it")
 
 

@@ -103,10 +103,13 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
     existing = read_manifest(root)
     in_the_way = [root / name for name in _OUTPUTS if (root / name).exists()]
     if in_the_way and not force:
-        what = "a built-in dataset with other parameters" if existing else "files of an incomplete dataset"
-        written_by = (existing or {}).get("parameters", {}).get("format_version")
-        if existing and written_by != FORMAT_VERSION:
+        written_by = existing.get("parameters", {}).get("format_version") if existing else None
+        if not existing:
+            what = "files of an incomplete dataset"
+        elif written_by != FORMAT_VERSION:
             what = f"a built-in dataset of format version {written_by} (this version writes {FORMAT_VERSION})"
+        else:
+            what = "a built-in dataset with other parameters"
         raise FileExistsError(f"{root} already holds {what} ({', '.join(p.name for p in in_the_way)}); "
                               "pass force=True (--force) to replace it")
     for path in in_the_way:
