@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Speed and memory of pretraining, on the machine at hand.
+"""Speed and memory of pretraining and fine-tuning, on the machine at hand.
 
     python tools/benchmark.py pretrain --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml \\
         --batch-size 8 --image-size 224 --iters 6 --warmup 2 --json OUT.json
     python tools/benchmark.py decoder --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml
     python tools/benchmark.py data --config CFG DATA.ROOT datasets/coco --batch-size 32 --workers 4
+    DETECTRON2_DATASETS=datasets/builtin python tools/benchmark.py finetune \
+        --config configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml --threads 1 --iters 10 --warmup 5
 
 ``pretrain`` times full training steps (forward, backward, clipping, optimizer, schedule: the
 functions of the training loop) on a synthetic batch like the official baseline's (N(0,1) images,
@@ -17,7 +19,10 @@ notes): contiguous layout, ``torch.optim.SGD`` over one group with its default i
 no Lookahead, clipping or schedule, fp32 unless ``--precision`` says otherwise. ``decoder`` times
 forward + backward of one textual head on those captions, the padded decoder against the packed
 one that training uses. ``data`` measures DataLoader throughput on the configured dataset
-through the training loop's sampler. Results go to the terminal and, with ``--json``, to a file.
+through the training loop's sampler. ``finetune`` times detectron2 training steps of a transfer
+config as ``tools/train_net.py`` runs them (its data loader, model and optimizer, data loading
+included; random init, since the weights do not change the cost) on the dataset the config
+trains on. Results go to the terminal and, with ``--json``, to a file.
 """
 from __future__ import annotations
 
@@ -44,10 +49,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
-    for name in ("pretrain", "decoder", "data"):
+    for name in ("pretrain", "decoder", "data", "finetune"):
         mode = modes.add_parser(name)
-        mode.add_argument("--config", required=True, help="pretraining config YAML")
-        mode.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+        detectron2 = name == "finetune"
+        mode.add_argument("--config", required=True, help="detectron2 config YAML" if detectron2 else "pretraining config YAML")
+        batch_size = 2 if detectron2 else 8  # the CPU transfer configs' SOLVER.IMS_PER_BATCH
+        mode.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default {batch_size})")
         mode.add_argument("--iters", type=int, default=6, help="timed iterations (default 6)")
         mode.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
         mode.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
@@ -244,6 +251,46 @@ def bench_data(args, cfg) -> dict:
     }
 
 
+def bench_finetune(args) -> dict:
+    from detectron2.data import build_detection_train_loader
+    from detectron2.engine import SimpleTrainer
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.events import EventStorage
+
+    from detectron2_ext import load_config
+    from detectron2_ext.compat import adapt_config_to_devices
+    from detectron2_ext.datasets import check_dataset_files, check_datasets_root
+
+    cfg = load_config(args.config, [*args.overrides, "MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", str(args.batch_size)])
+    adapt_config_to_devices(cfg, world_size=1)
+    check_datasets_root()
+    check_dataset_files(cfg.DATASETS.TRAIN)
+    seed_all_rng(max(cfg.SEED, 0))  # the same images in the same order on every run
+    model = build_model(cfg)
+    trainer = SimpleTrainer(model, build_detection_train_loader(cfg), build_optimizer(cfg, model))
+
+    def step():
+        trainer.run_step()
+        trainer.iter += 1
+
+    with EventStorage() as trainer.storage:
+        times = timed(step, args.iters, args.warmup, lambda: None)
+        first_loss = trainer.storage.history("total_loss").values()[0][0]
+    median = statistics.median(times)
+    return {
+        "mode": "finetune",
+        "device": cfg.MODEL.DEVICE,
+        "step_s_median": median,
+        "step_s_min": min(times),
+        "step_s_all": times,
+        "images_per_s": args.batch_size / median,
+        "peak_rss_gib": peak_rss_gib(),
+        "first_loss": first_loss,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -252,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.engine.trainer import cpu_has_native_bf16
 
     torch.set_num_threads(args.threads)
-    overrides = list(args.overrides)
-    if args.mode == "pretrain":
-        overrides += ["DATA.IMAGE_CROP_SIZE", str(args.image_size)]
-    cfg = load_config(args.config, overrides)
     load_before = os.getloadavg()[0]
-    result = {"pretrain": bench_pretrain, "decoder": bench_decoder, "data": bench_data}[args.mode](args, cfg)
+    if args.mode == "finetune":
+        result = bench_finetune(args)
+    else:
+        overrides = list(args.overrides)
+        if args.mode == "pretrain":
+            overrides += ["DATA.IMAGE_CROP_SIZE", str(args.image_size)]
+        cfg = load_config(args.config, overrides)
+        result = {"pretrain": bench_pretrain, "decoder": bench_decoder, "data": bench_data}[args.mode](args, cfg)
     result.update({
         "config": args.config,
         "overrides": args.overrides,

@@ -1,7 +1,8 @@
-"""tools/benchmark.py: the pretrain and decoder modes run end to end and write what docs/benchmarks.md quotes."""
+"""tools/benchmark.py: the pretrain, decoder and finetune modes run end to end and write what docs/benchmarks.md quotes."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -10,24 +11,28 @@ from tests.engine.conftest import REPO, TINY_CONFIG, subprocess_env
 BENCHMARK = REPO / "tools" / "benchmark.py"
 
 
-def run_benchmark(tmp_path, *args: str) -> dict:
+def run_benchmark(tmp_path, *args: str, config=TINY_CONFIG, overrides=("DATA.MAX_CAPTION_LENGTH", "30")) -> dict:
     out = tmp_path / "result.json"
     result = subprocess.run(
-        [sys.executable, str(BENCHMARK), *args, "--config", str(TINY_CONFIG), "--iters", "2", "--warmup", "1",
-         "--json", str(out), "DATA.MAX_CAPTION_LENGTH", "30"],
+        [sys.executable, str(BENCHMARK), *args, "--config", str(config), "--iters", "2", "--warmup", "1",
+         "--json", str(out), *overrides],
         env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_pretrain_mode_reports_step_time_throughput_and_memory(tmp_path):
-    result = run_benchmark(tmp_path, "pretrain", "--batch-size", "2", "--image-size", "64")
+def assert_step_times(result: dict, batch_size: int) -> None:
     assert len(result["step_s_all"]) == 2
     assert 0 < result["step_s_min"] <= result["step_s_median"]
-    assert abs(result["images_per_s"] - 2 / result["step_s_median"]) < 1e-9
+    assert abs(result["images_per_s"] - batch_size / result["step_s_median"]) < 1e-9
     assert 0.1 < result["peak_rss_gib"] < 20
     assert result["allocator"] in ("tcmalloc", "glibc-tuned")  # the launcher re-executed itself
+
+
+def test_pretrain_mode_reports_step_time_throughput_and_memory(tmp_path):
+    result = run_benchmark(tmp_path, "pretrain", "--batch-size", "2", "--image-size", "64")
+    assert_step_times(result, batch_size=2)
     assert result["precision"] in ("float32", "bfloat16") and result["channels_last"]
 
 
@@ -37,3 +42,14 @@ def test_decoder_mode_times_padded_and_packed_paths(tmp_path):
     assert result["speedup"] == result["padded_s_median"] / result["packed_s_median"]
     # Captions of 20..30 tokens padded to the longest: some, not all, positions are real.
     assert 0.5 < result["real_token_fraction"] < 1.0
+
+
+def test_finetune_mode_times_the_demo_transfer_config(tmp_path, synthetic_root):
+    """Steps of the demo's Mask R-CNN config on the built-in LVIS split (at 128 px to stay short)."""
+    config = REPO / "configs" / "detectron2" / "builtin" / "lvis_segm_R_18_FPN_builtin.yaml"
+    result = run_benchmark(tmp_path, "finetune", "--threads", "1", config=config,
+                           overrides=("INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192"))
+    assert_step_times(result, batch_size=2)
+    assert result["mode"] == "finetune" and result["device"] == "cpu" and result["threads"] == 1
+    # A Mask R-CNN loss at initialisation: the five detectron2 losses, 1203-way classification among them.
+    assert math.isfinite(result["first_loss"]) and result["first_loss"] > 1
