@@ -18,6 +18,14 @@ from pathlib import Path
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.engine.malloc import (  # standard library only
+    allocator_in_use,
+    reexec_with_tuned_malloc,
+)
+
+if __name__ == "__main__":
+    reexec_with_tuned_malloc()  # the allocator is chosen at process start, so before torch loads
+
 from detectron2.engine import (
     DefaultTrainer,
     default_argument_parser,
@@ -80,7 +88,9 @@ def main(args):
     limit_cpu_threads()
     check_datasets_root()
     check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
-    logging.getLogger("detectron2_ext").info("initialisation: %s", cfg.VIRTEX.INIT_NAME)
+    logger = logging.getLogger("detectron2_ext")
+    logger.info("initialisation: %s", cfg.VIRTEX.INIT_NAME)
+    logger.info("allocator: %s", allocator_in_use())
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
