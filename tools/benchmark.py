@@ -5,7 +5,7 @@
         --batch-size 8 --image-size 224 --iters 6 --warmup 2 --json OUT.json
     python tools/benchmark.py decoder --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml
     python tools/benchmark.py data --config CFG DATA.ROOT datasets/coco --batch-size 32 --workers 4
-    DETECTRON2_DATASETS=datasets/builtin python tools/benchmark.py finetune \
+    DETECTRON2_DATASETS=datasets/builtin python tools/benchmark.py finetune \\
         --config configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml --threads 1 --iters 10 --warmup 5
 
 ``pretrain`` times full training steps (forward, backward, clipping, optimizer, schedule: the
