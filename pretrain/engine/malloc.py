@@ -48,11 +48,16 @@ def allocator_in_use() -> str:
 def reexec_with_tuned_malloc() -> None:
     """Replace this process by itself with tcmalloc preloaded if installed, else tuned glibc.
 
-    Does nothing off glibc Linux, when ``LD_PRELOAD`` already names an allocator, or when
+    Does nothing off glibc Linux, when ``LD_PRELOAD`` already names an allocator, when
+    ``VIRTEX_D2_MALLOC=default`` asks for the allocator the process started with (plain glibc
+    for timing comparisons: setting any ``MALLOC_*`` tunable, even to glibc's default value,
+    stops glibc from adapting its mmap threshold, which makes it slower than untouched glibc), or when
     ``MALLOC_MMAP_MAX_`` is set: that is also how a user opts out (``MALLOC_MMAP_MAX_=65536``,
     glibc's default, keeps the default allocator) and how the re-executed process knows it is.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_MAX_" in os.environ:
+        return
+    if os.environ.get("VIRTEX_D2_MALLOC") == "default":
         return
     if not allocator_in_use().startswith("glibc"):
         return

@@ -235,10 +235,11 @@ def test_automatic_precision_follows_the_hardware(monkeypatch, caplog, native_bf
         trainer.autocast_dtype(True, cpu, "fp8")
 
 
-@pytest.mark.parametrize("opt_out", [False, True])
+@pytest.mark.parametrize("opt_out", [None, {"MALLOC_MMAP_MAX_": "65536"}, {"VIRTEX_D2_MALLOC": "default"}])
 def test_launcher_reexecutes_with_the_best_allocator(tmp_path, opt_out):
     """A launcher process replaces itself with tcmalloc preloaded where it is installed (else
-    tuned glibc) and reports it; ``MALLOC_MMAP_MAX_`` keeps the allocator the user chose."""
+    tuned glibc) and reports it; ``MALLOC_MMAP_MAX_`` or ``VIRTEX_D2_MALLOC=default`` keeps the
+    allocator the user chose."""
     import os
     import subprocess
     import sys
@@ -254,9 +255,8 @@ def test_launcher_reexecutes_with_the_best_allocator(tmp_path, opt_out):
         "maps = open('/proc/self/maps').read()\n"
         "print(allocator_in_use(), 'libtcmalloc' in maps)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_MAX_")}
-    if opt_out:
-        env["MALLOC_MMAP_MAX_"] = "65536"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_MAX_", "VIRTEX_D2_MALLOC")}
+    env.update(opt_out or {})
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True).stdout
     if opt_out:
         expected = "glibc-default False"
