@@ -49,15 +49,14 @@ def reexec_with_tuned_malloc() -> None:
     """Replace this process by itself with tcmalloc preloaded if installed, else tuned glibc.
 
     Does nothing off glibc Linux, when ``LD_PRELOAD`` already names an allocator, when
-    ``VIRTEX_D2_MALLOC=default`` asks for the allocator the process started with (plain glibc
-    for timing comparisons: setting any ``MALLOC_*`` tunable, even to glibc's default value,
-    stops glibc from adapting its mmap threshold, which makes it slower than untouched glibc), or when
-    ``MALLOC_MMAP_MAX_`` is set: that is also how a user opts out (``MALLOC_MMAP_MAX_=65536``,
-    glibc's default, keeps the default allocator) and how the re-executed process knows it is.
+    ``VIRTEX_D2_MALLOC=default`` asks for the allocator the process started with (untouched
+    glibc, e.g. for timing comparisons), or when ``MALLOC_MMAP_MAX_`` is set: that is how the
+    re-executed process knows it is, and also keeps glibc for a user who sets it. Setting it, or
+    any other mmap or trim tunable, even to glibc's default value, stops glibc from adapting its
+    mmap threshold, so glibc with ``MALLOC_MMAP_MAX_=65536`` is slower than untouched glibc.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_MAX_" in os.environ:
-        return
-    if os.environ.get("VIRTEX_D2_MALLOC") == "default":
+    opted_out = "MALLOC_MMAP_MAX_" in os.environ or os.environ.get("VIRTEX_D2_MALLOC") == "default"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or opted_out:
         return
     if not allocator_in_use().startswith("glibc"):
         return
