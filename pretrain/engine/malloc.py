@@ -36,13 +36,16 @@ def find_tcmalloc() -> str | None:
 
 def allocator_in_use() -> str:
     """What this process allocates with: ``tcmalloc``, another preloaded allocator by library
-    name (e.g. ``libjemalloc.so.2``), ``glibc-tuned`` or ``glibc-default``."""
+    name (e.g. ``libjemalloc.so.2``), ``glibc-tuned`` (:data:`TUNED_MALLOC`), ``glibc-default``
+    (no ``MALLOC_*`` tunable set) or ``glibc-custom`` (other tunables: not glibc's default
+    behaviour even when they repeat its default values, see :func:`reexec_with_tuned_malloc`)."""
     for library in os.environ.get("LD_PRELOAD", "").split():
         name = os.path.basename(library)
         if "malloc" in name:
             return "tcmalloc" if "tcmalloc" in name else name
-    tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
-    return "glibc-tuned" if tuned else "glibc-default"
+    if all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
+        return "glibc-tuned"
+    return "glibc-custom" if any(k.startswith("MALLOC_") for k in os.environ) else "glibc-default"
 
 
 def reexec_with_tuned_malloc() -> None:
