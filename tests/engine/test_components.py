@@ -255,7 +255,8 @@ def test_launcher_reexecutes_with_the_best_allocator(tmp_path, opt_out):
         "maps = open('/proc/self/maps').read()\n"
         "print(allocator_in_use(), 'libtcmalloc' in maps)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and k != "VIRTEX_D2_MALLOC" and not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "VIRTEX_D2_MALLOC") and not k.startswith("MALLOC_")}
     env.update(opt_out or {})
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True).stdout
     if opt_out:
