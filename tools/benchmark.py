@@ -11,8 +11,9 @@
 ``pretrain`` times full training steps (forward, backward, clipping, optimizer, schedule: the
 functions of the training loop) on a synthetic batch like the official baseline's (N(0,1) images,
 caption lengths 20..30 padded to the longest, token ids in [4, vocab)). Defaults are the settings
-recommended for training: mixed precision where it pays (fp16 on accelerators, bf16 on CPUs with
-native bf16, fp32 on other CPUs), channels-last, fused optimizer, tcmalloc or else tuned glibc
+recommended for training: the precision that training with the config uses (``AMP`` and
+``AMP_DTYPE``; with AMP on, fp16 on accelerators, bf16 on CPUs with native bf16, fp32 on other
+CPUs), channels-last, fused optimizer, tcmalloc or else tuned glibc
 malloc (the script re-executes itself with it unless ``MALLOC_MMAP_MAX_`` is set).
 ``--official-baseline`` measures the official-equivalent step instead (as timed in the official
 notes): contiguous layout, ``torch.optim.SGD`` over one group with its default implementation,
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = modes.choices["pretrain"]
     train.add_argument("--image-size", type=int, default=224, help="square image side (default 224)")
     train.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="auto = the training default: fp16 + GradScaler on accelerators, bf16 on CPUs with native bf16, else fp32")
+                       help="auto = what training with the config uses (AMP, AMP_DTYPE): with AMP on, fp16 + GradScaler "
+                            "on accelerators, bf16 on CPUs with native bf16, else fp32")
     train.add_argument("--no-channels-last", action="store_true", help="keep the CNN in contiguous layout")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--official-baseline", action="store_true",
@@ -130,7 +132,7 @@ def bench_pretrain(args, cfg) -> dict:
     device = select_device(0, force_cpu=args.cpu)
     baseline = args.official_baseline
     if args.precision == "auto":
-        dtype = None if baseline else autocast_dtype(True, device)
+        dtype = None if baseline else autocast_dtype(cfg.AMP, device, cfg.AMP_DTYPE)
     else:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     channels_last = not (baseline or args.no_channels_last)

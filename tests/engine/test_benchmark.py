@@ -36,6 +36,15 @@ def test_pretrain_mode_reports_step_time_throughput_and_memory(tmp_path):
     assert result["precision"] in ("float32", "bfloat16") and result["channels_last"]
 
 
+def test_pretrain_mode_runs_the_precision_the_config_trains_in(tmp_path):
+    """``--precision auto`` is the config's AMP / AMP_DTYPE, so a config that trains in fp32 (the
+    demo's) is timed in fp32 and one that asks for bf16 in bf16, whatever this CPU has."""
+    for amp, amp_dtype, expected in (("False", "auto", "float32"), ("True", "bf16", "bfloat16")):
+        result = run_benchmark(tmp_path, "pretrain", "--batch-size", "2", "--image-size", "64",
+                               overrides=("DATA.MAX_CAPTION_LENGTH", "30", "AMP", amp, "AMP_DTYPE", amp_dtype))
+        assert result["precision"] == expected, (amp, amp_dtype)
+
+
 def test_decoder_mode_times_padded_and_packed_paths(tmp_path):
     result = run_benchmark(tmp_path, "decoder", "--batch-size", "4")
     assert len(result["padded_s_all"]) == len(result["packed_s_all"]) == 2
