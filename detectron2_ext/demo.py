@@ -12,14 +12,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import config_differences, load_config
-from pretrain.data.synthetic import is_complete
-from pretrain.engine.checkpoint import (
+from pretrain.checkpoint_io import (
     CheckpointError,
     checkpoint_path,
     list_checkpoints,
-    load_checkpoint,
+    read_training_checkpoint,
 )
+from pretrain.config import config_differences, load_config
+from pretrain.data.synthetic import is_complete
 
 from .evaluation import RESULTS_FILE
 from .pretraining_report import read_caption_examples
@@ -101,7 +101,7 @@ def _pretraining_made_otherwise(s: DemoSettings) -> str | None:
         return None
     newest = saved[-1][1]
     try:
-        state = load_checkpoint(newest)
+        state = read_training_checkpoint(newest)
     except CheckpointError:  # unreadable: the trainer falls back to an older one and says so
         return None
     wanted = load_config(str(PRETRAIN_CONFIG), _pretrain_overrides(s))
@@ -114,7 +114,7 @@ def _pretraining_made_otherwise(s: DemoSettings) -> str | None:
 
 def _checkpoint_valid(path: Path) -> bool:
     try:
-        load_checkpoint(path)
+        read_training_checkpoint(path)
     except (CheckpointError, FileNotFoundError):
         return False
     return True

@@ -7,8 +7,6 @@ reports read those numbers instead of recomputing anything.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from detectron2.data import MetadataCatalog
@@ -19,6 +17,8 @@ from detectron2.evaluation import (
     PascalVOCDetectionEvaluator,
 )
 from detectron2.utils import comm
+
+from pretrain.files import write_json_atomic
 
 from .compat import patch_lvis_numpy
 
@@ -53,9 +53,7 @@ class SavedResultsEvaluator(DatasetEvaluator):
         if comm.is_main_process() and results:
             record = {"dataset": self.dataset_name, "evaluator": type(self.evaluator).__name__, "results": results}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2, default=float))
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, record, default=float)
         return results
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from pretrain.checkpoint_io import read_checkpoint, save_checkpoint
+
 from .convert import (
     ConversionError,
     ConvertedBackbone,
@@ -47,7 +48,7 @@ def convert_checkpoint_file(input_path, output_path, targets, force=False, allow
     if not targets:
         raise ConversionError("no target config to verify the converted weights against")
     try:
-        backbone: ConvertedBackbone = convert_resnet_state_dict(load_checkpoint(input_path, allow_unsafe_pickle))
+        backbone: ConvertedBackbone = convert_resnet_state_dict(read_checkpoint(input_path, allow_unsafe_pickle))
     except ConversionError as e:
         raise ConversionError(f"{input_path}: {e}") from None
     staging = output.with_name(f".{output.name}.unverified")

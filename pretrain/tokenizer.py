@@ -18,6 +18,8 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
+from pretrain.files import write_bytes_atomic
+
 logger = logging.getLogger(__name__)
 
 CONTROL_SYMBOLS = ["[SOS]", "[EOS]", "[MASK]"]
@@ -83,8 +85,9 @@ def train_vocabulary(
             )
         except RuntimeError as err:  # e.g. "Vocabulary size too high" for a tiny corpus
             raise ValueError(f"{model_path}: SentencePiece training failed: {err}") from None
-        os.replace(tmp_prefix + ".vocab", vocab_path)
-        os.replace(tmp_prefix + ".model", model_path)
+        # SentencePiece writes the files itself; they are published through the atomic writer.
+        write_bytes_atomic(vocab_path, Path(tmp_prefix + ".vocab").read_bytes())
+        write_bytes_atomic(model_path, Path(tmp_prefix + ".model").read_bytes())
     logger.info("wrote %s and %s", model_path, vocab_path)
     return model_path
 
@@ -154,6 +157,20 @@ class SentencePieceBPETokenizer:
                     "rebuild the vocabulary with tools/build_vocabulary.py"
                 )
 
+    def check_against_config(self, data_cfg, check_size: bool = True) -> None:
+        """Raise ``ValueError`` naming the model file unless it fits a config's ``DATA`` node: the
+        special ids must be ``DATA.{UNK,SOS,EOS,MASK}_INDEX`` and, with ``check_size`` (every
+        model that predicts tokens), its size ``DATA.VOCAB_SIZE``."""
+        self.check_special_ids(
+            {"<unk>": data_cfg.UNK_INDEX, "[SOS]": data_cfg.SOS_INDEX, "[EOS]": data_cfg.EOS_INDEX,
+             "[MASK]": data_cfg.MASK_INDEX}
+        )
+        if check_size and self.get_vocab_size() != data_cfg.VOCAB_SIZE:
+            raise ValueError(
+                f"{self.model_path}: vocabulary has {self.get_vocab_size()} pieces but "
+                f"DATA.VOCAB_SIZE is {data_cfg.VOCAB_SIZE}"
+            )
+
 
 def group_pieces(pieces: Sequence[str], punctuation_apart: bool = False) -> list[list[int]]:
     """Indices of the SentencePiece pieces that form each word ("▁dog", "s" -> one word).
@@ -173,3 +190,16 @@ def group_pieces(pieces: Sequence[str], punctuation_apart: bool = False) -> list
             groups[-1].append(index)
         after_punctuation = punctuation
     return groups
+
+
+def first_word_index(data_cfg) -> int:
+    """The smallest id of an ordinary piece for a config's ``DATA`` node: the ids below it are
+    ``<unk>``/padding and the control symbols, of which ``[MASK]`` comes last."""
+    return data_cfg.MASK_INDEX + 1
+
+
+def strip_special(token_ids: list[int], eos_index: int, first_word_index: int) -> list[int]:
+    """Token ids up to the first EOS, without padding and control symbols."""
+    if eos_index in token_ids:
+        token_ids = token_ids[: token_ids.index(eos_index)]
+    return [t for t in token_ids if t >= first_word_index]

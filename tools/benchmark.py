@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.engine.malloc import (  # standard library only: runs before torch loads
+from pretrain.malloc import (  # standard library only: runs before torch loads
     allocator_in_use,
     reexec_with_tuned_malloc,
 )
@@ -117,17 +117,12 @@ def timed(fn, iters: int, warmup: int, sync) -> list[float]:
 def bench_pretrain(args, cfg) -> dict:
     import torch
 
-    from pretrain.engine.distributed import seed_everything, select_device
+    from pretrain.distributed import make_batch_mover, seed_everything, select_device
     from pretrain.engine.optim import build_optimizer, inner_optimizer
-    from pretrain.engine.schedule import build_lr_scheduler
-    from pretrain.engine.trainer import (
-        autocast_dtype,
-        forward_backward,
-        make_autocast,
-        make_batch_mover,
-        optimizer_step,
-    )
-    from pretrain.models import build_model
+    from pretrain.engine.trainer import forward_backward, optimizer_step
+    from pretrain.precision import autocast_dtype, make_autocast
+    from pretrain.schedule import build_lr_scheduler
+    from pretrain.tasks import build_model
 
     device = select_device(0, force_cpu=args.cpu)
     baseline = args.official_baseline
@@ -234,8 +229,9 @@ def bench_decoder(args, cfg) -> dict:
 def bench_data(args, cfg) -> dict:
     from torch.utils.data import DataLoader
 
-    from pretrain.data import build_dataset, collate_fn
+    from pretrain.data import collate_fn
     from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
+    from pretrain.tasks import build_dataset
     from pretrain.tokenizer import SentencePieceBPETokenizer
 
     dataset = build_dataset(cfg, "train", SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL))
@@ -298,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pretrain.config import load_config
-    from pretrain.engine.trainer import cpu_has_native_bf16
+    from pretrain.precision import cpu_has_native_bf16
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]

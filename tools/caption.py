@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from pretrain.checkpoint_io import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.data.images import BadImageError, load_rgb_image
 from pretrain.data.transforms import build_transform
+from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import load_captioning_model
-from pretrain.engine.distributed import select_device
-from pretrain.engine.validation import strip_special
-from pretrain.models import CheckpointError
+from pretrain.tokenizer import first_word_index, strip_special
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -72,7 +72,7 @@ def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, de
         batch = torch.stack([transform(load_rgb_image(path), "")[0] for path in paths]).to(device)
         predictions = model({"image": batch})["predictions"].cpu()
         for path, ids in zip(paths, predictions.tolist()):
-            words = strip_special(ids, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1)
+            words = strip_special(ids, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA))
             results.append({"image": path.name, "caption": tokenizer.decode(words)})
     return results
 

@@ -25,8 +25,14 @@ from pathlib import Path
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.checkpoint_io import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.data.images import BadImageError
+from pretrain.distributed import (
+    init_distributed,
+    seed_everything,
+    shutdown_distributed,
+)
 from pretrain.downstream.features import load_frozen_backbone
 from pretrain.downstream.linear_probe import (
     LinearProbe,
@@ -34,12 +40,6 @@ from pretrain.downstream.linear_probe import (
     build_datasets,
     train_linear_probe,
 )
-from pretrain.engine.distributed import (
-    init_distributed,
-    seed_everything,
-    shutdown_distributed,
-)
-from pretrain.models import CheckpointError
 
 DEFAULTS = ProbeSettings()
 

@@ -25,18 +25,21 @@ from pathlib import Path
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.checkpoint_io import (
+    CheckpointError,
+    checkpoint_iteration,
+    list_checkpoints,
+)
 from pretrain.config import ConfigError, load_config
 from pretrain.data.images import BadImageError
-from pretrain.downstream.features import checkpoint_iteration, load_frozen_backbone
+from pretrain.distributed import select_device
+from pretrain.downstream.features import load_frozen_backbone
 from pretrain.downstream.voc07 import (
     SVM_COSTS,
     VocLayoutError,
     evaluate_backbone,
     results_table,
 )
-from pretrain.engine.checkpoint import list_checkpoints
-from pretrain.engine.distributed import select_device
-from pretrain.models import CheckpointError
 
 
 def default_voc_root() -> str:

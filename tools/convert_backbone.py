@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detectron2_ext import load_config
-from detectron2_ext.checkpoint import UNSAFE_OPT_IN_FLAG, CheckpointError
 from detectron2_ext.convert import ConversionError
 from detectron2_ext.transfer import convert_checkpoint_file, describe
+from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG, CheckpointError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 DEFAULT_TARGETS = [CONFIG_DIR / "coco_segm_default_init_2x.yaml", CONFIG_DIR / "voc_det_default_init_24k.yaml"]

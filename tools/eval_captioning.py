@@ -27,8 +27,11 @@ from pathlib import Path
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.caption_metrics import load_references
+from pretrain.checkpoint_io import CheckpointError
 from pretrain.config import ConfigError, load_config
-from pretrain.data import BadImageError, build_dataset
+from pretrain.data import BadImageError
+from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import (
     decode_dataset,
     grounding_gap,
@@ -36,9 +39,8 @@ from pretrain.downstream.caption_eval import (
     score_captions,
     word_grounding,
 )
-from pretrain.engine.distributed import select_device
-from pretrain.engine.validation import load_references
-from pretrain.models import CheckpointError
+from pretrain.tasks import build_dataset
+from pretrain.tokenizer import first_word_index
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,14 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         dataset = build_dataset(cfg, args.split, tokenizer)
         references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")
         device = args.device or select_device(0)
-        first_word_index = cfg.DATA.MASK_INDEX + 1  # the ids below it are padding and control symbols
         captions = decode_dataset(
-            model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, first_word_index,
+            model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA),
             device, args.batch_size, args.num_workers,
         )
         scores = score_captions(captions, references)
         scores.update(grounding_gap(model, dataset, device, args.batch_size, args.num_workers))
-        words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index, device,
+        words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index(cfg.DATA), device,
                                args.batch_size, args.num_workers)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError, KeyError) as err:
         print(f"eval_captioning: error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ the newest valid checkpoint in the output directory. SIGTERM saves a checkpoint 
 
 On Linux with glibc the script re-executes itself once with ``MALLOC_MMAP_MAX_=0`` and
 ``MALLOC_TRIM_THRESHOLD_=10^12`` unless ``MALLOC_MMAP_MAX_`` is already set (see
-``pretrain/engine/malloc.py``; set ``MALLOC_MMAP_MAX_`` yourself to opt out).
+``pretrain/malloc.py``; set ``MALLOC_MMAP_MAX_`` yourself to opt out).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.engine.malloc import (
+from pretrain.malloc import (
     reexec_with_tuned_malloc,  # standard library only: runs before torch loads
 )
 
@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pretrain.checkpoint_io import CheckpointError
     from pretrain.config import ConfigError, load_config
-    from pretrain.engine.checkpoint import CheckpointError
     from pretrain.engine.trainer import NonFiniteLossError, run_pretraining
 
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.engine.malloc import (  # standard library only
+from pretrain.malloc import (  # standard library only
     allocator_in_use,
     reexec_with_tuned_malloc,
 )
@@ -37,7 +37,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from detectron2_ext import load_config
-from detectron2_ext.checkpoint import UNSAFE_OPT_IN_FLAG, SafeDetectionCheckpointer
+from detectron2_ext.checkpoint import SafeDetectionCheckpointer
 from detectron2_ext.compat import (
     adapt_config_to_devices,
     limit_cpu_threads,
@@ -47,6 +47,7 @@ from detectron2_ext.config import default_init_name
 from detectron2_ext.datasets import check_dataset_files, check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.progress import ProgressBarHook
+from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 
 
 class Trainer(DefaultTrainer):

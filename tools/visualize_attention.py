@@ -21,9 +21,11 @@ from pathlib import Path
 # Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.checkpoint_io import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.data import BadImageError, load_rgb_image, read_caption_records
 from pretrain.data.transforms import build_transform
+from pretrain.distributed import select_device
 from pretrain.downstream.attention import (
     caption_with_attention,
     denormalize,
@@ -31,8 +33,7 @@ from pretrain.downstream.attention import (
     write_html,
 )
 from pretrain.downstream.caption_eval import load_captioning_model
-from pretrain.engine.distributed import select_device
-from pretrain.models import CheckpointError
+from pretrain.tokenizer import first_word_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             image = transform(load_rgb_image(path), "")[0]
             [result] = caption_with_attention(
                 model, image.unsqueeze(0).to(device), tokenizer,
-                cfg.DATA.SOS_INDEX, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1, args.layer,
+                cfg.DATA.SOS_INDEX, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), args.layer,
             )
             rendered.append(render_image(f"{k:03d}_{path.stem}", denormalize(image), result, output_dir))
             print(f"{path}: {result.caption}", flush=True)

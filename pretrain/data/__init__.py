@@ -1,11 +1,10 @@
 """Pretraining data: COCO Captions datasets, caption-aware transforms, batching.
 
-``build_dataset(cfg, split, tokenizer)`` returns the dataset for ``cfg.MODEL.NAME``; batch it
-with the module-level :func:`collate_fn` (one function for every variant). Samples draw all
+:func:`pretrain.tasks.build_dataset` returns the dataset for ``cfg.MODEL.NAME``; batch it with
+the module-level :func:`collate_fn` (one function for every variant). Samples draw all
 their randomness from torch's global RNG, which ``DataLoader`` seeds per worker from the main
 process's seed, so a seeded run is reproducible.
 """
-from pretrain.data.build import DATASETS, build_dataset
 from pretrain.data.captions import (
     CocoCaptionsDataset,
     ImageRecord,
@@ -21,13 +20,11 @@ from pretrain.data.multilabel import (
 from pretrain.data.transforms import build_transform, make_transform
 
 __all__ = [
-    "DATASETS",
     "BadImageError",
     "CocoCaptionsDataset",
     "ImageRecord",
     "MaskedLmDataset",
     "MultiLabelClassificationDataset",
-    "build_dataset",
     "build_transform",
     "collate_fn",
     "load_rgb_image",

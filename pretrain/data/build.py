@@ -1,4 +1,9 @@
-"""From a pretraining config to the dataset of the configured model."""
+"""Builders from a pretraining config to the dataset of each task, transforms included.
+
+Which builder serves which ``MODEL.NAME`` is the task table's business (:mod:`pretrain.tasks`).
+Every builder first checks the tokenizer against the config's ``DATA`` node. Batch the
+samples with :func:`pretrain.data.collate_fn`.
+"""
 from __future__ import annotations
 
 from torch.utils.data import Dataset
@@ -9,58 +14,43 @@ from pretrain.data.multilabel import MultiLabelClassificationDataset
 from pretrain.data.transforms import build_transform
 from pretrain.tokenizer import SentencePieceBPETokenizer
 
-DATASETS = {
-    "virtex": CocoCaptionsDataset,
-    "bicaptioning": CocoCaptionsDataset,
-    "captioning": CocoCaptionsDataset,
-    "cappa_bicaptioning": CocoCaptionsDataset,
-    # The model turns caption_tokens into bag-of-words targets.
-    "token_classification": CocoCaptionsDataset,
-    "masked_lm": MaskedLmDataset,
-    "multilabel_classification": MultiLabelClassificationDataset,
-}
-"""``MODEL.NAME`` -> dataset class."""
 
-
-def build_dataset(cfg, split: str, tokenizer: SentencePieceBPETokenizer) -> Dataset:
-    """The ``split`` ("train" or "val") dataset for ``cfg.MODEL.NAME``, transforms included.
-
-    Checks first that the tokenizer's special ids are the config's ``DATA.*_INDEX`` values and,
-    for the models that predict tokens, that its size is ``DATA.VOCAB_SIZE``; for multi-label
-    classification ``DATA.VOCAB_SIZE`` must be the number of object categories instead.
-    Batch the samples with :func:`pretrain.data.collate_fn`.
-    """
-    name = cfg.MODEL.NAME
-    if name not in DATASETS:
-        raise ValueError(f"MODEL.NAME: no dataset for '{name}'; known: {sorted(DATASETS)}")
+def _common(cfg, split: str) -> dict:
+    """The arguments every dataset class takes, from the config."""
     data = cfg.DATA
-    tokenizer.check_special_ids(
-        {"<unk>": data.UNK_INDEX, "[SOS]": data.SOS_INDEX, "[EOS]": data.EOS_INDEX, "[MASK]": data.MASK_INDEX}
+    return {
+        "transform": build_transform(cfg, split),
+        "max_caption_length": data.MAX_CAPTION_LENGTH,
+        "skip_bad_images": data.SKIP_BAD_IMAGES,
+    }
+
+
+def build_caption_dataset(cfg, split: str, tokenizer: SentencePieceBPETokenizer) -> Dataset:
+    """Images with their tokenized captions (captioning, bicaptioning, token classification)."""
+    tokenizer.check_against_config(cfg.DATA)
+    return CocoCaptionsDataset(cfg.DATA.ROOT, split, tokenizer, **_common(cfg, split))
+
+
+def build_masked_lm_dataset(cfg, split: str, tokenizer: SentencePieceBPETokenizer) -> Dataset:
+    """Images with captions whose tokens are masked as ``DATA.MASKED_LM`` says."""
+    tokenizer.check_against_config(cfg.DATA)
+    masking = cfg.DATA.MASKED_LM
+    return MaskedLmDataset(
+        cfg.DATA.ROOT, split, tokenizer, **_common(cfg, split),
+        mask_proportion=masking.MASK_PROPORTION,
+        mask_probability=masking.MASK_PROBABILITY,
+        replace_probability=masking.REPLACE_PROBABILITY,
     )
-    if name != "multilabel_classification" and tokenizer.get_vocab_size() != data.VOCAB_SIZE:
+
+
+def build_multilabel_dataset(cfg, split: str, tokenizer: SentencePieceBPETokenizer) -> Dataset:
+    """Images with the set of COCO categories of their instances; ``DATA.VOCAB_SIZE`` is the
+    number of categories here (it sets the classifier size), not the tokenizer's size."""
+    tokenizer.check_against_config(cfg.DATA, check_size=False)
+    dataset = MultiLabelClassificationDataset(cfg.DATA.ROOT, split, tokenizer, **_common(cfg, split))
+    if dataset.num_classes != cfg.DATA.VOCAB_SIZE:
         raise ValueError(
-            f"{tokenizer.model_path}: vocabulary has {tokenizer.get_vocab_size()} pieces but "
-            f"DATA.VOCAB_SIZE is {data.VOCAB_SIZE}"
-        )
-    kwargs = {}
-    if name == "masked_lm":
-        kwargs = {
-            "mask_proportion": data.MASKED_LM.MASK_PROPORTION,
-            "mask_probability": data.MASKED_LM.MASK_PROBABILITY,
-            "replace_probability": data.MASKED_LM.REPLACE_PROBABILITY,
-        }
-    dataset = DATASETS[name](
-        data.ROOT,
-        split,
-        tokenizer,
-        build_transform(cfg, split),
-        max_caption_length=data.MAX_CAPTION_LENGTH,
-        skip_bad_images=data.SKIP_BAD_IMAGES,
-        **kwargs,
-    )
-    if name == "multilabel_classification" and dataset.num_classes != data.VOCAB_SIZE:
-        raise ValueError(
-            f"{data.ROOT}: instances file lists {dataset.num_classes} categories but DATA.VOCAB_SIZE "
-            f"is {data.VOCAB_SIZE} (it sets the classifier size)"
+            f"{cfg.DATA.ROOT}: instances file lists {dataset.num_classes} categories but DATA.VOCAB_SIZE "
+            f"is {cfg.DATA.VOCAB_SIZE} (it sets the classifier size)"
         )
     return dataset

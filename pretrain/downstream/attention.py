@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.engine.validation import strip_special
-from pretrain.tokenizer import SentencePieceBPETokenizer, group_pieces
+from pretrain.files import write_text_atomic
+from pretrain.tokenizer import SentencePieceBPETokenizer, group_pieces, strip_special
 
 
 class CrossAttentionRecorder:
@@ -227,5 +227,5 @@ def write_html(rendered: Sequence[RenderedImage], output_dir: str | os.PathLike,
 </html>
 """
     path = Path(output_dir) / "index.html"
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)
     return path

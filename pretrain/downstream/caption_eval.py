@@ -24,11 +24,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pretrain.caption_metrics import caption_metrics, text_for_scoring
+from pretrain.checkpoint_io import load_model_weights
 from pretrain.data.collate import collate_fn
-from pretrain.engine.trainer import make_batch_mover
-from pretrain.engine.validation import caption_metrics, normalise_caption, strip_special
-from pretrain.models import build_model, load_model_weights
-from pretrain.tokenizer import WORD_START, SentencePieceBPETokenizer, group_pieces
+from pretrain.distributed import make_batch_mover
+from pretrain.tasks import build_model
+from pretrain.tokenizer import (
+    WORD_START,
+    SentencePieceBPETokenizer,
+    group_pieces,
+    strip_special,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +46,11 @@ def load_captioning_model(cfg, checkpoint: str | Path) -> tuple[nn.Module, Sente
     mode, and the config's tokenizer, checked against the config's special ids and size.
 
     Raises ``ValueError`` for a model that does not generate captions or a tokenizer that does
-    not fit, and :class:`~pretrain.models.CheckpointError` naming the file for a checkpoint
+    not fit, and :class:`~pretrain.checkpoint_io.CheckpointError` naming the file for a checkpoint
     that does not fit the config's model.
     """
     tokenizer = SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL)
-    tokenizer.check_special_ids(
-        {"<unk>": cfg.DATA.UNK_INDEX, "[SOS]": cfg.DATA.SOS_INDEX, "[EOS]": cfg.DATA.EOS_INDEX, "[MASK]": cfg.DATA.MASK_INDEX}
-    )
-    if tokenizer.get_vocab_size() != cfg.DATA.VOCAB_SIZE:
-        raise ValueError(
-            f"{cfg.DATA.TOKENIZER_MODEL}: {tokenizer.get_vocab_size()} pieces, but DATA.VOCAB_SIZE is {cfg.DATA.VOCAB_SIZE}"
-        )
+    tokenizer.check_against_config(cfg.DATA)
     model = build_model(cfg)
     if not hasattr(model, "decode_features"):
         raise ValueError(f"MODEL.NAME '{cfg.MODEL.NAME}' does not generate captions")
@@ -216,7 +216,7 @@ def _java_metric(name: str, predictions: dict[int, str], references: dict[int, l
         return f"unavailable: {reason}"
     ids = sorted(predictions)
     gts = {i: references[i] for i in ids}
-    res = {i: [normalise_caption(predictions[i]) or "<empty>"] for i in ids}
+    res = {i: [text_for_scoring(predictions[i]) or "<empty>"] for i in ids}
     try:
         if name == "METEOR":
             from pycocoevalcap.meteor.meteor import Meteor

@@ -9,9 +9,7 @@ gradients, and BatchNorm stays in eval mode with the checkpoint's running statis
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from fvcore.common.config import CfgNode
@@ -19,26 +17,18 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pretrain.checkpoint_io import CheckpointError, load_model_state
 from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.models import CheckpointError, load_model_state
 from pretrain.models.factory import build_visual_backbone
 from pretrain.models.visual_backbones import TorchvisionVisualBackbone
-
-_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
-
-
-def checkpoint_iteration(path: str | os.PathLike) -> int | None:
-    """The iteration in a ``checkpoint_{iteration}.pth`` file name (ours and official), else None."""
-    match = _CHECKPOINT_NAME.match(Path(path).name)
-    return int(match.group(1)) if match else None
 
 
 def load_frozen_backbone(cfg: CfgNode, checkpoint: str | os.PathLike | None) -> TorchvisionVisualBackbone:
     """The config's visual backbone with the ``visual.*`` weights of ``checkpoint``, frozen.
 
     ``checkpoint=None`` keeps the config's random initialisation (the baseline of the paper's
-    tables). Raises :class:`~pretrain.models.CheckpointError` naming the file when it holds no
+    tables). Raises :class:`~pretrain.checkpoint_io.CheckpointError` naming the file when it holds no
     backbone or one that does not fit ``MODEL.VISUAL`` (e.g. a ResNet-18 checkpoint read with a
     ResNet-50 config).
     """

@@ -17,7 +17,6 @@ disjoint share of the val split, so the accuracy is over the whole split exactly
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -32,12 +31,13 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pretrain.checkpoint_io import save_checkpoint
 from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.distributed import DistContext, all_reduce_sum
 from pretrain.downstream.features import eval_transform, pooled_features
-from pretrain.engine.checkpoint import atomic_save
-from pretrain.engine.distributed import DistContext, all_reduce_sum
-from pretrain.engine.schedule import lr_multiplier
+from pretrain.files import write_json_atomic
+from pretrain.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +200,9 @@ def train_linear_probe(
                 logger.info("iteration %d: %s", iteration, metrics)
     if writer is not None:
         writer.close()
-        atomic_save({"model": probe.fc.state_dict(), "iteration": settings.iterations}, output_dir / "linear_probe.pth")
+        save_checkpoint({"model": probe.fc.state_dict(), "iteration": settings.iterations}, output_dir / "linear_probe.pth", force=True)
         summary = {"metrics": metrics, "settings": asdict(settings), "world_size": ctx.world_size}
-        (output_dir / "linear_probe_metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json_atomic(output_dir / "linear_probe_metrics.json", summary)
     return metrics
 
 

@@ -39,15 +39,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.svm import LinearSVC
 from torch import nn
 
+from pretrain.data.voc_classes import VOC_CLASSES
 from pretrain.downstream.features import ImageFiles, eval_transform, extract_features
 
 logger = logging.getLogger(__name__)
 
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
 SVM_COSTS = (0.01, 0.1, 1.0, 10.0)
 CV_FOLDS = 3
 SVM_MAX_ITER = 2000

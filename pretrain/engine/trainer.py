@@ -22,83 +22,40 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from pretrain.caption_metrics import load_references
+from pretrain.checkpoint_io import list_checkpoints
 from pretrain.config import config_differences
-from pretrain.data import build_dataset, collate_fn
-from pretrain.engine.checkpoint import CheckpointManager, list_checkpoints
-from pretrain.engine.distributed import (
+from pretrain.data import collate_fn
+from pretrain.distributed import (
     DistContext,
     all_gather_objects,
     all_reduce_sum,
     barrier,
     get_rng_state,
     init_distributed,
+    make_batch_mover,
     seed_everything,
     set_rng_state,
     shutdown_distributed,
 )
-from pretrain.engine.malloc import allocator_in_use
+from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.monitor import TrainingMonitor, setup_logging
 from pretrain.engine.optim import build_optimizer, inner_optimizer
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
-from pretrain.engine.schedule import build_lr_scheduler
-from pretrain.engine.validation import evaluate, load_references, val_batches
-from pretrain.models import build_model
+from pretrain.engine.validation import evaluate, val_batches
+from pretrain.files import write_text_atomic
+from pretrain.malloc import allocator_in_use
 from pretrain.models.captioning import CaptioningModel
-from pretrain.tokenizer import SentencePieceBPETokenizer
+from pretrain.precision import autocast_dtype, make_autocast
+from pretrain.schedule import build_lr_scheduler
+from pretrain.tasks import build_dataset, build_model
+from pretrain.tokenizer import SentencePieceBPETokenizer, first_word_index
 
 logger = logging.getLogger("pretrain.engine")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stops without saving."""
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates it, and a bf16 step is several times slower than fp32 (docs/benchmarks.md)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def autocast_dtype(amp: bool, device: torch.device, requested: str = "auto") -> torch.dtype | None:
-    """Mixed-precision type for ``cfg.AMP`` / ``cfg.AMP_DTYPE`` on ``device`` (None: fp32).
-
-    ``auto`` picks fp16 (with loss scaling) on accelerators, bf16 (no scaling needed) on CPUs
-    with native bf16, and fp32 on other CPUs; ``bf16`` and ``fp16`` are used as asked.
-    """
-    if not amp:
-        return None
-    if requested != "auto":
-        if requested not in AMP_DTYPES:
-            raise ValueError(f"AMP_DTYPE '{requested}' is not one of auto, {', '.join(AMP_DTYPES)}")
-        return AMP_DTYPES[requested]
-    if device.type != "cpu":
-        return torch.float16
-    if cpu_has_native_bf16():
-        return torch.bfloat16
-    logger.info("AMP: this CPU has no native bf16 (AVX512-BF16/AMX), training in fp32; AMP_DTYPE bf16 forces it")
-    return None
-
-
-def make_autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], Any]:
-    """A factory of autocast contexts for ``device`` (a no-op context without ``dtype``)."""
-    if dtype is None:
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def make_batch_mover(device: torch.device, channels_last: bool) -> Callable[[dict], dict]:
-    """Moves every tensor of a batch to ``device``; images become channels-last if asked."""
-
-    def move(batch: dict) -> dict:
-        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if channels_last:
-            moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
-        return moved
-
-    return move
 
 
 def split_batch(batch: dict, chunks: int) -> list[dict]:
@@ -258,7 +215,7 @@ def train(
             "another output directory"
         )
     if ctx.is_main:
-        (output_dir / "config.yaml").write_text(cfg.dump())
+        write_text_atomic(output_dir / "config.yaml", cfg.dump())
 
     train_model: nn.Module = model
     if ctx.is_distributed:
@@ -294,7 +251,7 @@ def train(
         )
         results = evaluate(
             model, loader_val, ctx, move, decode if caption_metrics else None,
-            references, cfg.DATA.EOS_INDEX, cfg.DATA.MASK_INDEX + 1, autocast,
+            references, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), autocast,
         )
         set_rng_state(rng_state)
         logger.info("iteration %d validation: %s", iteration, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))

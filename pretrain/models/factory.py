@@ -1,15 +1,12 @@
-"""One factory from a pretraining config to a model: ``build_model(cfg)``.
+"""Builders from a pretraining config to a model, one per task of the paper.
 
-A registry maps MODEL.NAME (the official names plus ``cappa_bicaptioning``) to a builder that
-reads the config and calls the explicit-argument constructors of the model classes, which
-remain usable without a config. New models register with ``@register_model("name")``.
+Each ``build_*`` function reads the config and calls the explicit-argument constructors of the
+model classes, which remain usable without a config. Which builder serves which ``MODEL.NAME``
+is the task table's business (:mod:`pretrain.tasks`), next to the dataset of each task.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fvcore.common.config import CfgNode
-from torch import nn
 
 from .captioning import CaptioningModel
 from .classification import MultiLabelClassificationModel, TokenClassificationModel
@@ -17,43 +14,6 @@ from .decoding import BeamSearch, NucleusSampling
 from .masked_lm import MaskedLMModel
 from .textual_heads import LinearTextualHead, TransformerTextualHead, parse_textual_name
 from .visual_backbones import TorchvisionVisualBackbone, parse_visual_name
-
-ModelBuilder = Callable[[CfgNode], nn.Module]
-_MODEL_BUILDERS: dict[str, ModelBuilder] = {}
-
-#: Number of COCO object categories predicted by ``multilabel_classification``.
-NUM_COCO_CATEGORIES = 80
-
-
-def register_model(*names: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator registering ``builder(cfg) -> nn.Module`` under each MODEL.NAME in ``names``."""
-
-    def decorate(builder: ModelBuilder) -> ModelBuilder:
-        for name in names:
-            if name in _MODEL_BUILDERS:
-                raise ValueError(f"model name '{name}' is already registered")
-            _MODEL_BUILDERS[name] = builder
-        return builder
-
-    return decorate
-
-
-def list_models() -> list[str]:
-    """Every accepted MODEL.NAME, sorted."""
-    return sorted(_MODEL_BUILDERS)
-
-
-def build_model(cfg: CfgNode) -> nn.Module:
-    """The model named by ``cfg.MODEL.NAME``, freshly initialised, on the CPU in train mode."""
-    name = cfg.MODEL.NAME
-    if name not in _MODEL_BUILDERS:
-        raise ValueError(f"MODEL.NAME '{name}' is unknown; choose one of {', '.join(list_models())}")
-    if name != "cappa_bicaptioning" and cfg.MODEL.CAPPA.PARALLEL_FRACTION != 0.0:
-        raise ValueError(
-            f"MODEL.CAPPA.PARALLEL_FRACTION is only used by MODEL.NAME 'cappa_bicaptioning', not '{name}'"
-        )
-    return _MODEL_BUILDERS[name](cfg)
-
 
 def build_visual_backbone(cfg: CfgNode) -> TorchvisionVisualBackbone:
     """MODEL.VISUAL.{NAME, FEATURE_SIZE, PRETRAINED, FROZEN, ZERO_INIT_RESIDUAL} -> backbone."""
@@ -121,23 +81,23 @@ def _build_captioning(cfg: CfgNode, bidirectional: bool, parallel_fraction: floa
     )
 
 
-@register_model("virtex", "bicaptioning")
-def _bicaptioning(cfg: CfgNode) -> CaptioningModel:
+def build_bicaptioning(cfg: CfgNode) -> CaptioningModel:
+    """VirTex: forward and backward captioning heads over one visual backbone."""
     return _build_captioning(cfg, bidirectional=True)
 
 
-@register_model("captioning")
-def _captioning(cfg: CfgNode) -> CaptioningModel:
+def build_captioning(cfg: CfgNode) -> CaptioningModel:
+    """Forward captioning only (the paper's "captioning" ablation)."""
     return _build_captioning(cfg, bidirectional=False)
 
 
-@register_model("cappa_bicaptioning")
-def _cappa_bicaptioning(cfg: CfgNode) -> CaptioningModel:
+def build_cappa_bicaptioning(cfg: CfgNode) -> CaptioningModel:
+    """Bicaptioning with a fraction of CapPa-style parallel-prediction batches (not in the paper)."""
     return _build_captioning(cfg, bidirectional=True, parallel_fraction=cfg.MODEL.CAPPA.PARALLEL_FRACTION)
 
 
-@register_model("masked_lm")
-def _masked_lm(cfg: CfgNode) -> MaskedLMModel:
+def build_masked_lm(cfg: CfgNode) -> MaskedLMModel:
+    """Masked language modelling on captions, conditioned on the image."""
     return MaskedLMModel(build_visual_backbone(cfg), build_transformer_head(cfg))
 
 
@@ -150,8 +110,8 @@ def _linear_head(cfg: CfgNode, num_classes: int) -> LinearTextualHead:
     return LinearTextualHead(cfg.MODEL.VISUAL.FEATURE_SIZE, num_classes)
 
 
-@register_model("token_classification")
-def _token_classification(cfg: CfgNode) -> TokenClassificationModel:
+def build_token_classification(cfg: CfgNode) -> TokenClassificationModel:
+    """Bag-of-words prediction of the caption's tokens."""
     return TokenClassificationModel(
         build_visual_backbone(cfg),
         _linear_head(cfg, cfg.DATA.VOCAB_SIZE),
@@ -159,8 +119,9 @@ def _token_classification(cfg: CfgNode) -> TokenClassificationModel:
     )
 
 
-@register_model("multilabel_classification")
-def _multilabel_classification(cfg: CfgNode) -> MultiLabelClassificationModel:
+def build_multilabel_classification(cfg: CfgNode) -> MultiLabelClassificationModel:
+    """Multi-label classification of the image's object categories: ``DATA.VOCAB_SIZE`` of them
+    (80 for COCO), the number the dataset builder checks against the instances file."""
     return MultiLabelClassificationModel(
-        build_visual_backbone(cfg), _linear_head(cfg, NUM_COCO_CATEGORIES)
+        build_visual_backbone(cfg), _linear_head(cfg, cfg.DATA.VOCAB_SIZE)
     )

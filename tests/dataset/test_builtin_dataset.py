@@ -20,7 +20,7 @@ from pretrain.data.synthetic import (
 )
 from pretrain.data.synthetic.categories import (
     COCO_CATEGORIES,
-    VOC_CLASS_NAMES,
+    VOC_CLASSES,
     WORLD_CLASSES,
 )
 from pretrain.data.synthetic.formats import lvis_frequency
@@ -110,14 +110,14 @@ def test_voc_layout_and_boxes(synthetic_root):
         for split in splits:
             ids = (main / f"{split}.txt").read_text().split()
             assert len(ids) >= 2
-            for name in VOC_CLASS_NAMES:
+            for name in VOC_CLASSES:
                 assert len((main / f"{name}_{split}.txt").read_text().splitlines()) == len(ids)
             for voc_id in ids:
                 root = ET.parse(synthetic_root / f"VOC{year}" / "Annotations" / f"{voc_id}.xml").getroot()
                 width = int(root.find("size/width").text)
                 assert (synthetic_root / f"VOC{year}" / "JPEGImages" / f"{voc_id}.jpg").is_file()
                 for obj in root.iter("object"):
-                    assert obj.find("name").text in VOC_CLASS_NAMES
+                    assert obj.find("name").text in VOC_CLASSES
                     box = [int(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax")]
                     assert 1 <= box[0] <= box[2] <= width
 

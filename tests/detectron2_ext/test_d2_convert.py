@@ -18,16 +18,16 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from detectron2_ext import load_config
-from detectron2_ext.checkpoint import (
-    CheckpointError,
-    SafeDetectionCheckpointer,
-    UnsafeCheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from detectron2_ext.checkpoint import SafeDetectionCheckpointer
 from detectron2_ext.convert import ConversionError, convert_resnet_state_dict
 from detectron2_ext.transfer import check_output_path, convert_checkpoint_file
 from detectron2_ext.verify import check_config
+from pretrain.checkpoint_io import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "detectron2"
@@ -231,25 +231,25 @@ def test_cli_refuses_malicious_pickle(tmp_path):
     assert not marker.exists() and not (tmp_path / "out.pth").exists()
 
 
-def test_load_checkpoint_errors_and_opt_in(tmp_path):
+def test_read_checkpoint_errors_and_opt_in(tmp_path):
     state = {"model": {"w": torch.ones(2)}}
     torch.save({**state, "args": argparse.Namespace(lr=0.1)}, tmp_path / "namespace.pth")
     with pytest.raises(UnsafeCheckpointError, match="argparse.Namespace"):
-        load_checkpoint(tmp_path / "namespace.pth")
-    assert load_checkpoint(tmp_path / "namespace.pth", allow_unsafe_pickle=True)["args"].lr == 0.1
+        read_checkpoint(tmp_path / "namespace.pth")
+    assert read_checkpoint(tmp_path / "namespace.pth", allow_unsafe_pickle=True)["args"].lr == 0.1
 
     torch.save(state, tmp_path / "good.pth")
     (tmp_path / "truncated.pth").write_bytes((tmp_path / "good.pth").read_bytes()[:200])
     with pytest.raises(CheckpointError, match="truncated.pth: corrupt or truncated checkpoint"):
-        load_checkpoint(tmp_path / "truncated.pth")
+        read_checkpoint(tmp_path / "truncated.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="the file is empty"):
-        load_checkpoint(tmp_path / "empty.pth")
+        read_checkpoint(tmp_path / "empty.pth")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
-        load_checkpoint(tmp_path / "text.pth")
+        read_checkpoint(tmp_path / "text.pth")
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        load_checkpoint(tmp_path / "missing.pth")
+        read_checkpoint(tmp_path / "missing.pth")
 
 
 def test_outputs_are_checked_before_any_work(tmp_path):

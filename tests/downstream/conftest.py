@@ -65,7 +65,7 @@ def tiny_config(synthetic_root, tokenizer_model, tmp_path_factory) -> Path:
 def tiny_checkpoint(tiny_config, tmp_path_factory) -> Path:
     """A checkpoint of the tiny model in our (and the official) format: ``{"model": ..., "iteration"}``."""
     from pretrain.config import load_config
-    from pretrain.models import build_model
+    from pretrain.tasks import build_model
 
     torch.manual_seed(0)
     model = build_model(load_config(str(tiny_config)))

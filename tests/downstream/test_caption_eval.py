@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
+from pretrain.caption_metrics import caption_metrics, load_references
 from pretrain.downstream import caption_eval
-from pretrain.engine.validation import caption_metrics, load_references
 from tests.downstream.conftest import load_tool
 
 
@@ -66,8 +66,7 @@ def test_checkpoint_of_another_model_and_empty_split_are_named(tiny_config, tiny
 
 def _val_model_and_data(tiny_config):
     from pretrain.config import load_config
-    from pretrain.data import build_dataset
-    from pretrain.models import build_model
+    from pretrain.tasks import build_dataset, build_model
     from pretrain.tokenizer import SentencePieceBPETokenizer
 
     cfg = load_config(str(tiny_config))

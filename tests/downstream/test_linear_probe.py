@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pretrain.config import load_config
+from pretrain.distributed import DistContext
 from pretrain.downstream.features import load_frozen_backbone
 from pretrain.downstream.linear_probe import (
     LinearProbe,
@@ -19,7 +20,6 @@ from pretrain.downstream.linear_probe import (
     build_datasets,
     train_linear_probe,
 )
-from pretrain.engine.distributed import DistContext
 from tests.downstream.conftest import REPO, load_tool
 
 

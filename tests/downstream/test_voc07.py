@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from sklearn.svm import LinearSVC
 
+from pretrain.checkpoint_io import CheckpointError
 from pretrain.config import load_config
 from pretrain.downstream.features import load_frozen_backbone
 from pretrain.downstream.voc07 import (
@@ -22,7 +23,6 @@ from pretrain.downstream.voc07 import (
     train_test_class_svm,
     voc07_svm_map,
 )
-from pretrain.models import CheckpointError
 from tests.downstream.conftest import load_tool
 
 

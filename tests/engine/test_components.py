@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.engine import trainer
-from pretrain.engine.checkpoint import (
+from pretrain import precision
+from pretrain.caption_metrics import caption_metrics, text_for_scoring
+from pretrain.checkpoint_io import (
     CheckpointError,
-    CheckpointManager,
     list_checkpoints,
-    load_checkpoint,
+    read_training_checkpoint,
 )
-from pretrain.engine.distributed import get_rng_state, seed_everything, set_rng_state
+from pretrain.distributed import get_rng_state, seed_everything, set_rng_state
+from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.optim import Lookahead, build_optimizer, build_param_groups
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
-from pretrain.engine.schedule import build_lr_scheduler, lr_multiplier
-from pretrain.engine.validation import caption_metrics, normalise_caption, strip_special
+from pretrain.schedule import build_lr_scheduler, lr_multiplier
+from pretrain.tokenizer import strip_special
 from tests.engine.conftest import REPO
 from tests.engine.standin import StandInDataset, StandInModel, standin_config
 
@@ -144,7 +145,7 @@ def test_checkpoint_keep_last_pinned_and_corrupt_fallback(tmp_path, caplog):
     newest = tmp_path / "checkpoint_5.pth"
     newest.write_bytes(newest.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="checkpoint_5.pth"):
-        load_checkpoint(newest)
+        read_training_checkpoint(newest)
     with caplog.at_level(logging.WARNING):
         state = manager.load_latest()
     assert state["iteration"] == 4 and torch.equal(state["model"]["w"], torch.full((2,), 4.0))
@@ -152,14 +153,14 @@ def test_checkpoint_keep_last_pinned_and_corrupt_fallback(tmp_path, caplog):
     # A valid file that is not a checkpoint dict is rejected too.
     torch.save({"weights": 1}, tmp_path / "checkpoint_9.pth")
     with pytest.raises(CheckpointError, match="lacks"):
-        load_checkpoint(tmp_path / "checkpoint_9.pth")
+        read_training_checkpoint(tmp_path / "checkpoint_9.pth")
 
 
 def test_checkpoint_refuses_pickled_code(tmp_path):
     path = tmp_path / "checkpoint_1.pth"
     torch.save({"model": {}, "iteration": 1, "evil": random.Random()}, path)
     with pytest.raises(CheckpointError, match="checkpoint_1.pth"):
-        load_checkpoint(path)
+        read_training_checkpoint(path)
 
 
 def test_batches_depend_only_on_seed_and_iteration():
@@ -202,14 +203,14 @@ def test_caption_metrics():
     perfect = caption_metrics({1: "a cat sits on a mat", 2: "Two dogs play in a park."}, refs)
     poor = caption_metrics({1: "a dog", 2: "a cat"}, refs)
     assert perfect["BLEU-4"] > 0.9 and perfect["CIDEr-D"] > poor["CIDEr-D"] >= 0
-    assert normalise_caption("A Dog, running!") == "a dog running"
+    assert text_for_scoring("A Dog, running!") == "a dog running"
     assert strip_special([1, 5, 0, 6, 2, 7], eos_index=2, first_word_index=4) == [5, 6]
     with pytest.raises(KeyError, match="no reference"):
         caption_metrics({3: "x"}, refs)
 
 
 def test_indivisible_batch_is_a_clear_error(tmp_path):
-    from pretrain.engine.distributed import DistContext
+    from pretrain.distributed import DistContext
     from pretrain.engine.trainer import train
 
     cfg = standin_config(**{"OPTIM.BATCH_SIZE": 6, "ENGINE.GRAD_ACCUM_STEPS": 4})
@@ -222,17 +223,17 @@ def test_indivisible_batch_is_a_clear_error(tmp_path):
 def test_automatic_precision_follows_the_hardware(monkeypatch, caplog, native_bf16):
     """bf16 only where the CPU computes it natively (emulated bf16 is slower than fp32), fp16 on
     accelerators, forced types as asked, and a clear error for an unknown one."""
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with caplog.at_level(logging.INFO, logger="pretrain.engine"):
-        assert trainer.autocast_dtype(True, cpu) == (torch.bfloat16 if native_bf16 else None)
+    with caplog.at_level(logging.INFO, logger="pretrain.precision"):
+        assert precision.autocast_dtype(True, cpu) == (torch.bfloat16 if native_bf16 else None)
     assert ("no native bf16" in caplog.text) is not native_bf16
-    assert trainer.autocast_dtype(True, cuda) == torch.float16
-    assert trainer.autocast_dtype(True, cpu, "bf16") == torch.bfloat16
-    assert trainer.autocast_dtype(True, cuda, "bf16") == torch.bfloat16
-    assert trainer.autocast_dtype(False, cpu, "bf16") is None
+    assert precision.autocast_dtype(True, cuda) == torch.float16
+    assert precision.autocast_dtype(True, cpu, "bf16") == torch.bfloat16
+    assert precision.autocast_dtype(True, cuda, "bf16") == torch.bfloat16
+    assert precision.autocast_dtype(False, cpu, "bf16") is None
     with pytest.raises(ValueError, match="AMP_DTYPE 'fp8'"):
-        trainer.autocast_dtype(True, cpu, "fp8")
+        precision.autocast_dtype(True, cpu, "fp8")
 
 
 @pytest.mark.parametrize("opt_out", [None, {"MALLOC_MMAP_MAX_": "65536"}, {"VIRTEX_D2_MALLOC": "default"}])
@@ -244,13 +245,13 @@ def test_launcher_reexecutes_with_the_best_allocator(tmp_path, opt_out):
     import subprocess
     import sys
 
-    from pretrain.engine.malloc import find_tcmalloc
+    from pretrain.malloc import find_tcmalloc
 
     script = tmp_path / "launcher.py"
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from pretrain.engine.malloc import allocator_in_use, reexec_with_tuned_malloc\n"
+        "from pretrain.malloc import allocator_in_use, reexec_with_tuned_malloc\n"
         "reexec_with_tuned_malloc()\n"
         "maps = open('/proc/self/maps').read()\n"
         "print(allocator_in_use(), 'libtcmalloc' in maps)\n"

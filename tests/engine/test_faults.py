@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from pretrain.engine.checkpoint import list_checkpoints, load_checkpoint
+from pretrain.checkpoint_io import list_checkpoints, read_training_checkpoint
 from tests.engine.conftest import pretrain_command, run_pretrain, subprocess_env
 
 
 def assert_same_final_state(run: Path, reference: Path) -> None:
-    ours = load_checkpoint(run / "checkpoint_8.pth")
-    theirs = load_checkpoint(reference / "checkpoint_8.pth")
+    ours = read_training_checkpoint(run / "checkpoint_8.pth")
+    theirs = read_training_checkpoint(reference / "checkpoint_8.pth")
     assert ours.keys() == theirs.keys()
     torch.testing.assert_close(ours["model"], theirs["model"], rtol=0, atol=0)
     torch.testing.assert_close(ours["optimizer"]["slow"], theirs["optimizer"]["slow"], rtol=0, atol=0)
@@ -102,5 +102,5 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_overrides, tmp_path
     assert "non-finite loss at iteration" in result.stderr
     saved = list_checkpoints(tmp_path)
     assert saved and f"Last good checkpoint: {saved[-1][1]}" in result.stderr
-    state = load_checkpoint(saved[-1][1])
+    state = read_training_checkpoint(saved[-1][1])
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

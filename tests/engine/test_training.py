@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pretrain.engine.checkpoint import load_checkpoint
+from pretrain.checkpoint_io import read_training_checkpoint
 from tests.engine.conftest import PRETRAIN, TINY_CONFIG, run_pretrain, subprocess_env
 
 
@@ -30,7 +30,7 @@ def test_short_run_loss_falls_and_is_recorded(tiny_overrides, tmp_path):
                 "throughput/images_per_s", "time/data_s", "val/loss", "val/CIDEr-D", "val/BLEU-4"):
         assert tag in events.Tags()["scalars"], tag
     assert [e.step for e in events.Scalars("val/loss")] == [6, 12]
-    state = load_checkpoint(tmp_path / "checkpoint_12.pth")
+    state = read_training_checkpoint(tmp_path / "checkpoint_12.pth")
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "iteration"} <= state.keys()
     assert "resnet18" in (tmp_path / "config.yaml").read_text() == state["config"]
     log = (tmp_path / "log_rank0.txt").read_text()
@@ -59,13 +59,13 @@ def test_ddp_two_gloo_processes_equal_one_process(tiny_overrides, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 rank(s) × 2 images" in (ddp / "log_rank0.txt").read_text()
     assert (ddp / "log_rank1.txt").exists()
-    ours, reference = load_checkpoint(ddp / "checkpoint_4.pth"), load_checkpoint(single / "checkpoint_4.pth")
+    ours, reference = read_training_checkpoint(ddp / "checkpoint_4.pth"), read_training_checkpoint(single / "checkpoint_4.pth")
     assert len(ours["rng"]) == 2 and not torch.equal(ours["rng"][0]["torch"], ours["rng"][1]["torch"])
     params = [name for name, t in reference["model"].items() if "running_" not in name and "num_batches" not in name]
     for name in params:
         torch.testing.assert_close(ours["model"][name], reference["model"][name], rtol=1e-4, atol=1e-6, msg=name)
     # The weights moved between the checkpoints: the comparison is not of near-initial states.
-    earlier = load_checkpoint(single / "checkpoint_2.pth")["model"]
+    earlier = read_training_checkpoint(single / "checkpoint_2.pth")["model"]
     moved = max((earlier[n] - reference["model"][n]).abs().max().item() for n in params)
     assert moved > 1e-3
 

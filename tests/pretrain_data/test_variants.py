@@ -12,10 +12,10 @@ from pretrain.data import (
     CocoCaptionsDataset,
     MaskedLmDataset,
     MultiLabelClassificationDataset,
-    build_dataset,
     collate_fn,
     mask_caption_tokens,
 )
+from pretrain.tasks import build_dataset, build_model, list_tasks, register_task
 
 from .conftest import VOCAB_SIZE
 
@@ -133,5 +133,32 @@ def test_factory_checks_the_vocabulary_against_the_config(coco_root, tokenizer_p
         build_dataset(config(coco_root, tokenizer_path, "DATA.VOCAB_SIZE", "10000"), "train", tokenizer)
     with pytest.raises(ValueError, match=r"'\[EOS\]' has id 2, expected 5"):
         build_dataset(config(coco_root, tokenizer_path, "DATA.EOS_INDEX", "5"), "train", tokenizer)
-    with pytest.raises(ValueError, match="MODEL.NAME: no dataset for 'clip'"):
+    with pytest.raises(ValueError, match="MODEL.NAME 'clip' is unknown"):
         build_dataset(config(coco_root, tokenizer_path, "MODEL.NAME", "clip"), "train", tokenizer)
+
+
+LINEAR_HEAD_TASKS = {"token_classification", "multilabel_classification"}
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_every_registered_task_builds_a_model_and_a_dataset_that_train_together(
+    coco_root, tokenizer_path, tokenizer, name
+):
+    """The task table's promise: a MODEL.NAME builds both halves, and they fit each other."""
+    overrides = ["MODEL.NAME", name, "MODEL.VISUAL.NAME", "torchvision::resnet18", "MODEL.VISUAL.FEATURE_SIZE", "512",
+                 "MODEL.TEXTUAL.NAME", "none" if name in LINEAR_HEAD_TASKS else "transdec_postnorm::L1_H64_A2_F128"]
+    if name == "multilabel_classification":
+        overrides += ["DATA.VOCAB_SIZE", "3"]  # the tiny instances file lists 3 categories
+    if name == "cappa_bicaptioning":
+        overrides += ["MODEL.CAPPA.PARALLEL_FRACTION", "0.5"]
+    cfg = config(coco_root, tokenizer_path, *overrides)
+    dataset = build_dataset(cfg, "train", tokenizer)
+    model = build_model(cfg)
+    torch.manual_seed(0)
+    loss = model(collate_fn([dataset[i] for i in range(2)]))["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_a_registered_name_cannot_be_taken_twice():
+    with pytest.raises(ValueError, match="MODEL.NAME 'virtex' is already registered"):
+        register_task("virtex", build_model, build_dataset)

@@ -11,7 +11,7 @@ from PIL import Image
 from pretrain.config import load_config
 from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import build_transform
-from pretrain.models import build_model
+from pretrain.tasks import build_model
 from pretrain.tokenizer import SentencePieceBPETokenizer, train_vocabulary
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "caption.py"
@@ -90,7 +90,7 @@ def test_errors_name_the_bad_input(setup, capsys):
     bad.write_bytes(b"\x00" * 100)
     base = ["--config", str(setup["config"]), "--output", str(setup["root"] / "never.json")]
     assert load_tool().main(base + ["--checkpoint", str(bad), "--images", str(setup["images"])]) == 1
-    assert "bad.pth: not a readable PyTorch checkpoint" in capsys.readouterr().err
+    assert "bad.pth: not a PyTorch checkpoint" in capsys.readouterr().err
     empty = setup["root"] / "empty"
     empty.mkdir()
     assert load_tool().main(base + ["--checkpoint", str(setup["checkpoint"]), "--images", str(empty)]) == 1

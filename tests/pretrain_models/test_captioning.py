@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pretrain.models import build_model, list_models
 from pretrain.models.captioning import gathered_cross_entropy
+from pretrain.tasks import build_model, list_tasks
 
 from .conftest import VOCAB, caption_batch, tiny_config
 
@@ -20,8 +20,8 @@ def manual_ce(head, visual_features, tokens, lengths):
     return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), ignore_index=0)
 
 
-def test_registry_names():
-    assert set(list_models()) == {
+def test_task_table_names():
+    assert set(list_tasks()) == {
         "virtex", "bicaptioning", "captioning", "cappa_bicaptioning",
         "token_classification", "multilabel_classification", "masked_lm",
     }

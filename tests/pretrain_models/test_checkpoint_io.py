@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.models import CheckpointError, load_model_state, load_model_weights
+from pretrain.checkpoint_io import CheckpointError, load_model_state, load_model_weights
 
 
 class Opaque:
@@ -46,17 +46,17 @@ def test_wrong_structure(tmp_path, content, message):
 
 
 def test_missing_corrupt_and_truncated_files(tmp_path):
-    with pytest.raises(CheckpointError, match="missing.pth: checkpoint file not found"):
+    with pytest.raises(CheckpointError, match="missing.pth: no such checkpoint file"):
         load_model_state(tmp_path / "missing.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="garbage.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.pth: not a PyTorch checkpoint"):
         load_model_state(garbage)
     whole = tmp_path / "whole.pth"
     torch.save({"model": small_model().state_dict()}, whole)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated.pth: corrupt or truncated checkpoint"):
         load_model_state(truncated)
 
 

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint_io import load_model_weights
 from pretrain.config import get_default_config
-from pretrain.models import build_model, load_model_weights
+from pretrain.tasks import build_model
 
 # Key names, shapes, dtypes and aliasing of an official VirTex checkpoint (bicaptioning_R_50_L1_H2048,
 # official code at commit ae67b23), listed without the weights.

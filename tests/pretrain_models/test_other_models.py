@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pretrain.models import build_model
+from pretrain.tasks import build_model
 
 from .conftest import VOCAB, caption_batch, tiny_config
 
@@ -33,7 +33,7 @@ def test_token_classification_loss_matches_official_loop(batch):
 
 
 def test_multilabel_classification_loss_and_empty_images():
-    model = build("multilabel_classification").eval()
+    model = build("multilabel_classification", **{"DATA.VOCAB_SIZE": 80}).eval()
     labels = torch.zeros(3, 80)
     labels[0, [3, 7]] = 1
     labels[1, 50] = 1  # image 2 has no objects: contributes 0, never NaN

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pretrain.files import write_json_atomic
+
 from .annotations import object_annotation
 from .captions import write_captions
-from .categories import VOC_CLASS_NAMES, WORLD_CLASSES
-from .formats import ImageRecord, write_coco, write_lvis, write_voc
+from .categories import VOC_CLASSES, WORLD_CLASSES
+from .formats import GeneratedImage, write_coco, write_lvis, write_voc
 from .scenes import class_weights, sample_scene
 
-__all__ = ["MANIFEST_NAME", "VOC_CLASS_NAMES", "WORLD_CLASSES", "is_complete", "make_synthetic_dataset", "read_manifest"]
+__all__ = ["MANIFEST_NAME", "VOC_CLASSES", "WORLD_CLASSES", "is_complete", "make_synthetic_dataset", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ _VAL_ID_OFFSET = 1_000_000  # COCO image ids are unique across splits
 
 
 def _render_split(root: Path, split: str, count: int, image_size: int, seed: int,
-                  weights: np.ndarray) -> list[ImageRecord]:
+                  weights: np.ndarray) -> list[GeneratedImage]:
     folder = root / "coco" / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
     first_id = 1 if split == "train" else _VAL_ID_OFFSET + 1
@@ -55,7 +57,7 @@ def _render_split(root: Path, split: str, count: int, image_size: int, seed: int
                 objects.append({"class_index": obj.class_index, **ann})
         path = folder / f"{image_id:012d}.jpg"
         scene.image.save(path, quality=92)
-        records.append(ImageRecord(image_id, split, path, width, height, write_captions(scene, rng), objects))
+        records.append(GeneratedImage(image_id, split, path, width, height, write_captions(scene, rng), objects))
     return records
 
 
@@ -128,6 +130,6 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
     manifest = {"parameters": _parameters(num_train, num_val, image_size, seed), "images": {"train": num_train, "val": num_val},
                 "instances": {"train": sum(len(r.objects) for r in train), "val": sum(len(r.objects) for r in val)},
                 "lvis_frequency_groups": frequencies}
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    write_json_atomic(root / MANIFEST_NAME, manifest)
     logger.info("built-in dataset written to %s: %s", root, manifest)
     return manifest

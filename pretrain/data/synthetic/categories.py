@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from pretrain.data.voc_classes import VOC_CLASSES
+
 # (id, name, supercategory) of the 80 COCO thing categories; ids have gaps as in COCO.
 COCO_CATEGORIES = [
     (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"),
@@ -77,7 +79,8 @@ WORLD_CLASSES = (
     WorldClass("tvmonitor", 72, 1077, ("tv", "television"), ("tvs", "televisions")),
 )
 
-VOC_CLASS_NAMES = tuple(c.voc_name for c in WORLD_CLASSES)
+if tuple(c.voc_name for c in WORLD_CLASSES) != VOC_CLASSES:
+    raise AssertionError("WORLD_CLASSES must list the VOC classes in the devkit's order")
 
 
 @lru_cache(maxsize=1)

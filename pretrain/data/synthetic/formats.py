@@ -5,7 +5,6 @@ builtin datasets (and the official COCO, LVIS and VOC tools) look for them.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections import Counter
@@ -13,16 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
+from pretrain.data.voc_classes import VOC_CLASSES
+from pretrain.files import write_json_atomic, write_text_atomic
+
 from .categories import (
     COCO_CATEGORIES,
-    VOC_CLASS_NAMES,
     WORLD_CLASSES,
     lvis_v1_categories,
 )
 
 
 @dataclass
-class ImageRecord:
+class GeneratedImage:
     """One generated image and everything known about it."""
 
     image_id: int
@@ -44,12 +45,10 @@ class ImageRecord:
 
 def _dump(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=None)
 
 
-def _coco_image(rec: ImageRecord) -> dict:
+def _coco_image(rec: GeneratedImage) -> dict:
     return {"id": rec.image_id, "file_name": rec.file_name, "height": rec.height, "width": rec.width,
             "license": 1, "coco_url": rec.coco_url, "flickr_url": "", "date_captured": "2026-01-01 00:00:00"}
 
@@ -59,7 +58,7 @@ _INFO = {"description": "virtex-d2 built-in dataset (synthetic scenes)", "versio
 _LICENSES = [{"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}]
 
 
-def write_coco(root: Path, split: str, records: list[ImageRecord]) -> None:
+def write_coco(root: Path, split: str, records: list[GeneratedImage]) -> None:
     """``coco/annotations/{captions,instances}_{split}2017.json``."""
     images = [_coco_image(r) for r in records]
     captions, instances = [], []
@@ -83,7 +82,7 @@ def lvis_frequency(image_count: int) -> str:
     return "r" if image_count <= 10 else "c" if image_count <= 100 else "f"
 
 
-def write_lvis(root: Path, train: list[ImageRecord], val: list[ImageRecord]) -> dict[str, int]:
+def write_lvis(root: Path, train: list[GeneratedImage], val: list[GeneratedImage]) -> dict[str, int]:
     """``lvis/lvis_v1_{train,val}.json`` over the COCO images; returns the frequency histogram.
 
     All 1203 categories are listed with their real ids; frequencies, image and instance counts
@@ -116,7 +115,7 @@ def write_lvis(root: Path, train: list[ImageRecord], val: list[ImageRecord]) -> 
     return dict(Counter(lvis_frequency(image_count[i]) for i in world_ids))
 
 
-def _voc_xml(voc_id: str, year: str, rec: ImageRecord) -> ET.Element:
+def _voc_xml(voc_id: str, year: str, rec: GeneratedImage) -> ET.Element:
     ann = ET.Element("annotation")
     ET.SubElement(ann, "folder").text = f"VOC{year}"
     ET.SubElement(ann, "filename").text = f"{voc_id}.jpg"
@@ -131,7 +130,7 @@ def _voc_xml(voc_id: str, year: str, rec: ImageRecord) -> ET.Element:
         # VOC boxes are 1-based inclusive pixel indices.
         xmin, ymin, xmax, ymax = int(x) + 1, int(y) + 1, round(x + w), round(y + h)
         obj = ET.SubElement(ann, "object")
-        ET.SubElement(obj, "name").text = VOC_CLASS_NAMES[o["class_index"]]
+        ET.SubElement(obj, "name").text = VOC_CLASSES[o["class_index"]]
         ET.SubElement(obj, "pose").text = "Unspecified"
         touches = xmin <= 1 or ymin <= 1 or xmax >= rec.width or ymax >= rec.height
         ET.SubElement(obj, "truncated").text = "1" if touches else "0"
@@ -152,7 +151,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def write_voc(root: Path, year: str, splits: dict[str, list[ImageRecord]], id_format: str) -> None:
+def write_voc(root: Path, year: str, splits: dict[str, list[GeneratedImage]], id_format: str) -> None:
     """``VOC{year}/`` with Annotations, JPEGImages and ImageSets/Main split and per-class files.
 
     ``splits`` maps split names (train, val, test) to records; ``trainval`` is written as
@@ -161,7 +160,7 @@ def write_voc(root: Path, year: str, splits: dict[str, list[ImageRecord]], id_fo
     base = root / f"VOC{year}"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    ids: dict[str, list[tuple[str, ImageRecord]]] = {}
+    ids: dict[str, list[tuple[str, GeneratedImage]]] = {}
     counter = 0
     for split in ("train", "val", "test"):
         ids[split] = []
@@ -177,7 +176,7 @@ def write_voc(root: Path, year: str, splits: dict[str, list[ImageRecord]], id_fo
     for split, items in ids.items():
         if not items:
             continue
-        (main / f"{split}.txt").write_text("".join(f"{i}\n" for i, _ in items))
-        for k, name in enumerate(VOC_CLASS_NAMES):
+        write_text_atomic(main / f"{split}.txt", "".join(f"{i}\n" for i, _ in items))
+        for k, name in enumerate(VOC_CLASSES):
             lines = [f"{i} {1 if any(o['class_index'] == k for o in r.objects) else -1:2d}\n" for i, r in items]
-            (main / f"{name}_{split}.txt").write_text("".join(lines))
+            write_text_atomic(main / f"{name}_{split}.txt", "".join(lines))

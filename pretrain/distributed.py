@@ -1,4 +1,4 @@
-"""Process-group setup from torchrun's environment, rank helpers, seeding and RNG snapshots.
+"""Process-group setup from torchrun's environment, devices, rank helpers, seeding and RNG snapshots.
 
 A run is one process (no ``torchrun``) or one process per device under ``torchrun``, which sets
 ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. The device is the machine's accelerator when it has
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -43,6 +44,18 @@ def select_device(local_rank: int, force_cpu: bool = False) -> torch.device:
     accelerator = torch.accelerator.current_accelerator()
     torch.accelerator.set_device_index(local_rank)
     return torch.device(accelerator.type, local_rank)
+
+
+def make_batch_mover(device: torch.device, channels_last: bool) -> Callable[[dict], dict]:
+    """Moves every tensor of a batch to ``device``; images become channels-last if asked."""
+
+    def move(batch: dict) -> dict:
+        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if channels_last:
+            moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+        return moved
+
+    return move
 
 
 def init_distributed(force_cpu: bool = False, timeout_minutes: float = 30.0) -> DistContext:

@@ -1,0 +1,180 @@
+"""Checkpoint files: the one place that reads, names and writes them.
+
+Official VirTex checkpoints and ours are plain dicts whose ``model`` entry is the model's state
+dict (official ones also hold ``optimizer``, ``scheduler``, ``scaler`` and ``iteration``).
+Every checkpoint the project reads goes through :func:`read_checkpoint`, which uses
+``torch.load(weights_only=True)``: only tensors and plain containers are rebuilt, and a file
+that needs arbitrary unpickling (which could run any code) is refused unless the caller opts in
+explicitly (``--allow-unsafe-pickle`` on the command line). Every error is a
+:class:`CheckpointError` whose message starts with the file's path. Files are written with
+:func:`save_checkpoint`, atomically (:mod:`pretrain.files`).
+
+Training runs name their checkpoints ``checkpoint_{iteration}.pth`` (:func:`checkpoint_path`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+UNSAFE_OPT_IN_FLAG = "--allow-unsafe-pickle"
+TRAINING_CHECKPOINT_KEYS = ("model", "iteration")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, corrupt, truncated or of the wrong shape."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that could only be read by running arbitrary pickled code."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def checkpoint_path(output_dir: str | os.PathLike, iteration: int) -> Path:
+    """``output_dir/checkpoint_{iteration}.pth``."""
+    return Path(output_dir) / f"checkpoint_{iteration}.pth"
+
+
+def checkpoint_iteration(path: str | os.PathLike) -> int | None:
+    """The iteration in a ``checkpoint_N.pth`` file name, or None for any other name."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of every ``checkpoint_N.pth`` in ``output_dir``, oldest first."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    found = [(checkpoint_iteration(path), path) for path in directory.iterdir()]
+    return sorted((iteration, path) for iteration, path in found if iteration is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """True for torch.save's zip format and for pickles (torch's legacy format starts with one)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"  # zip local header / pickle protocol 2+
+
+
+def _unsafe_reason(error: Exception) -> str:
+    """The line of torch's weights_only error that names what the file wanted to run."""
+    for line in str(error).splitlines():
+        if "GLOBAL" in line:
+            return line.strip()
+    return "it is not a tensor-only checkpoint written by torch.save (e.g. a raw pickle)"
+
+
+def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
+    """The contents of a checkpoint file, tensors on the CPU, read as data only.
+
+    ``allow_unsafe_pickle=True`` retries a refused file with full unpickling (logged); only for
+    files from a trusted source. Raises :class:`UnsafeCheckpointError` for a refused file and
+    :class:`CheckpointError` for a missing, empty, corrupt or truncated one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err) and "Unsupported" not in str(err):
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {_first_line(err)}") from err
+        if not allow_unsafe_pickle:
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load: reading it needs arbitrary unpickling, which can run "
+                f"code hidden in the file ({_unsafe_reason(err)}). Checkpoints are read as data "
+                f"(torch.load(weights_only=True)). If you trust the file's source, opt in with "
+                f"{UNSAFE_OPT_IN_FLAG}."
+            ) from None
+        logger.warning("%s: loading with full unpickling (%s was given)", path, UNSAFE_OPT_IN_FLAG)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err2:  # a corrupt pickle raises anything from EOFError to ImportError
+            raise CheckpointError(f"{path}: corrupt checkpoint: {_first_line(err2)}") from err2
+    except Exception as err:  # torch's readers fail on damaged bytes with many exception types
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {_first_line(err)}") from err
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint of a training run: a dict holding at least ``model`` and ``iteration``."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (top level is {type(state).__name__}, not dict)")
+    missing = [key for key in TRAINING_CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    return state
+
+
+def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``model`` state dict of an official VirTex checkpoint or one of ours."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict with a 'model' entry, got {type(checkpoint).__name__}")
+    if "model" not in checkpoint:
+        raise CheckpointError(f"{path}: no 'model' entry (found keys: {sorted(map(str, checkpoint))})")
+    state = checkpoint["model"]
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise CheckpointError(f"{path}: 'model' is not a state dict of named tensors")
+    return state
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Strictly load the model weights of checkpoint ``path`` into ``model``.
+
+    Shared/tied tensors receive the same value from each of their aliased keys. Missing or
+    unexpected keys and shape mismatches raise :class:`CheckpointError` naming the file.
+    """
+    state = load_model_state(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: does not fit the model: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike, force: bool = False) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, creating its folder; returns ``path``.
+
+    With ``force=False`` an existing ``path`` is kept and ``FileExistsError`` raised.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: already exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
+    return path

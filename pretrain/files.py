@@ -1,0 +1,72 @@
+"""Atomic file writing: every file the project writes goes through :func:`atomic_write`.
+
+A file is written to a temporary name in its own folder, flushed to disk, then renamed over
+its final name, so a crash, a kill or a full disk at any moment leaves either the previous file
+or the complete new one, never a partial one. Readers (a resumed run, the demo's skip logic, a
+report) can therefore trust any file that exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (it lives in the directory's own entry)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """``with atomic_write(path, "wb") as handle:`` writes ``path`` atomically.
+
+    The folder must exist. If the block raises (including ``ENOSPC`` from a full disk), the
+    temporary file is removed and an existing ``path`` is left untouched.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if mode == "wb" else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dump_options: Any) -> None:
+    """``json.dump(data, **dump_options)`` to ``path`` atomically (indent 2 unless given)."""
+    dump_options.setdefault("indent", 2)
+    write_text_atomic(path, json.dumps(data, **dump_options) + "\n")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name_glob: str) -> None:
+    """Delete temporary files that a killed writer left for final names matching ``name_glob``."""
+    for stale in Path(directory).glob(f".{name_glob}.*.tmp"):
+        stale.unlink(missing_ok=True)
