@@ -26,7 +26,7 @@ demo: setup
 	$(PY) tools/demo.py $(DEMO_ARGS)
 
 lint: setup
-	$(PY) -m ruff check pretrain detectron2_ext tools tests
+	$(PY) -m ruff check pretrain detectron2_ext virtex_d2 tools tests
 
 clean-demo:
 	rm -rf outputs/demo datasets/builtin

@@ -43,7 +43,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["pretrain", "pretrain.*", "detectron2_ext", "detectron2_ext.*"]),
+    packages=find_packages(include=["pretrain", "pretrain.*", "detectron2_ext", "detectron2_ext.*", "virtex_d2", "virtex_d2.*"]),
     package_data={"pretrain.data.synthetic": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

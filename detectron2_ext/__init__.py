@@ -1,5 +1,6 @@
 """virtex-d2's detectron2 extension: config keys, registered heads, safe checkpoint loading,
-backbone conversion, evaluation and reports for VirTex downstream transfer.
+backbone conversion and evaluation for VirTex downstream transfer (reports and the pipeline
+live above it, in ``virtex_d2``).
 
 Importing the package registers its components with detectron2's registries.
 """

@@ -78,7 +78,7 @@ try:
     ops = "present"
 except ImportError:
     ops = "absent (pure-Python install: fast COCO eval, rotated boxes and deformable conv are unavailable)"
-import pretrain, detectron2_ext  # noqa: F401
+import pretrain, detectron2_ext, virtex_d2  # noqa: F401
 print(f"[setup] detectron2 {detectron2.__version__} from {detectron2.__file__.rsplit('/', 2)[0]}")
 print(f"[setup] detectron2 compiled ops: {ops}")
 print(f"[setup] torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")

@@ -4,10 +4,14 @@ detectron2 reads ``DETECTRON2_DATASETS`` once, when ``detectron2.data`` is first
 the built-in dataset's root is chosen here, before any test module imports detectron2.
 """
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# The tools' first import (tools/_bootstrap.py) must resolve when a test loads a tool as a module.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
 
 BUILTIN_ROOT = Path(tempfile.mkdtemp(prefix="virtex-d2-builtin-"))
 os.environ["DETECTRON2_DATASETS"] = str(BUILTIN_ROOT)

@@ -35,9 +35,8 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.malloc import (  # standard library only: runs before torch loads
     allocator_in_use,
@@ -117,11 +116,15 @@ def timed(fn, iters: int, warmup: int, sync) -> list[float]:
 def bench_pretrain(args, cfg) -> dict:
     import torch
 
-    from pretrain.distributed import make_batch_mover, seed_everything, select_device
-    from pretrain.engine.optim import build_optimizer, inner_optimizer
-    from pretrain.engine.trainer import forward_backward, optimizer_step
+    from pretrain.distributed import (
+        DistContext,
+        make_batch_mover,
+        seed_everything,
+        select_device,
+    )
+    from pretrain.engine.setup import build_training
+    from pretrain.engine.step import forward_backward
     from pretrain.precision import autocast_dtype, make_autocast
-    from pretrain.schedule import build_lr_scheduler
     from pretrain.tasks import build_model
 
     device = select_device(0, force_cpu=args.cpu)
@@ -131,37 +134,35 @@ def bench_pretrain(args, cfg) -> dict:
     else:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     channels_last = not (baseline or args.no_channels_last)
-
-    seed_everything(cfg.RANDOM_SEED)
-    model = build_model(cfg).to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if baseline:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.OPTIM.LR, momentum=cfg.OPTIM.SGD_MOMENTUM,
-                                    weight_decay=cfg.OPTIM.WEIGHT_DECAY)
-
-        def optimise():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer = build_optimizer(cfg, model)
-        scheduler = build_lr_scheduler(cfg, inner_optimizer(optimizer))
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def optimise():
-            optimizer_step(params, optimizer, scheduler, scaler, cfg.OPTIM.CLIP_GRAD_NORM)
-    train_model = torch.compile(model) if args.compile and not baseline else model
     batch = make_batch_mover(device, channels_last)(
         synthetic_batch(args.batch_size, args.image_size, cfg.DATA.VOCAB_SIZE, cfg.DATA.MAX_CAPTION_LENGTH,
                         torch.Generator().manual_seed(cfg.RANDOM_SEED))
     )
-    autocast = make_autocast(device, dtype)
+    seed_everything(cfg.RANDOM_SEED)
+    model = build_model(cfg)
     losses = []
+    if baseline:  # the official loop: plain SGD, fp32, no schedule, clipping or channels-last
+        model.to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.OPTIM.LR, momentum=cfg.OPTIM.SGD_MOMENTUM,
+                                    weight_decay=cfg.OPTIM.WEIGHT_DECAY)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        autocast = make_autocast(device, None)
 
-    def step():
-        losses.append(float(forward_backward(train_model, batch, scaler, autocast)["loss"]))
-        optimise()
+        def step():
+            losses.append(float(forward_backward(model, batch, scaler, autocast)["loss"]))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:  # the training loop's own set-up, with the precision and layout asked for
+        ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
+        cfg.defrost()
+        cfg.ENGINE.GRAD_ACCUM_STEPS = 1
+        cfg.OPTIM.BATCH_SIZE = args.batch_size
+        training = build_training(cfg, ctx, model, dtype=dtype, channels_last=channels_last,
+                                  compile_model=bool(args.compile))
+
+        def step():
+            losses.append(float(training.forward_backward(batch)["loss"]))
+            training.optimizer_step()
 
     sync = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
     times = timed(step, args.iters, args.warmup, sync)
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pretrain.config import load_config
+    from pretrain.files import write_json_atomic
     from pretrain.precision import cpu_has_native_bf16
 
     torch.set_num_threads(args.threads)
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and tools/pretrain.py would shadow the
-# pretrain package; the repository root must come first.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.data.captions import read_caption_records
 from pretrain.tokenizer import train_vocabulary
+from virtex_d2.cli import report_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         captions = [caption for record in read_caption_records(args.captions) for caption in record.captions]
         train_vocabulary(captions, args.output, args.vocab_size, keep_accents=args.keep_accents, force=args.force)
     except (OSError, ValueError) as err:
-        print(f"build_vocabulary: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("build_vocabulary", err, 1)
     return 0
 
 

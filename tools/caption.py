@@ -14,15 +14,11 @@ nucleus sampling); override any config key after ``--opts``, e.g.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 import torch
 
 from pretrain.checkpoint_io import CheckpointError
@@ -31,21 +27,19 @@ from pretrain.data.images import BadImageError, load_rgb_image
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import load_captioning_model
+from pretrain.files import write_json_atomic
 from pretrain.tokenizer import first_word_index, strip_special
+from virtex_d2.cli import add_common_flags, report_error, tool_parser
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="pretraining config (YAML) of the checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="official VirTex or virtex-d2 checkpoint (.pth)")
+    parser = tool_parser(__doc__)
     parser.add_argument("--images", required=True, help="folder of images to caption")
     parser.add_argument("--output", default="captions.json", help="JSON file to write (default: captions.json)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    add_common_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -77,16 +71,6 @@ def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, de
     return results
 
 
-def write_json_atomic(data, path: Path, force: bool) -> None:
-    """Write ``data`` as JSON through a temporary file; refuse to replace ``path`` unless ``force``."""
-    if path.exists() and not force:
-        raise FileExistsError(f"{path}: already exists (pass --force to overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(f.name, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -96,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.opts)
         images = list_images(args.images)
         results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))
-        write_json_atomic(results, output, args.force)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output, results, indent=1)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        print(f"caption: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("caption", err, 1)
     print(f"caption: wrote {len(results)} captions to {output}")
     return 0
 

@@ -22,8 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.checkpoint_io import CheckpointError
 from pretrain.config import ConfigError, load_config
@@ -40,15 +39,14 @@ from pretrain.downstream.linear_probe import (
     build_datasets,
     train_linear_probe,
 )
+from virtex_d2.cli import add_common_flags, report_error, tool_parser
 
 DEFAULTS = ProbeSettings()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="pretraining config (YAML) of the checkpoint")
+    parser = tool_parser(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="official VirTex or virtex-d2 checkpoint (.pth)")
     source.add_argument("--random-init", action="store_true", help="randomly initialised backbone (baseline)")
     parser.add_argument("--data-root", required=True, help="folder with train/<class>/ and val/<class>/")
     parser.add_argument("--output-dir", required=True, help="TensorBoard events, linear layer, metrics")
@@ -65,8 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-period", type=int, default=DEFAULTS.log_period)
     parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers, help="DataLoader workers per rank")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    parser.add_argument("--force", action="store_true", help="overwrite results already in --output-dir")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    add_common_flags(parser, force_help="overwrite results already in --output-dir", checkpoint=source, device=False)
     return parser.parse_args(argv)
 
 
@@ -88,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = LinearProbe(backbone, cfg.MODEL.VISUAL.FEATURE_SIZE, len(train_set.classes))
         metrics = train_linear_probe(probe, train_set, val_set, settings, ctx, args.output_dir)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        print(f"clf_linear: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("clf_linear", err, 1)
     finally:
         shutdown_distributed()
     if ctx.is_main:

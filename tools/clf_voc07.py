@@ -16,14 +16,12 @@ Override config keys after ``--opts``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.checkpoint_io import (
     CheckpointError,
@@ -40,6 +38,8 @@ from pretrain.downstream.voc07 import (
     evaluate_backbone,
     results_table,
 )
+from pretrain.files import write_json_atomic, write_text_atomic
+from virtex_d2.cli import add_common_flags, report_error, tool_parser
 
 
 def default_voc_root() -> str:
@@ -47,10 +47,8 @@ def default_voc_root() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="pretraining config (YAML) of the checkpoint(s)")
+    parser = tool_parser(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="one checkpoint file (.pth)")
     source.add_argument("--checkpoint-dir", help="evaluate every checkpoint_<iteration>.pth in this folder")
     source.add_argument("--random-init", action="store_true", help="randomly initialised backbone (baseline)")
     parser.add_argument("--voc-root", default=default_voc_root(),
@@ -62,9 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resize", type=int, default=256, help="shorter image side before the crop (default 256)")
     parser.add_argument("--crop", type=int, default=224, help="centre crop size (default 224)")
     parser.add_argument("--costs", type=float, nargs="+", default=list(SVM_COSTS), help="SVM costs to cross-validate")
-    parser.add_argument("--force", action="store_true", help="overwrite results already in --output-dir")
-    parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    add_common_flags(parser, config_help="pretraining config (YAML) of the checkpoint(s)", checkpoint_help="one checkpoint file (.pth)", force_help="overwrite results already in --output-dir", checkpoint=source)
     return parser.parse_args(argv)
 
 
@@ -107,12 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, iteration, result))
                 details[name] = {"checkpoint": path, "iteration": iteration, **result.to_dict()}
         table = results_table(rows)
-        outputs[0].write_text(table, encoding="utf-8")
-        outputs[1].write_text(json.dumps(details, indent=2), encoding="utf-8")
+        write_text_atomic(outputs[0], table)
+        write_json_atomic(outputs[1], details)
         print(table, end="")
     except (ConfigError, CheckpointError, VocLayoutError, BadImageError, OSError, ValueError) as err:
-        print(f"clf_voc07: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("clf_voc07", err, 1)
     return 0
 
 

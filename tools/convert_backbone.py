@@ -18,13 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from detectron2_ext import load_config
 from detectron2_ext.convert import ConversionError
 from detectron2_ext.transfer import convert_checkpoint_file, describe
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG, CheckpointError
+from virtex_d2.cli import report_error
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 DEFAULT_TARGETS = [CONFIG_DIR / "coco_segm_default_init_2x.yaml", CONFIG_DIR / "voc_det_default_init_24k.yaml"]
@@ -54,8 +54,7 @@ def main(argv=None) -> int:
             args.input, args.output, targets, force=args.force, allow_unsafe_pickle=args.allow_unsafe_pickle
         )
     except (CheckpointError, ConversionError, FileExistsError) as e:
-        print(f"convert_backbone: error: {e}", file=sys.stderr)
-        return 2
+        return report_error("convert_backbone", e, 2)
     print(f"Converted {describe(backbone, args.input)}")
     for check in checks:
         print(f"  verified {check.summary()}")

@@ -15,11 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from detectron2_ext.demo import DemoSettings, build_stages, lvis_mask_ap
-from detectron2_ext.stages import StageError, format_timings, run_stages
+from virtex_d2.cli import report_error
+from virtex_d2.pipeline.demo import DemoSettings, build_stages, lvis_mask_ap
+from virtex_d2.pipeline.stages import StageError, format_timings, run_stages
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # the stages run this checkout's tools and configs
 
 
 def parse_args(argv=None) -> DemoSettings:
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> DemoSettings:
     parser.add_argument("--num-captions", type=int, default=defaults.num_captions, help="example captions to show")
     parser.add_argument("--force", action="store_true", help="redo every stage, replacing its outputs")
     args = parser.parse_args(argv)
-    settings = DemoSettings(**{k: v for k, v in vars(args).items() if k != "force"})
+    settings = DemoSettings(checkout=CHECKOUT, **{k: v for k, v in vars(args).items() if k != "force"})
     return settings, args.force
 
 
@@ -50,8 +52,7 @@ def main(argv=None) -> int:
     try:
         results = run_stages(build_stages(settings), force=force, env=env)
     except StageError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 1
+        return report_error("demo", e, 1)
     print("\nStage timings (seconds):\n" + format_timings(results))
     ap = lvis_mask_ap(settings)
     print(f"\nLVIS val mask AP: VirTex init {ap['virtex']:.2f}, random init {ap['random']:.2f} "

@@ -19,13 +19,11 @@ The checkpoint must fit the config's model exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.caption_metrics import load_references
 from pretrain.checkpoint_io import CheckpointError
@@ -39,22 +37,20 @@ from pretrain.downstream.caption_eval import (
     score_captions,
     word_grounding,
 )
+from pretrain.files import write_json_atomic
 from pretrain.tasks import build_dataset
 from pretrain.tokenizer import first_word_index
+from virtex_d2.cli import add_common_flags, report_error, tool_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="pretraining config (YAML) of the checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="official VirTex or virtex-d2 checkpoint (.pth)")
+    parser = tool_parser(__doc__)
     parser.add_argument("--split", default="val", choices=("val", "train"), help="COCO split to caption (default: val)")
     parser.add_argument("--output", default=None, help="JSON file for scores and captions (default: print only)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per decoding batch")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
     parser.add_argument("--words", type=int, default=20, help="most frequent words whose grounding gap is printed")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --output file")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    add_common_flags(parser, force_help="overwrite an existing --output file")
     args = parser.parse_args(argv)
     if args.words < 0:
         parser.error(f"--words must be 0 or more, got {args.words}")
@@ -80,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index(cfg.DATA), device,
                                args.batch_size, args.num_workers)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError, KeyError) as err:
-        print(f"eval_captioning: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("eval_captioning", err, 1)
     for name, value in scores.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     if args.words > 0:
@@ -97,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             "word_grounding": [{**asdict(w), "gap": w.gap} for w in words],
             "captions": [{"image_id": i, "caption": captions[i]} for i in sorted(captions)],
         }
-        Path(args.output).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        write_json_atomic(args.output, payload)
     return 0
 
 

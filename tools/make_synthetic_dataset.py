@@ -8,11 +8,11 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, not tools/pretrain.py
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.data.synthetic import make_synthetic_dataset
+from virtex_d2.cli import report_error
 
 
 def main(argv=None) -> int:
@@ -29,8 +29,7 @@ def main(argv=None) -> int:
         manifest = make_synthetic_dataset(args.root, args.num_train, args.num_val, args.image_size,
                                           args.seed, force=args.force)
     except (FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error("make_synthetic_dataset", err, 2)
     print(json.dumps(manifest, indent=2))
     return 0
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.malloc import (
     reexec_with_tuned_malloc,  # standard library only: runs before torch loads
 )
+from virtex_d2.cli import report_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,18 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pretrain.checkpoint_io import CheckpointError
     from pretrain.config import ConfigError, load_config
+    from pretrain.data.checks import DatasetCheckError
+    from pretrain.data.shards import ShardError, TooManyBadSamplesError
     from pretrain.engine.trainer import NonFiniteLossError, run_pretraining
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"pretrain: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("pretrain", err, 2)
     try:
         run_pretraining(cfg, args.output_dir, resume=args.resume)
-    except (NonFiniteLossError, CheckpointError, FileExistsError) as err:
-        print(f"pretrain: error: {err}", file=sys.stderr)
-        return 1
+    except DatasetCheckError as err:
+        print(err.listing, file=sys.stderr)
+        return report_error("pretrain", ValueError(err.headline), 2)
+    except ShardError as err:
+        return report_error("pretrain", err, 2)
+    except (NonFiniteLossError, CheckpointError, FileExistsError, TooManyBadSamplesError) as err:
+        return report_error("pretrain", err, 1)
     return 0
 
 

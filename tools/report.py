@@ -15,15 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from detectron2_ext.pretraining_report import (
+from virtex_d2.cli import report_error
+from virtex_d2.reports.downstream import read_run, write_report
+from virtex_d2.reports.pretraining import (
     PretrainingSummary,
     read_caption_examples,
     read_curves,
 )
-from detectron2_ext.report import read_run, write_report
 
 
 def parse_run(text: str):
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
             summary = PretrainingSummary(Path(args.pretrain_dir), read_curves(args.pretrain_dir), examples)
         paths = write_report(runs, args.output, force=args.force, pretraining=summary)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        return 2
+        return report_error("report", e, 2)
     print((Path(args.output) / "report.md").read_text())
     print("Wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -18,8 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.checkpoint_io import CheckpointError
 from pretrain.config import ConfigError, load_config
@@ -34,21 +33,18 @@ from pretrain.downstream.attention import (
 )
 from pretrain.downstream.caption_eval import load_captioning_model
 from pretrain.tokenizer import first_word_index
+from virtex_d2.cli import add_common_flags, report_error, tool_parser
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="pretraining config (YAML) of the checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="official VirTex or virtex-d2 checkpoint (.pth)")
+    parser = tool_parser(__doc__)
     parser.add_argument("--images", nargs="*", default=[], help="image files and/or folders (default: COCO val split)")
     parser.add_argument("--output-dir", required=True, help="folder for the PNGs and index.html")
     parser.add_argument("--max-images", type=int, default=16, help="visualise at most this many images")
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer whose attention is shown (default: last)")
-    parser.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --output-dir")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    add_common_flags(parser, force_help="write into a non-empty --output-dir")
     return parser.parse_args(argv)
 
 
@@ -98,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             "heat-maps are cross-attention probabilities averaged over heads.",
         )
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        print(f"visualize_attention: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("visualize_attention", err, 1)
     print(f"open {page.resolve().as_uri()} in a browser")
     return 0
 

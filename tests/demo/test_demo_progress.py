@@ -1,7 +1,7 @@
 """The demo's bar for a side-by-side fine-tuning follows detectron2's metrics.json."""
 import json
 
-from detectron2_ext.demo import _iterations_done
+from virtex_d2.pipeline.demo import _iterations_done
 
 
 def test_iterations_done_reads_the_last_logged_iteration(tmp_path):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from detectron2_ext.stages import (
+from virtex_d2.pipeline.stages import (
     SideBySide,
     Stage,
     StageError,

@@ -20,7 +20,7 @@ from detectron2_ext.compat import (
     patch_lvis_numpy,
 )
 from detectron2_ext.datasets import check_dataset_files, check_datasets_root
-from detectron2_ext.report import read_run, write_report
+from virtex_d2.reports.downstream import read_run, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "detectron2"

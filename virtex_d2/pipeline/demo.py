@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from detectron2_ext.evaluation import RESULTS_FILE
 from pretrain.checkpoint_io import (
     CheckpointError,
     checkpoint_path,
@@ -20,22 +21,24 @@ from pretrain.checkpoint_io import (
 )
 from pretrain.config import config_differences, load_config
 from pretrain.data.synthetic import is_complete
+from virtex_d2.pipeline.stages import SideBySide, Stage
+from virtex_d2.reports.pretraining import read_caption_examples
 
-from .evaluation import RESULTS_FILE
-from .pretraining_report import read_caption_examples
-from .stages import SideBySide, Stage
-
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN_CONFIG = REPO / "configs/builtin/bicaptioning_R_18_L1_H256.yaml"
-FINETUNE_CONFIG = REPO / "configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml"
+PRETRAIN_CONFIG = "configs/builtin/bicaptioning_R_18_L1_H256.yaml"
+FINETUNE_CONFIG = "configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml"
 VOCAB_SIZE = 256
 LVIS_VAL = "lvis_v1_val"
 
 
 @dataclass
 class DemoSettings:
-    """Where the demo reads and writes, and how big each stage is."""
+    """Where the demo reads and writes, and how big each stage is.
 
+    ``checkout`` is the virtex-d2 checkout whose ``tools/`` and ``configs/`` the stages run:
+    each stage is one of the project's command-line tools, so that a user can re-run it by hand.
+    """
+
+    checkout: Path = Path(".")
     data_root: Path = Path("datasets/builtin")
     output_dir: Path = Path("outputs/demo")
     num_train: int = 1000
@@ -73,9 +76,17 @@ class DemoSettings:
     def finetune_dir(self, init: str) -> Path:
         return self.output_dir / f"lvis_{init}"
 
+    @property
+    def pretrain_config(self) -> Path:
+        return self.checkout / PRETRAIN_CONFIG
 
-def _tool(name: str) -> list:
-    return [sys.executable, str(REPO / "tools" / name)]
+    @property
+    def finetune_config(self) -> Path:
+        return self.checkout / FINETUNE_CONFIG
+
+    def tool(self, name: str) -> list:
+        """The command that runs ``tools/<name>`` with this interpreter."""
+        return [sys.executable, str(self.checkout / "tools" / name)]
 
 
 def _dataset_complete(s: DemoSettings) -> bool:
@@ -104,7 +115,7 @@ def _pretraining_made_otherwise(s: DemoSettings) -> str | None:
         state = read_training_checkpoint(newest)
     except CheckpointError:  # unreadable: the trainer falls back to an older one and says so
         return None
-    wanted = load_config(str(PRETRAIN_CONFIG), _pretrain_overrides(s))
+    wanted = load_config(str(s.pretrain_config), _pretrain_overrides(s))
     changes = config_differences(state["config"], wanted) if "config" in state else ["it records no config"]
     if not changes:
         return None
@@ -148,7 +159,7 @@ def _iterations_done(directory: Path) -> int:
 def _finetune_stage(s: DemoSettings, init: str, weights: str) -> Stage:
     directory = s.finetune_dir(init)
     command = [
-        *_tool("train_net.py"), "--config-file", FINETUNE_CONFIG,
+        *s.tool("train_net.py"), "--config-file", s.finetune_config,
         "MODEL.WEIGHTS", weights, "VIRTEX.INIT_NAME", init, "SEED", s.seed,
         "SOLVER.MAX_ITER", s.finetune_iters, "OUTPUT_DIR", directory,
     ]
@@ -165,19 +176,19 @@ def _finetune_stage(s: DemoSettings, init: str, weights: str) -> Stage:
 
 def build_stages(s: DemoSettings) -> list:
     """The demo's stages in order; ``s`` fixes every path and size."""
-    pretrain = [*_tool("pretrain.py"), "--config", PRETRAIN_CONFIG, "--output-dir", s.pretrain_dir,
+    pretrain = [*s.tool("pretrain.py"), "--config", s.pretrain_config, "--output-dir", s.pretrain_dir,
                 *_pretrain_overrides(s)]
     return [
         Stage(
             name="dataset",
-            command=[*_tool("make_synthetic_dataset.py"), "--root", s.data_root, "--num-train", s.num_train,
+            command=[*s.tool("make_synthetic_dataset.py"), "--root", s.data_root, "--num-train", s.num_train,
                      "--num-val", s.num_val, "--image-size", s.image_size],
             is_complete=lambda: _dataset_complete(s),
             force_args=["--force"],
         ),
         Stage(
             name="vocabulary",
-            command=[*_tool("build_vocabulary.py"), "--captions",
+            command=[*s.tool("build_vocabulary.py"), "--captions",
                      s.data_root / "coco" / "annotations" / "captions_train2017.json",
                      "--output", s.vocab_prefix, "--vocab-size", VOCAB_SIZE],
             is_complete=lambda: Path(f"{s.vocab_prefix}.model").is_file(),
@@ -194,7 +205,7 @@ def build_stages(s: DemoSettings) -> list:
         ),
         Stage(
             name="captions",
-            command=[*_tool("caption.py"), "--config", PRETRAIN_CONFIG, "--checkpoint", s.final_checkpoint,
+            command=[*s.tool("caption.py"), "--config", s.pretrain_config, "--checkpoint", s.final_checkpoint,
                      "--images", s.data_root / "coco" / "val2017", "--output", s.captions_file,
                      "--opts", "DATA.TOKENIZER_MODEL", f"{s.vocab_prefix}.model"],
             is_complete=lambda: s.captions_file.is_file(),
@@ -203,8 +214,8 @@ def build_stages(s: DemoSettings) -> list:
         ),
         Stage(
             name="convert",
-            command=[*_tool("convert_backbone.py"), "--input", s.final_checkpoint, "--output", s.weights,
-                     "--config-file", FINETUNE_CONFIG],
+            command=[*s.tool("convert_backbone.py"), "--input", s.final_checkpoint, "--output", s.weights,
+                     "--config-file", s.finetune_config],
             is_complete=lambda: s.weights.is_file(),
             force_args=["--force"],
         ),
@@ -214,7 +225,7 @@ def build_stages(s: DemoSettings) -> list:
                    log_dir=s.output_dir / "logs"),
         Stage(
             name="report",
-            command=[*_tool("report.py"), f"virtex={s.finetune_dir('virtex')}", f"random={s.finetune_dir('random')}",
+            command=[*s.tool("report.py"), f"virtex={s.finetune_dir('virtex')}", f"random={s.finetune_dir('random')}",
                      "--output", s.output_dir, "--pretrain-dir", s.pretrain_dir, "--captions", s.captions_file,
                      "--caption-references", s.caption_references, "--num-captions", s.num_captions, "--force"],
             is_complete=lambda: (s.output_dir / "report.md").is_file(),

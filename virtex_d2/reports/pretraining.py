@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .plots import save_line_plot
+from virtex_d2.reports.plots import save_line_plot
 
 CURVES_FILE = "pretraining_loss.png"
 

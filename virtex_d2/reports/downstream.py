@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from . import pretraining_report
-from .evaluation import RESULTS_FILE
-from .plots import save_line_plot
+from detectron2_ext.evaluation import RESULTS_FILE
+from pretrain.files import write_json_atomic, write_text_atomic
+from virtex_d2.reports import pretraining as pretraining_report
+from virtex_d2.reports.plots import save_line_plot
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 FREQUENCY_METRICS = ("APr", "APc", "APf")
@@ -141,7 +142,7 @@ def plot_losses(runs, path: Path) -> None:
 def write_report(runs, output_dir, force: bool = False, pretraining=None) -> list:
     """Write the report files into ``output_dir``; returns their paths.
 
-    ``pretraining``: an optional :class:`~detectron2_ext.pretraining_report.PretrainingSummary`
+    ``pretraining``: an optional :class:`~virtex_d2.reports.pretraining.PretrainingSummary`
     whose loss curve and example captions are appended to the report.
     """
     output_dir = Path(output_dir)
@@ -158,8 +159,8 @@ def write_report(runs, output_dir, force: bool = False, pretraining=None) -> lis
     if pretraining is not None:
         markdown += "\n" + pretraining_report.to_markdown(pretraining)
         pretraining_report.write_pretraining_files(pretraining, output_dir)
-    (output_dir / "report.md").write_text(markdown)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(output_dir / "report.md", markdown)
+    write_json_atomic(output_dir / "report.json", report, allow_nan=False)
     plot_losses(runs, output_dir / "loss_curves.png")
     for name, (dataset, tasks) in frequency_plots.items():
         plot_ap_by_frequency(tasks, dataset, output_dir / name)

@@ -1,0 +1,65 @@
+"""Starting a run: a fresh output folder, or ``--resume`` from its newest usable checkpoint."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pretrain.checkpoint_io import checkpoint_path, list_checkpoints
+from pretrain.config import config_differences
+from pretrain.distributed import seed_everything, set_rng_state
+from pretrain.engine.checkpoint import CheckpointManager
+from pretrain.engine.setup import Training
+
+logger = logging.getLogger("pretrain.engine")
+
+
+def restore(training: Training, state: dict) -> int:
+    """Load a checkpoint into the run's objects and this rank's RNG; returns its iteration."""
+    ctx, seed = training.ctx, training.cfg.RANDOM_SEED
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved without fp16 (e.g. on CPU); the scale then starts afresh
+        training.scaler.load_state_dict(state["scaler"])
+    iteration = int(state["iteration"])
+    rng = state.get("rng", [])
+    if len(rng) == ctx.world_size:
+        set_rng_state(rng[ctx.rank])
+    else:
+        logger.warning(
+            "checkpoint holds RNG states of %d ranks, this run has %d: reseeding each rank from "
+            "(RANDOM_SEED, rank, iteration); the data order is unaffected",
+            len(rng),
+            ctx.world_size,
+        )
+        seed_everything(seed + ctx.rank + 1_000_003 * iteration)
+    return iteration
+
+
+def start_or_resume(training: Training, manager: CheckpointManager, output_dir: Path, resume: bool) -> int:
+    """The iteration the run continues after: 0 for a fresh run, the checkpoint's on ``--resume``.
+
+    A fresh run refuses a folder that already holds checkpoints; a resumed one warns, naming the
+    keys, when the config differs from the checkpoint's.
+    """
+    if not resume:
+        if list_checkpoints(output_dir):
+            raise FileExistsError(
+                f"{output_dir} already holds checkpoints; pass --resume to continue that run or choose "
+                "another output directory"
+            )
+        return 0
+    state = manager.load_latest()
+    if state is None:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
+        return 0
+    start = restore(training, state)
+    logger.info("resumed from %s", checkpoint_path(output_dir, start))
+    changes = config_differences(state["config"], training.cfg) if "config" in state else []
+    if changes:
+        logger.warning(
+            "the config differs from the one checkpoint_%d.pth was trained with, so the run "
+            "continues with another recipe (config.yaml now holds the new one): %s",
+            start, "; ".join(changes),
+        )
+    return start

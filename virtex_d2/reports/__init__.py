@@ -1,0 +1,2 @@
+"""Reports from what the pipeline's stages wrote: downstream tables and curves, pretraining curves
+and example captions. Nothing is recomputed."""
