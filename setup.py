@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.3,<2",
     "scipy>=1.10,<2",
     "opencv-python>=4.8,<6",
+    "webdataset>=1.0.2,<2",  # tar shards (DATA.FORMAT webdataset)
+    "pyarrow>=14,<27",  # parquet caption tables (tools/make_shards.py)
 ]
 
 EXTRAS_REQUIRE = {

@@ -47,6 +47,16 @@ def get_default_config() -> CfgNode:
     # Not in the official code:
     C.DATA.NUM_WORKERS = 2  # DataLoader worker processes per rank
     C.DATA.SKIP_BAD_IMAGES = False  # True: skip (and count) unreadable images instead of failing
+    # coco: DATA.ROOT in the COCO 2017 layout | webdataset: tar shards ({key}.jpg/.txt/.json, the
+    # img2dataset layout), read by pretrain/data/shards.py as an endless seeded stream
+    C.DATA.FORMAT = "coco"
+    # webdataset: train and val shards, each a brace pattern ("corpus/{00000..00999}.tar"), a
+    # .txt file listing one shard a line, a URL ("https://host/{0..9}.tar") or "pipe:COMMAND"
+    C.DATA.SHARDS = ""
+    C.DATA.VAL_SHARDS = ""
+    C.DATA.CAPTION_FIELD = "txt"  # webdataset: "txt" (each line of {key}.txt a caption) | "json:FIELD"
+    C.DATA.SHUFFLE_BUFFER = 1000  # webdataset: samples of a shard shuffled through a buffer this large
+    C.DATA.MAX_BAD_FRACTION = 0.001  # webdataset: stop once more of a rank's samples than this were bad
 
     C.MODEL = CfgNode()
     # virtex | bicaptioning | captioning | token_classification | multilabel_classification

@@ -76,6 +76,44 @@ def read_caption_records(captions_json: str | os.PathLike) -> list[ImageRecord]:
     return [ImageRecord(image_id, file_names[image_id], tuple(captions[image_id])) for image_id in sorted(captions)]
 
 
+class CaptionSamples:
+    """From an image record and its decoded RGB image to the sample dict of the caption tasks.
+
+    Draws one of the record's captions with torch's global RNG, runs the caption-aware
+    ``transform`` and tokenizes. The COCO folder reader (:class:`CocoCaptionsDataset`) and the
+    shard reader (:mod:`pretrain.data.shards`) share one such object, so the same image, captions
+    and RNG seed give identical tensors through both. Subclasses change :meth:`make_sample`.
+    """
+
+    def __init__(self, tokenizer: SentencePieceBPETokenizer, transform: CaptionTransform, max_caption_length: int = 30):
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.max_caption_length = max_caption_length
+        self.sos_id = tokenizer.token_to_id("[SOS]")
+        self.eos_id = tokenizer.token_to_id("[EOS]")
+
+    def __call__(self, record: ImageRecord, image: Image.Image) -> dict[str, Any]:
+        caption = record.captions[int(torch.randint(len(record.captions), ()))]
+        image, caption = self.transform(image, caption)
+        return self.make_sample(record, image, self.tokenize(caption))
+
+    def tokenize(self, caption: str) -> list[int]:
+        """``[SOS] caption [EOS]`` cut to ``max_caption_length``."""
+        tokens = [self.sos_id, *self.tokenizer.encode(caption), self.eos_id]
+        return tokens[: self.max_caption_length]
+
+    def make_sample(self, record: ImageRecord, image: torch.Tensor, tokens: list[int]) -> dict[str, Any]:
+        """The keys listed in :class:`CocoCaptionsDataset`."""
+        caption_tokens = torch.tensor(tokens, dtype=torch.long)
+        return {
+            "image_id": torch.tensor(record.image_id, dtype=torch.long),
+            "image": image,
+            "caption_tokens": caption_tokens,
+            "noitpac_tokens": caption_tokens.flip(0),
+            "caption_lengths": torch.tensor(len(tokens), dtype=torch.long),
+        }
+
+
 class CocoCaptionsDataset(Dataset):
     """Image-caption samples for (bi)captioning and token classification.
 
@@ -111,11 +149,8 @@ class CocoCaptionsDataset(Dataset):
         self.image_dir = Path(root) / f"{split}2017"
         self.captions_json = Path(root) / "annotations" / f"captions_{split}2017.json"
         self.tokenizer = tokenizer
-        self.transform = transform
-        self.max_caption_length = max_caption_length
+        self.samples = self.sample_maker(tokenizer, transform, max_caption_length)
         self.skip_bad_images = skip_bad_images
-        self.sos_id = tokenizer.token_to_id("[SOS]")
-        self.eos_id = tokenizer.token_to_id("[EOS]")
         # Shared memory, so the counts of DataLoader workers reach the main process.
         self._skip_counts = torch.zeros(_SKIP_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
 
@@ -183,23 +218,16 @@ class CocoCaptionsDataset(Dataset):
             f"{self.image_dir}: {_MAX_CONSECUTIVE_SKIPS + 1} unreadable images in a row from index {index}"
         )
 
-    def _tokenize(self, caption: str) -> list[int]:
-        tokens = [self.sos_id, *self.tokenizer.encode(caption), self.eos_id]
-        return tokens[: self.max_caption_length]
+    def sample_maker(
+        self, tokenizer: SentencePieceBPETokenizer, transform: CaptionTransform, max_caption_length: int
+    ) -> CaptionSamples:
+        """What turns a record and its image into a sample; subclasses return their own kind."""
+        return CaptionSamples(tokenizer, transform, max_caption_length)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         position, record, image = self._load(index)
-        caption = record.captions[int(torch.randint(len(record.captions), ()))]
-        image, caption = self.transform(image, caption)
-        return self._make_sample(position, record, image, self._tokenize(caption))
+        return self._finish(position, self.samples(record, image))
 
-    def _make_sample(self, position: int, record: ImageRecord, image: torch.Tensor, tokens: list[int]) -> dict[str, Any]:
-        """The sample dict; subclasses add or replace keys. ``position`` is the index loaded."""
-        caption_tokens = torch.tensor(tokens, dtype=torch.long)
-        return {
-            "image_id": torch.tensor(record.image_id, dtype=torch.long),
-            "image": image,
-            "caption_tokens": caption_tokens,
-            "noitpac_tokens": caption_tokens.flip(0),
-            "caption_lengths": torch.tensor(len(tokens), dtype=torch.long),
-        }
+    def _finish(self, position: int, sample: dict[str, Any]) -> dict[str, Any]:
+        """Subclasses add keys that depend on the dataset ``position`` loaded; none here."""
+        return sample

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -10,14 +11,16 @@ class BadImageError(OSError):
     """An image file that is missing, truncated or not an image."""
 
 
-def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully and return it as an RGB PIL image.
+def load_rgb_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """Decode ``path`` (a file name, or an open binary file named ``name`` in errors, such as a
+    tar member's bytes) fully and return it as an RGB PIL image.
 
     Greyscale, CMYK and palette files are converted to RGB; an alpha channel is
     dropped (as OpenCV's ``imread``, which the official code uses, does). Raises
     :class:`BadImageError` naming the file when it is missing or cannot be decoded, so a
     corrupt file surfaces here and not as an obscure error inside a transform.
     """
+    name = name or path
     try:
         with Image.open(path) as image:
             image.load()
@@ -27,6 +30,6 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
                 image = image.convert("RGBA")  # PIL's route for palettes with a transparent index
             return image.convert("RGB")
     except FileNotFoundError:
-        raise BadImageError(f"{path}: image file not found") from None
+        raise BadImageError(f"{name}: image file not found") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"{path}: cannot read image ({err})") from None
+        raise BadImageError(f"{name}: cannot read image ({err})") from None

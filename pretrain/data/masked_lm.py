@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pretrain.data.captions import CocoCaptionsDataset, ImageRecord
+from pretrain.data.captions import CaptionSamples, CocoCaptionsDataset, ImageRecord
 
 
 def mask_caption_tokens(
@@ -48,12 +48,23 @@ def mask_caption_tokens(
     return masked, labels
 
 
-class MaskedLmDataset(CocoCaptionsDataset):
-    """COCO Captions samples with masked captions.
+def check_masking(mask_proportion: float, mask_probability: float, replace_probability: float) -> None:
+    """``ValueError`` naming the ``DATA.MASKED_LM`` keys unless the three are valid probabilities."""
+    if not 0 < mask_proportion <= 1:
+        raise ValueError(f"DATA.MASKED_LM.MASK_PROPORTION must be in (0, 1], got {mask_proportion}")
+    if not (0 <= mask_probability and 0 <= replace_probability and mask_probability + replace_probability <= 1):
+        raise ValueError(
+            f"DATA.MASKED_LM: MASK_PROBABILITY ({mask_probability}) and REPLACE_PROBABILITY "
+            f"({replace_probability}) must be probabilities summing to at most 1"
+        )
+
+
+class MaskedLmSamples(CaptionSamples):
+    """Caption samples whose tokens are corrupted by :func:`mask_caption_tokens`.
 
     Keys: ``image_id``, ``image``, ``caption_tokens`` (``[SOS] caption [EOS]`` cut to the
-    maximum length, then corrupted by :func:`mask_caption_tokens`), ``masked_labels`` (same
-    length; original ids at the chosen positions, 0 elsewhere) and ``caption_lengths``.
+    maximum length, then corrupted), ``masked_labels`` (same length; original ids at the chosen
+    positions, 0 elsewhere) and ``caption_lengths``.
     """
 
     def __init__(
@@ -64,13 +75,7 @@ class MaskedLmDataset(CocoCaptionsDataset):
         replace_probability: float = 0.10,
         **kwargs: Any,
     ):
-        if not 0 < mask_proportion <= 1:
-            raise ValueError(f"DATA.MASKED_LM.MASK_PROPORTION must be in (0, 1], got {mask_proportion}")
-        if not (0 <= mask_probability and 0 <= replace_probability and mask_probability + replace_probability <= 1):
-            raise ValueError(
-                f"DATA.MASKED_LM: MASK_PROBABILITY ({mask_probability}) and REPLACE_PROBABILITY "
-                f"({replace_probability}) must be probabilities summing to at most 1"
-            )
+        check_masking(mask_proportion, mask_probability, replace_probability)
         super().__init__(*args, **kwargs)
         self.mask_proportion = mask_proportion
         self.mask_probability = mask_probability
@@ -78,7 +83,7 @@ class MaskedLmDataset(CocoCaptionsDataset):
         self.mask_id = self.tokenizer.token_to_id("[MASK]")
         self.special_ids = (self.tokenizer.token_to_id("<unk>"), self.sos_id, self.eos_id, self.mask_id)
 
-    def _make_sample(self, position: int, record: ImageRecord, image: torch.Tensor, tokens: list[int]) -> dict[str, Any]:
+    def make_sample(self, record: ImageRecord, image: torch.Tensor, tokens: list[int]) -> dict[str, Any]:
         masked, labels = mask_caption_tokens(
             torch.tensor(tokens, dtype=torch.long),
             self.special_ids,
@@ -95,3 +100,23 @@ class MaskedLmDataset(CocoCaptionsDataset):
             "masked_labels": labels,
             "caption_lengths": torch.tensor(len(tokens), dtype=torch.long),
         }
+
+
+class MaskedLmDataset(CocoCaptionsDataset):
+    """COCO Captions samples with masked captions (the keys of :class:`MaskedLmSamples`)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        mask_proportion: float = 0.15,
+        mask_probability: float = 0.85,
+        replace_probability: float = 0.10,
+        **kwargs: Any,
+    ):
+        check_masking(mask_proportion, mask_probability, replace_probability)
+        self._masking = {"mask_proportion": mask_proportion, "mask_probability": mask_probability,
+                         "replace_probability": replace_probability}
+        super().__init__(*args, **kwargs)
+
+    def sample_maker(self, tokenizer, transform, max_caption_length) -> MaskedLmSamples:
+        return MaskedLmSamples(tokenizer, transform, max_caption_length, **self._masking)

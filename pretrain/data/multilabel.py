@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.data.captions import CocoCaptionsDataset, ImageRecord, require
+from pretrain.data.captions import CocoCaptionsDataset, require
 from pretrain.data.dataset_root import load_json
 
 
@@ -58,7 +58,6 @@ class MultiLabelClassificationDataset(CocoCaptionsDataset):
     def num_classes(self) -> int:
         return len(self.category_ids)
 
-    def _make_sample(self, position: int, record: ImageRecord, image: torch.Tensor, tokens: list[int]) -> dict[str, Any]:
-        sample = super()._make_sample(position, record, image, tokens)
+    def _finish(self, position: int, sample: dict[str, Any]) -> dict[str, Any]:
         sample["labels"] = torch.from_numpy(self._labels[position].copy())
         return sample

@@ -13,12 +13,12 @@ the number of DataLoader workers does not change the data.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from pretrain.distributed import seeded_rng
 
 # Large odd constants that spread (seed, iteration, position) over the 63-bit seed space.
 _ITER_STRIDE = 0x9E3779B97F4A7C15 >> 1
@@ -98,13 +98,5 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         seed, index = key
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+        with seeded_rng(seed):
+            return self.dataset[index]
