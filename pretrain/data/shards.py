@@ -147,13 +147,15 @@ def mix_seed(*values: int) -> int:
     return int(state[0]) >> 1
 
 
-def read_shard(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard as webdataset groups them: ``{"__key__", "__url__", ext: bytes}``.
+def read_shard(url: str, extensions: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard as webdataset groups them: ``{"__key__", "__url__", ext: bytes}``,
+    with only the members whose extension is in ``extensions`` when given.
 
     A shard that cannot be opened or is not a readable tar raises :class:`ShardError` naming it.
     """
+    select = None if extensions is None else (lambda name: wds.tariterators.base_plus_ext(name)[1] in extensions)
     try:
-        yield from wds.tarfile_samples([{"url": url}])
+        yield from wds.tarfile_samples([{"url": url}], select_files=select)
     except (OSError, tarfile.TarError, ValueError) as err:
         raise ShardError(f"{url}: cannot read shard ({err.args[0] if err.args else type(err).__name__})") from None
 
@@ -168,6 +170,12 @@ def image_id_of(key: str, meta: dict[str, Any]) -> int:
     if name.isdigit() and int(name) < 2**63:
         return int(name)
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def check_caption_field(field: str) -> None:
+    """``ValueError`` unless ``field`` is ``txt`` or ``json:FIELD``."""
+    if field != "txt" and not (field.startswith("json:") and len(field) > len("json:")):
+        raise ValueError(f"the caption field (DATA.CAPTION_FIELD) must be 'txt' or 'json:FIELD', got '{field}'")
 
 
 def _captions(raw: dict[str, Any], meta: dict[str, Any], field: str) -> tuple[str, ...]:
@@ -190,6 +198,40 @@ def _captions(raw: dict[str, Any], meta: dict[str, Any], field: str) -> tuple[st
     if not captions:
         raise _Bad("empty caption")
     return captions
+
+
+def _meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sample's parsed ``.json`` (empty without one); ``_Bad`` when it is not a JSON object."""
+    if "json" not in raw:
+        return {}
+    try:
+        meta = json.loads(raw["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _Bad(".json is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise _Bad(".json is not an object")
+    return meta
+
+
+def sample_captions(
+    shards: Sequence[str], caption_field: str = "txt", max_captions: int | None = None, seed: int = 0
+) -> tuple[list[str], int]:
+    """Captions to learn a vocabulary from: the shards in an order shuffled with ``seed``, every
+    caption of every sample until ``max_captions`` (all when None). Only the ``.txt`` and
+    ``.json`` members are kept. Returns the captions and the number of samples without one."""
+    check_caption_field(caption_field)
+    order = np.random.default_rng(seed).permutation(len(shards)).tolist()
+    captions: list[str] = []
+    skipped = 0
+    for index in order:
+        for raw in read_shard(shards[index], extensions=("txt", "json")):
+            try:
+                captions.extend(_captions(raw, _meta(raw), caption_field))
+            except _Bad:
+                skipped += 1
+            if max_captions is not None and len(captions) >= max_captions:
+                return captions[:max_captions], skipped
+    return captions, skipped
 
 
 def _labels(meta: dict[str, Any], num_classes: int) -> torch.Tensor:
@@ -224,8 +266,7 @@ class ShardDataset(IterableDataset):
         repeat: bool = True,
         num_classes: int | None = None,
     ):
-        if caption_field != "txt" and not (caption_field.startswith("json:") and len(caption_field) > 5):
-            raise ValueError(f"DATA.CAPTION_FIELD must be 'txt' or 'json:FIELD', got '{caption_field}'")
+        check_caption_field(caption_field)
         self.shards = list(shards)
         self.samples = samples
         self.seed = seed
@@ -313,14 +354,7 @@ class ShardDataset(IterableDataset):
         """The training sample of one raw webdataset sample, loaded with the RNGs seeded by
         ``seed``; raises ``_Bad`` for a sample to skip."""
         url, key = raw["__url__"], raw["__key__"]
-        meta: dict[str, Any] = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise _Bad(".json is not valid JSON") from None
-            if not isinstance(meta, dict):
-                raise _Bad(".json is not an object")
+        meta = _meta(raw)
         captions = _captions(raw, meta, self.caption_field)
         labels = _labels(meta, self.num_classes) if self.num_classes is not None else None
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)

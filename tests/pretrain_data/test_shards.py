@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from build_vocabulary import main as build_vocabulary_main
 from make_shards import main as make_shards_main
 from PIL import Image
 
@@ -30,12 +32,14 @@ from pretrain.data.shards import (
     StreamProgress,
     TooManyBadSamplesError,
     expand_shards,
+    sample_captions,
 )
 from pretrain.distributed import seeded_rng
 from pretrain.engine.sampling import SeededDataset
 from pretrain.tasks import build_dataset, build_model, list_tasks
+from pretrain.tokenizer import train_vocabulary
 
-from .conftest import CAPTIONS, VOCAB_SIZE
+from .conftest import CAPTIONS, VOCAB_SIZE, vocabulary_corpus
 
 TRAIN_TRANSFORMS = "['random_resized_crop', 'horizontal_flip', 'color_jitter', 'normalize']"
 
@@ -335,3 +339,33 @@ def test_seeded_rng_restores_the_callers_state():
     assert torch.equal(torch.get_rng_state(), before)
     with seeded_rng(7):
         assert torch.equal(torch.rand(3), inside)
+
+
+# --- a vocabulary from shards ------------------------------------------------------------------------------
+
+def test_build_vocabulary_learns_from_captions_sampled_from_shards(tmp_path):
+    """All captions of 60 images in 6 shards: the same vocabulary as from the captions in table
+    order; with --max-captions a seeded sample that follows whole shards."""
+    images = tmp_path / "images"
+    images.mkdir()
+    corpus = vocabulary_corpus()
+    rows = [(f"{i % 60}.png", caption) for i, caption in enumerate(corpus)]
+    for i in range(60):
+        Image.new("RGB", (4, 4), (i, i, i)).save(images / f"{i}.png")
+    table = tmp_path / "captions.csv"
+    with open(table, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("image", "caption"), *sorted(rows)])
+    assert make_shards_main(["--captions-csv", str(table), "--image-root", str(images), "--output",
+                             str(tmp_path / "shards"), "--shard-size", "10"]) == 0
+    shards = expand_shards(str(tmp_path / "shards" / "shards.txt"))
+    captions, skipped = sample_captions(shards)
+    assert Counter(captions) == Counter(corpus) and skipped == 0
+    first, _ = sample_captions(shards, max_captions=100, seed=0)
+    assert len(first) == 100 and first == sample_captions(shards, max_captions=100, seed=0)[0]
+    assert first != sample_captions(shards, max_captions=100, seed=1)[0]
+    assert build_vocabulary_main(["--shards", str(tmp_path / "shards" / "{00000..00005}.tar"), "--output",
+                                  str(tmp_path / "from_shards"), "--vocab-size", str(VOCAB_SIZE)]) == 0
+    reference = train_vocabulary(corpus, tmp_path / "from_table", vocab_size=VOCAB_SIZE)
+    assert (tmp_path / "from_shards.vocab").read_text() == reference.with_suffix(".vocab").read_text()
+    with pytest.raises(ValueError, match="must be 'txt' or 'json:FIELD', got 'caption'"):
+        sample_captions(shards, caption_field="caption")
