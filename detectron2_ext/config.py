@@ -8,6 +8,8 @@ from pathlib import Path
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from pretrain.config import ConfigError
+
 
 def add_virtex_config(cfg):
     """Add the ``VIRTEX`` subtree to a detectron2 config, in place."""
@@ -21,11 +23,26 @@ def add_virtex_config(cfg):
 
 
 def load_config(config_file, opts=()):
-    """A mutable detectron2 config with our keys, merged from a YAML file and KEY VALUE overrides."""
+    """A mutable detectron2 config with our keys, merged from a YAML file and KEY VALUE overrides.
+
+    A missing file, an unknown key or a value of the wrong type is a
+    :class:`~pretrain.config.ConfigError` naming the file or the command line.
+    """
     cfg = get_cfg()
     add_virtex_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
+    if not Path(config_file).is_file():
+        raise ConfigError(f"{config_file}: config file not found")
+    try:
+        cfg.merge_from_file(str(config_file))
+    except (KeyError, ValueError, TypeError, AssertionError) as err:  # yacs: unknown key, wrong type
+        raise ConfigError(f"{config_file}: {err}; fix it in the file") from None
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, TypeError, AssertionError) as err:
+        raise ConfigError(f"command line: {err}; check the KEY VALUE overrides") from None
     return cfg
 
 

@@ -70,3 +70,19 @@ def remove_stale_temporaries(directory: str | os.PathLike, name_glob: str) -> No
     """Delete temporary files that a killed writer left for final names matching ``name_glob``."""
     for stale in Path(directory).glob(f".{name_glob}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def ensure_writable_directory(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and prove that files can be written in it, so that a run
+    fails before it spends any compute rather than at its first checkpoint."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise OSError(
+            err.errno, f"{directory}: cannot write files there ({err.strerror}); choose another output "
+            "directory or fix its permissions"
+        ) from None
+    return directory

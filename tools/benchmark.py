@@ -42,6 +42,7 @@ from pretrain.malloc import (  # standard library only: runs before torch loads
     allocator_in_use,
     reexec_with_tuned_malloc,
 )
+from virtex_d2.cli import run_tool  # standard library only
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -328,4 +329,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     reexec_with_tuned_malloc()
-    sys.exit(main())
+    sys.exit(run_tool("benchmark", main))

@@ -24,7 +24,7 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 from pretrain.data.captions import read_caption_records
 from pretrain.data.shards import expand_shards, sample_captions
 from pretrain.tokenizer import train_vocabulary
-from virtex_d2.cli import report_error
+from virtex_d2.cli import report_error, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             captions = [caption for record in read_caption_records(args.captions) for caption in record.captions]
         train_vocabulary(captions, args.output, args.vocab_size, keep_accents=args.keep_accents, force=args.force)
     except (OSError, ValueError) as err:
-        return report_error("build_vocabulary", err, 1)
+        return report_error("build_vocabulary", err)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("build_vocabulary", main))

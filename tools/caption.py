@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write captions for a folder of images with a pretrained captioning model.
 
-    python tools/caption.py --config configs/pretrain/bicaptioning_R_50_L1_H2048.yaml \\
+    python tools/caption.py --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml \\
         --checkpoint checkpoint_500000.pth --images photos/ --output captions.json
 
 The checkpoint may be an official VirTex file or one of ours (both keep the weights under
@@ -29,7 +29,7 @@ from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import load_captioning_model
 from pretrain.files import write_json_atomic
 from pretrain.tokenizer import first_word_index, strip_special
-from virtex_d2.cli import add_common_flags, report_error, tool_parser
+from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output, results, indent=1)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        return report_error("caption", err, 1)
+        return report_error("caption", err)
     print(f"caption: wrote {len(results)} captions to {output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("caption", main))

@@ -39,7 +39,7 @@ from pretrain.downstream.linear_probe import (
     build_datasets,
     train_linear_probe,
 )
-from virtex_d2.cli import add_common_flags, report_error, tool_parser
+from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
 
 DEFAULTS = ProbeSettings()
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = LinearProbe(backbone, cfg.MODEL.VISUAL.FEATURE_SIZE, len(train_set.classes))
         metrics = train_linear_probe(probe, train_set, val_set, settings, ctx, args.output_dir)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        return report_error("clf_linear", err, 1)
+        return report_error("clf_linear", err)
     finally:
         shutdown_distributed()
     if ctx.is_main:
@@ -94,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("clf_linear", main))

@@ -39,7 +39,7 @@ from pretrain.downstream.voc07 import (
     results_table,
 )
 from pretrain.files import write_json_atomic, write_text_atomic
-from virtex_d2.cli import add_common_flags, report_error, tool_parser
+from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
 
 
 def default_voc_root() -> str:
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(outputs[1], details)
         print(table, end="")
     except (ConfigError, CheckpointError, VocLayoutError, BadImageError, OSError, ValueError) as err:
-        return report_error("clf_voc07", err, 1)
+        return report_error("clf_voc07", err)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("clf_voc07", main))

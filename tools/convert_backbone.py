@@ -24,7 +24,7 @@ from detectron2_ext import load_config
 from detectron2_ext.convert import ConversionError
 from detectron2_ext.transfer import convert_checkpoint_file, describe
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG, CheckpointError
-from virtex_d2.cli import report_error
+from virtex_d2.cli import report_error, run_tool
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 DEFAULT_TARGETS = [CONFIG_DIR / "coco_segm_default_init_2x.yaml", CONFIG_DIR / "voc_det_default_init_24k.yaml"]
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             args.input, args.output, targets, force=args.force, allow_unsafe_pickle=args.allow_unsafe_pickle
         )
     except (CheckpointError, ConversionError, FileExistsError) as e:
-        return report_error("convert_backbone", e, 2)
+        return report_error("convert_backbone", e)
     print(f"Converted {describe(backbone, args.input)}")
     for check in checks:
         print(f"  verified {check.summary()}")
@@ -65,4 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("convert_backbone", main))

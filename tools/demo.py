@@ -17,7 +17,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from virtex_d2.cli import report_error
+from virtex_d2.cli import report_error, run_tool
 from virtex_d2.pipeline.demo import DemoSettings, build_stages, lvis_mask_ap
 from virtex_d2.pipeline.stages import StageError, format_timings, run_stages
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     try:
         results = run_stages(build_stages(settings), force=force, env=env)
     except StageError as e:
-        return report_error("demo", e, 1)
+        return report_error("demo", e, 1)  # a stage failed; its own output says why
     print("\nStage timings (seconds):\n" + format_timings(results))
     ap = lvis_mask_ap(settings)
     print(f"\nLVIS val mask AP: VirTex init {ap['virtex']:.2f}, random init {ap['random']:.2f} "
@@ -62,4 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("demo", main))

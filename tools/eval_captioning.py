@@ -40,7 +40,7 @@ from pretrain.downstream.caption_eval import (
 from pretrain.files import write_json_atomic
 from pretrain.tasks import build_dataset
 from pretrain.tokenizer import first_word_index
-from virtex_d2.cli import add_common_flags, report_error, tool_parser
+from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index(cfg.DATA), device,
                                args.batch_size, args.num_workers)
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError, KeyError) as err:
-        return report_error("eval_captioning", err, 1)
+        return report_error("eval_captioning", err)
     for name, value in scores.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     if args.words > 0:
@@ -97,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("eval_captioning", main))

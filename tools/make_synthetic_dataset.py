@@ -12,7 +12,7 @@ import sys
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.data.synthetic import make_synthetic_dataset
-from virtex_d2.cli import report_error
+from virtex_d2.cli import report_error, run_tool
 
 
 def main(argv=None) -> int:
@@ -29,10 +29,10 @@ def main(argv=None) -> int:
         manifest = make_synthetic_dataset(args.root, args.num_train, args.num_val, args.image_size,
                                           args.seed, force=args.force)
     except (FileExistsError, ValueError) as err:
-        return report_error("make_synthetic_dataset", err, 2)
+        return report_error("make_synthetic_dataset", err)
     print(json.dumps(manifest, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("make_synthetic_dataset", main))

@@ -22,7 +22,7 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 from pretrain.malloc import (
     reexec_with_tuned_malloc,  # standard library only: runs before torch loads
 )
-from virtex_d2.cli import report_error
+from virtex_d2.cli import report_error, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,19 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        return report_error("pretrain", err, 2)
+        return report_error("pretrain", err)
     try:
         run_pretraining(cfg, args.output_dir, resume=args.resume)
     except DatasetCheckError as err:
         print(err.listing, file=sys.stderr)
         return report_error("pretrain", ValueError(err.headline), 2)
     except ShardError as err:
-        return report_error("pretrain", err, 2)
-    except (NonFiniteLossError, CheckpointError, FileExistsError, TooManyBadSamplesError) as err:
+        return report_error("pretrain", err)
+    except NonFiniteLossError as err:  # the run diverged: not a fault of the input
         return report_error("pretrain", err, 1)
+    except (CheckpointError, FileExistsError, TooManyBadSamplesError) as err:
+        return report_error("pretrain", err)
     return 0
 
 
 if __name__ == "__main__":
     reexec_with_tuned_malloc()
-    sys.exit(main())
+    sys.exit(run_tool("pretrain", main))

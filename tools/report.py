@@ -17,7 +17,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from virtex_d2.cli import report_error
+from virtex_d2.cli import report_error, run_tool
 from virtex_d2.reports.downstream import read_run, write_report
 from virtex_d2.reports.pretraining import (
     PretrainingSummary,
@@ -58,11 +58,11 @@ def main(argv=None) -> int:
             summary = PretrainingSummary(Path(args.pretrain_dir), read_curves(args.pretrain_dir), examples)
         paths = write_report(runs, args.output, force=args.force, pretraining=summary)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        return report_error("report", e, 2)
+        return report_error("report", e)
     print((Path(args.output) / "report.md").read_text())
     print("Wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("report", main))

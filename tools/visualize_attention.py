@@ -33,7 +33,7 @@ from pretrain.downstream.attention import (
 )
 from pretrain.downstream.caption_eval import load_captioning_model
 from pretrain.tokenizer import first_word_index
-from virtex_d2.cli import add_common_flags, report_error, tool_parser
+from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             "heat-maps are cross-attention probabilities averaged over heads.",
         )
     except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        return report_error("visualize_attention", err, 1)
+        return report_error("visualize_attention", err)
     print(f"open {page.resolve().as_uri()} in a browser")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("visualize_attention", main))

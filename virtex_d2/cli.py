@@ -2,11 +2,27 @@
 
 Every evaluation tool reads a pretraining config and a checkpoint and takes the same flags for
 them; they are declared here once so that they read and behave the same in every tool.
+
+Bad input (a missing or malformed file, a config key or value that does not fit, an existing
+output without ``--force``) ends a tool with one line, ``<tool>: error: <what and what to do>``,
+and exit status 2, as argparse does for bad flags: :func:`run_tool`. A traceback is shown only
+with ``--debug`` on the command line or ``VIRTEX_D2_DEBUG=1`` in the environment; errors that
+are not about the input (bugs) always show theirs.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
+
+#: Exit status for bad input (argparse's own for bad flags).
+BAD_INPUT_STATUS = 2
+#: What bad input raises: every error class of the project that names a file, key or value
+#: derives from one of these (ConfigError, CheckpointError, DatasetLayoutError, BadImageError, ...).
+BAD_INPUT_ERRORS = (OSError, ValueError, KeyError)
+DEBUG_FLAG = "--debug"
+DEBUG_VARIABLE = "VIRTEX_D2_DEBUG"
 
 CHECKPOINT_HELP = "official VirTex or virtex-d2 checkpoint (.pth)"
 DEVICE_HELP = "torch device (default: the accelerator if any, else cpu)"
@@ -42,8 +58,38 @@ def add_common_flags(
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
 
 
-def report_error(tool: str, error: BaseException, status: int = 1) -> int:
-    """Print ``tool: error: <message>`` on one line to stderr; returns the exit status to use."""
+def report_error(tool: str, error: BaseException, status: int = BAD_INPUT_STATUS) -> int:
+    """Print ``tool: error: <message>`` on one line to stderr; returns the exit status to use.
+
+    In debug mode (:func:`debug_requested`) the error is raised again instead, traceback and all.
+    """
+    if debug_requested([]):
+        raise error
+    if isinstance(error, OSError) and error.filename and error.strerror and str(error).startswith("[Errno"):
+        error = f"{error.filename}: {error.strerror}"  # Python's own wording: "[Errno 20] Not a ...: 'path'"
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"{tool}: error: {message}", file=sys.stderr)
     return status
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """Whether tracebacks were asked for (``--debug`` in ``argv`` or ``VIRTEX_D2_DEBUG=1``)."""
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def run_tool(tool: str, main: Callable[[], int | None]) -> int:
+    """Run a tool's ``main()`` on ``sys.argv``; bad input becomes one line and exit status 2.
+
+    ``--debug`` is taken out of ``sys.argv`` before ``main`` parses it, and lets the traceback
+    of bad input through.
+    """
+    debug = debug_requested(sys.argv)
+    if debug:  # also for the tool's own handlers, and for the tools it runs (the demo's stages)
+        os.environ[DEBUG_VARIABLE] = "1"
+    sys.argv[:] = [arg for arg in sys.argv if arg != DEBUG_FLAG]
+    try:
+        return main() or 0
+    except BAD_INPUT_ERRORS as err:
+        if debug:
+            raise
+        return report_error(tool, err)

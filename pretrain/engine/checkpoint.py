@@ -42,7 +42,13 @@ class CheckpointManager:
         """Write ``state`` (which must hold ``model``) as the checkpoint of ``iteration``."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.output_dir, "checkpoint_*.pth")
-        path = save_checkpoint({**state, "iteration": iteration}, checkpoint_path(self.output_dir, iteration), force=True)
+        path = checkpoint_path(self.output_dir, iteration)
+        try:
+            save_checkpoint({**state, "iteration": iteration}, path, force=True)
+        except OSError as err:  # e.g. ENOSPC: the atomic writer has left the previous files as they were
+            saved = list_checkpoints(self.output_dir)
+            kept = f"the previous checkpoint {saved[-1][1]} is intact" if saved else "no earlier checkpoint exists"
+            raise OSError(err.errno, f"{path}: {err.strerror or err}; nothing was written, {kept}") from err
         self._prune()
         return path
 

@@ -128,7 +128,7 @@ def test_unreadable_image_is_named(tiny_config, tiny_checkpoint, tmp_path, capsy
     tool = load_tool("visualize_attention")
     argv = ["--config", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--images", str(broken),
             "--output-dir", str(tmp_path / "out")]
-    assert tool.main(argv) == 1
+    assert tool.main(argv) == 2
     assert f"{broken}: cannot read image" in capsys.readouterr().err
 
 

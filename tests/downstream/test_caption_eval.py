@@ -34,7 +34,7 @@ def test_eval_captioning_decodes_the_val_split_and_scores_it(tiny_config, tiny_c
     assert words[0]["gap"] == pytest.approx(words[0]["loss_shuffled_images"] - words[0]["loss_matched_images"])
     out = capsys.readouterr().out
     assert "CIDEr-D: " in out and f"\n{words[0]['word']:<16}{words[0]['count']:>7}" in out
-    assert tool.main(argv) == 1  # no silent overwrite
+    assert tool.main(argv) == 2  # no silent overwrite
 
 
 def test_a_negative_number_of_words_is_refused(capsys):
@@ -53,14 +53,14 @@ def test_missing_java_metrics_are_unavailable_not_zero(monkeypatch):
 def test_checkpoint_of_another_model_and_empty_split_are_named(tiny_config, tiny_checkpoint, synthetic_root, tmp_path, capsys):
     tool = load_tool("eval_captioning")
     base = ["--config", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--num-workers", "0", "--opts"]
-    assert tool.main(base + ["MODEL.TEXTUAL.NAME", "transdec_postnorm::L1_H64_A2_F64"]) == 1
+    assert tool.main(base + ["MODEL.TEXTUAL.NAME", "transdec_postnorm::L1_H64_A2_F64"]) == 2
     assert f"{tiny_checkpoint}: does not fit the model" in capsys.readouterr().err
 
     root = tmp_path / "coco"
     (root / "val2017").mkdir(parents=True)
     shutil.copytree(synthetic_root / "coco" / "annotations", root / "annotations")
     (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": [], "annotations": []}))
-    assert tool.main(base + ["DATA.ROOT", str(root)]) == 1
+    assert tool.main(base + ["DATA.ROOT", str(root)]) == 2
     assert "captions_val2017.json: no usable images" in capsys.readouterr().err
 
 

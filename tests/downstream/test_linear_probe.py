@@ -81,7 +81,7 @@ def test_empty_split_and_unreadable_image_are_named(folder_root, tiny_config, tm
     (empty / "val" / "cat").mkdir(parents=True)
     base = ["--config", str(tiny_config), "--random-init", "--output-dir", str(tmp_path / "out"), "--iterations", "2",
             "--batch-size", "2", "--crop", "64", "--resize", "72", "--num-workers", "0"]
-    assert tool.main(base + ["--data-root", str(empty)]) == 1
+    assert tool.main(base + ["--data-root", str(empty)]) == 2
     assert f"{empty / 'train'}: empty split" in capsys.readouterr().err
 
     broken = tmp_path / "broken"
@@ -89,5 +89,5 @@ def test_empty_split_and_unreadable_image_are_named(folder_root, tiny_config, tm
         for name in ("a", "b"):
             (broken / split / name).mkdir(parents=True)
             (broken / split / name / "x.jpg").write_bytes(b"\xff\xd8 truncated")
-    assert tool.main(base + ["--data-root", str(broken)]) == 1
+    assert tool.main(base + ["--data-root", str(broken)]) == 2
     assert "x.jpg: cannot read image" in capsys.readouterr().err

@@ -137,4 +137,4 @@ def test_clf_voc07_tool_scores_every_checkpoint_of_a_directory(voc_root, tiny_co
     scalars = {e.step: e.value for e in events.Scalars("metrics/voc07_mAP")}
     assert scalars == pytest.approx({7: 100 * results["checkpoint_7.pth"]["mAP"], 12: 100 * results["checkpoint_12.pth"]["mAP"]}, rel=1e-6)
     # Existing results are not overwritten silently.
-    assert tool.main(argv) == 1
+    assert tool.main(argv) == 2

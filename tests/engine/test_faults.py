@@ -91,7 +91,7 @@ def test_resume_with_another_config_names_every_changed_key(tiny_overrides, refe
 def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_overrides, reference_run, tmp_path):
     (tmp_path / "checkpoint_2.pth").write_bytes((reference_run / "checkpoint_2.pth").read_bytes())
     result = subprocess.run(pretrain_command(tmp_path, tiny_overrides), env=subprocess_env(), check=False, capture_output=True, text=True)
-    assert result.returncode == 1 and "pass --resume" in result.stderr
+    assert result.returncode == 2 and "pass --resume" in result.stderr
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_overrides, tmp_path):

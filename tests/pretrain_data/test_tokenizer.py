@@ -99,19 +99,19 @@ def test_command_line_tool(tmp_path, capsys):
     tokenizer = SentencePieceBPETokenizer(str(out) + ".model")
     assert tokenizer.get_vocab_size() == 220 and tokenizer.token_to_id("[MASK]") == 3
 
-    assert tool.main(["--captions", str(captions), "--output", str(out), "--vocab-size", "220"]) == 1
+    assert tool.main(["--captions", str(captions), "--output", str(out), "--vocab-size", "220"]) == 2
     assert "coco.model: already exists" in capsys.readouterr().err
     assert tool.main(["--captions", str(captions), "--output", str(out), "--vocab-size", "220", "--force"]) == 0
 
-    assert tool.main(["--captions", str(tmp_path / "missing.json"), "--output", str(tmp_path / "x")]) == 1
+    assert tool.main(["--captions", str(tmp_path / "missing.json"), "--output", str(tmp_path / "x")]) == 2
     assert "missing.json: file not found" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [')
-    assert tool.main(["--captions", str(broken), "--output", str(tmp_path / "x")]) == 1
+    assert tool.main(["--captions", str(broken), "--output", str(tmp_path / "x")]) == 2
     assert "broken.json: malformed JSON at line 1" in capsys.readouterr().err
     no_caption = tmp_path / "no_caption.json"
     no_caption.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]}))
-    assert tool.main(["--captions", str(no_caption), "--output", str(tmp_path / "x")]) == 1
+    assert tool.main(["--captions", str(no_caption), "--output", str(tmp_path / "x")]) == 2
     assert "no_caption.json: annotations[0] needs an integer 'image_id' and a string 'caption'" in capsys.readouterr().err
 
 

@@ -81,7 +81,7 @@ def test_captions_a_folder_like_the_model_does(setup):
     assert [r["caption"] for r in results] == [tokenizer.decode(p[p != 0].tolist()) for p in predictions]
 
     # An existing output is not overwritten without --force.
-    assert load_tool().main(args) == 1
+    assert load_tool().main(args) == 2
     assert load_tool().main(args + ["--force"]) == 0
 
 
@@ -89,10 +89,10 @@ def test_errors_name_the_bad_input(setup, capsys):
     bad = setup["root"] / "bad.pth"
     bad.write_bytes(b"\x00" * 100)
     base = ["--config", str(setup["config"]), "--output", str(setup["root"] / "never.json")]
-    assert load_tool().main(base + ["--checkpoint", str(bad), "--images", str(setup["images"])]) == 1
+    assert load_tool().main(base + ["--checkpoint", str(bad), "--images", str(setup["images"])]) == 2
     assert "bad.pth: not a PyTorch checkpoint" in capsys.readouterr().err
     empty = setup["root"] / "empty"
     empty.mkdir()
-    assert load_tool().main(base + ["--checkpoint", str(setup["checkpoint"]), "--images", str(empty)]) == 1
+    assert load_tool().main(base + ["--checkpoint", str(setup["checkpoint"]), "--images", str(empty)]) == 2
     assert "empty: no image files" in capsys.readouterr().err
     assert not (setup["root"] / "never.json").exists()

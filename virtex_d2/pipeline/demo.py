@@ -20,7 +20,7 @@ from pretrain.checkpoint_io import (
     read_training_checkpoint,
 )
 from pretrain.config import config_differences, load_config
-from pretrain.data.synthetic import is_complete
+from pretrain.data.synthetic import check_sizes, is_complete
 from virtex_d2.pipeline.stages import SideBySide, Stage
 from virtex_d2.reports.pretraining import read_caption_examples
 
@@ -48,6 +48,13 @@ class DemoSettings:
     finetune_iters: int = 300
     seed: int = 0
     num_captions: int = 6
+
+    def __post_init__(self):
+        """Settings no stage could run with are refused before the first stage starts."""
+        check_sizes(self.num_train, self.num_val)
+        for name in ("pretrain_iters", "finetune_iters", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
     @property
     def vocab_prefix(self) -> Path:

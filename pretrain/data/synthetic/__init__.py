@@ -85,6 +85,13 @@ def is_complete(root: str | os.PathLike, num_train: int = 1000, num_val: int = 1
     return manifest is not None and manifest.get("parameters") == _parameters(num_train, num_val, image_size, seed)
 
 
+def check_sizes(num_train: int, num_val: int) -> None:
+    """``ValueError`` unless there are enough images for every split file of every format."""
+    if num_train < 8 or num_val < 2:
+        raise ValueError(f"need at least 8 training and 2 validation images (got {num_train}, {num_val}): "
+                         "VOC split files must list two or more images")
+
+
 def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_val: int = 100,
                            image_size: int = 256, seed: int = 0, force: bool = False) -> dict:
     """Write the built-in dataset under ``root`` and return its manifest.
@@ -93,9 +100,7 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
     last, so an interrupted run is never mistaken for a complete one). Anything else already
     in the way is an error unless ``force`` is set, in which case the dataset is rebuilt.
     """
-    if num_train < 8 or num_val < 2:
-        raise ValueError(f"need at least 8 training and 2 validation images (got {num_train}, {num_val}): "
-                         "VOC split files must list two or more images")
+    check_sizes(num_train, num_val)
     if image_size < 64:
         raise ValueError(f"image_size must be at least 64 pixels (got {image_size})")
     root = Path(root)

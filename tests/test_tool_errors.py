@@ -1,0 +1,91 @@
+"""Every tool ends bad input with one line naming the file, key or value, exit status 2 and no
+traceback (one only with ``--debug``), and says nothing else before its own output: its
+``--help`` runs without a warning and names only config files that exist."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = sorted(p.stem for p in (REPO / "tools").glob("*.py") if not p.name.startswith("_"))
+PRETRAIN_CONFIG = "configs/builtin/bicaptioning_R_18_L1_H256.yaml"
+D2_CONFIG = "configs/detectron2/cpu/coco_segm_default_init_cpu.yaml"
+
+
+def run_tool(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_runs_clean_and_names_existing_configs(tool):
+    result = run_tool(tool, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "", f"{tool} --help printed to stderr:\n{result.stderr[-2000:]}"
+    for config in re.findall(r"configs/[\w/.-]+\.yaml", result.stdout):
+        assert (REPO / config).is_file(), f"{tool} --help names {config}, which does not exist"
+
+
+def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:
+    """(tool, arguments, what the one line must say) for every tool."""
+    empty = tmp / "empty"
+    empty.mkdir()
+    garbage = tmp / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    a_file = tmp / "a_file"
+    a_file.write_text("not a folder")
+    missing = tmp / "missing.yaml"
+    return [
+        ("pretrain", ["--config", PRETRAIN_CONFIG, "--output-dir", tmp / "p", "OPTIM.BATCH_SIZE", "eight"],
+         "OPTIM.BATCH_SIZE"),
+        ("pretrain", ["--config", PRETRAIN_CONFIG, "--output-dir", tmp / "p", "OPTIM.NO_SUCH_KEY", "1"],
+         "OPTIM.NO_SUCH_KEY"),
+        ("pretrain", ["--config", missing, "--output-dir", tmp / "p"], f"{missing}: config file not found"),
+        ("build_vocabulary", ["--captions", tmp / "none.json", "--output", tmp / "v"], "none.json: file not found"),
+        ("caption", ["--config", PRETRAIN_CONFIG, "--checkpoint", garbage, "--images", empty], f"{empty}: no image files"),
+        ("eval_captioning", ["--config", missing, "--checkpoint", garbage], f"{missing}: config file not found"),
+        ("visualize_attention", ["--config", missing, "--checkpoint", garbage, "--output-dir", tmp / "a"],
+         f"{missing}: config file not found"),
+        ("clf_voc07", ["--config", missing, "--random-init"], f"{missing}: config file not found"),
+        ("clf_linear", ["--config", missing, "--random-init", "--data-root", empty, "--output-dir", tmp / "l"],
+         f"{missing}: config file not found"),
+        ("convert_backbone", ["--input", garbage, "--output", tmp / "out.pth", "--config-file", D2_CONFIG],
+         f"{garbage}: not a PyTorch checkpoint"),
+        ("train_net", ["--config-file", D2_CONFIG, "SOLVER.MAX_ITER", "many"], "SOLVER.MAX_ITER"),
+        ("train_net", ["--config-file", missing], f"{missing}: config file not found"),
+        ("report", [empty, "--output", tmp / "r"], f"{empty}: no inference"),
+        ("make_synthetic_dataset", ["--root", a_file, "--num-train", "8", "--num-val", "2"], str(a_file)),
+        ("demo", ["--num-train", "0", "--output-dir", tmp / "d", "--data-root", tmp / "dd"],
+         "need at least 8 training"),
+        ("benchmark", ["pretrain", "--config", missing], f"{missing}: config file not found"),
+        ("check_dataset", ["--pretrain-config", missing], f"{missing}: config file not found"),
+        ("make_shards", ["--coco-captions", tmp / "none.json", "--image-root", empty, "--output", tmp / "s"],
+         "none.json"),
+    ]
+
+
+def test_every_tool_is_in_the_table(tmp_path):
+    assert {tool for tool, _, _ in bad_inputs(tmp_path)} == set(TOOLS)
+
+
+@pytest.mark.parametrize("case", range(18))
+def test_bad_input_ends_with_one_line_and_status_2(tmp_path, case):
+    cases = bad_inputs(tmp_path)
+    assert len(cases) == 18, "keep the parametrize range in step with the table"
+    tool, args, expected = cases[case]
+    result = run_tool(tool, *args)
+    assert result.returncode == 2, f"{tool} {args}: status {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{tool}: error: ") and expected in last, result.stderr[-3000:]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    quiet = run_tool("caption", "--config", missing, "--checkpoint", "x.pth", "--images", tmp_path)
+    loud = run_tool("caption", "--debug", "--config", missing, "--checkpoint", "x.pth", "--images", tmp_path)
+    assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr and "config file not found" in loud.stderr
