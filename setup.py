@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "opencv-python>=4.8,<6",
     "webdataset>=1.0.2,<2",  # tar shards (DATA.FORMAT webdataset)
     "pyarrow>=14,<27",  # parquet caption tables (tools/make_shards.py)
+    "submitit>=1.5,<2",  # Slurm submission with requeue (tools/submit_pretrain.py)
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,140 @@
+"""Pretraining on a Slurm cluster with submitit: one task per GPU, requeued until it is done.
+
+:func:`submit_pretraining` submits a :class:`PretrainingTask`; every task of the job (``nodes ×
+gpus_per_node``) runs ``tools/pretrain.py --resume`` as one rank of the ``torch.distributed``
+job, with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` taken
+from Slurm by submitit. Always passing ``--resume`` makes every start, first or requeued,
+continue from the newest usable checkpoint of the output folder.
+
+Interruptions:
+
+* **Time limit or preemption signal** (Slurm's ``--signal=USR2@signal_delay_s``, which
+  submitit sets): submitit calls :meth:`PretrainingTask.checkpoint` on rank 0, which sends
+  SIGTERM to its training process and waits for it. SIGTERM on any rank stops every rank after
+  the same iteration with a checkpoint (``pretrain.engine.step``), so at most the iteration in
+  flight is lost; submitit then requeues the job.
+* **Preemption by SIGTERM** (``PreemptMode=REQUEUE``): the training processes receive it from
+  Slurm, save and exit; Slurm requeues the job, and the new start resumes.
+* **A crash or SIGKILL**: the job fails; resubmitting it resumes from the newest checkpoint
+  (at most ``ENGINE.CHECKPOINT_PERIOD`` iterations lost).
+
+The training runs in a child process (not in submitit's own process) so that submitit's signal
+handler can let it finish its iteration and save instead of exiting in the middle of it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+logger = logging.getLogger(__name__)
+
+_STOP_TIMEOUT_S = 600  # how long rank 0 waits for its training process to save when signalled
+
+
+def _running(pid: int) -> bool:
+    """Whether child ``pid`` still runs (reaping it if it ended); safe inside a signal handler."""
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:  # already reaped
+        return False
+
+
+@dataclass
+class PretrainingTask(submitit.helpers.Checkpointable):
+    """One rank of a pretraining job: ``script`` (tools/pretrain.py) on ``config`` into ``output_dir``."""
+
+    script: str
+    config: str
+    output_dir: str
+    overrides: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        return [sys.executable, self.script, "--config", self.config, "--output-dir", self.output_dir, "--resume",
+                *self.overrides]
+
+    def __call__(self) -> str:
+        """Train this rank to the end (or to a stop); returns the output folder."""
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        self._process = subprocess.Popen(self.command())
+        while (code := self._process.poll()) is None:  # polling, so that a signal handler may wait on it too
+            time.sleep(1.0)
+        if code != 0:
+            raise RuntimeError(f"{' '.join(self.command())} exited with status {code}")
+        return self.output_dir
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """On the time-limit/preemption signal: stop training after this iteration (it saves a
+        checkpoint), then have submitit requeue the same task, which resumes from it."""
+        process = getattr(self, "_process", None)
+        if process is not None and process.poll() is None:
+            logger.warning("signalled: stopping the training process %d after its iteration", process.pid)
+            os.kill(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + _STOP_TIMEOUT_S
+            while time.monotonic() < deadline and _running(process.pid):
+                time.sleep(0.5)
+        return submitit.helpers.DelayedSubmission(PretrainingTask(self.script, self.config, self.output_dir,
+                                                                  list(self.overrides)))
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_process"}
+
+
+@dataclass
+class ClusterSettings:
+    """Where and how large the job is. ``cluster`` is "slurm", or "local" to run the same tasks
+    on this machine (submitit's local executor: one node, the time-limit signal simulated)."""
+
+    folder: str  # submitit's job files and logs
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # default: one per GPU (set it for CPU-only tasks)
+    partition: str | None = None
+    time_min: int = 24 * 60
+    signal_delay_s: int = 120  # the time-limit signal comes this long before the end
+    max_requeues: int = 20
+    cluster: str = "slurm"
+    slurm_extra: dict = field(default_factory=dict)  # more SlurmExecutor parameters (account, qos, ...)
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node if self.tasks_per_node is not None else max(1, self.gpus_per_node)
+
+
+def make_executor(settings: ClusterSettings) -> submitit.Executor:
+    """A submitit executor for ``nodes × tasks`` tasks (one GPU each when there are GPUs)."""
+    if settings.cluster == "local":
+        if settings.nodes != 1:
+            raise ValueError(f"the local executor runs one node, not {settings.nodes}")
+        executor = submitit.LocalExecutor(settings.folder, max_num_timeout=settings.max_requeues)
+        executor.update_parameters(tasks_per_node=settings.tasks, gpus_per_node=settings.gpus_per_node,
+                                   timeout_min=settings.time_min, signal_delay_s=settings.signal_delay_s)
+        return executor
+    if settings.cluster != "slurm":
+        raise ValueError(f"cluster must be 'slurm' or 'local', got '{settings.cluster}'")
+    executor = submitit.SlurmExecutor(settings.folder, max_num_timeout=settings.max_requeues)
+    executor.update_parameters(
+        nodes=settings.nodes, ntasks_per_node=settings.tasks, gpus_per_node=settings.gpus_per_node,
+        time=settings.time_min, signal_delay_s=settings.signal_delay_s, job_name="virtex-d2-pretrain",
+        **({"partition": settings.partition} if settings.partition else {}), **settings.slurm_extra,
+    )
+    return executor
+
+
+def submit_pretraining(
+    settings: ClusterSettings, script: str | Path, config: str | Path, output_dir: str | Path, overrides: list[str]
+) -> submitit.Job:
+    """Submit the job; returns submitit's handle (``job.job_id``, ``job.stdout()``)."""
+    task = PretrainingTask(str(Path(script).resolve()), str(Path(config).resolve()), str(Path(output_dir).resolve()),
+                           list(overrides))
+    job = make_executor(settings).submit(task)
+    logger.info("submitted %s: %d node(s) × %d task(s), logs in %s", job.job_id, settings.nodes, settings.tasks,
+                settings.folder)
+    return job
