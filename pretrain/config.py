@@ -57,6 +57,9 @@ def get_default_config() -> CfgNode:
     C.DATA.CAPTION_FIELD = "txt"  # webdataset: "txt" (each line of {key}.txt a caption) | "json:FIELD"
     C.DATA.SHUFFLE_BUFFER = 1000  # webdataset: samples of a shard shuffled through a buffer this large
     C.DATA.MAX_BAD_FRACTION = 0.001  # webdataset: stop once more of a rank's samples than this were bad
+    # Images decoded by the data check before a run (pretrain.data.checks): "sample" (1000 per
+    # split, so all of a small split and not 118K COCO images before every run), "all" or "none".
+    C.DATA.CHECK_IMAGES = "sample"
 
     C.MODEL = CfgNode()
     # virtex | bicaptioning | captioning | token_classification | multilabel_classification

@@ -8,15 +8,17 @@ tools/convert_backbone.py, or empty for random init). Without GPUs it runs on CP
 
     python tools/train_net.py --config-file configs/detectron2/coco_segm_default_init_2x.yaml \
         --num-gpus 8 MODEL.WEIGHTS virtex_r50.pth OUTPUT_DIR outputs/coco_virtex
+
+Before any process starts, the datasets the run trains and evaluates on are checked as training
+and evaluation read them (``detectron2_ext.dataset_checks``; alone: ``tools/check_dataset.py``):
+a defect stops it with exit status 2 and one line per problem naming the file and the field.
 """
 import logging
 import os
 import sys
 import weakref
-from pathlib import Path
 
-# Run as a script, tools/ comes first on sys.path and tools/pretrain.py would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.malloc import (  # standard library only
     allocator_in_use,
@@ -44,10 +46,14 @@ from detectron2_ext.compat import (
     patch_cpu_ddp,
 )
 from detectron2_ext.config import default_init_name
-from detectron2_ext.datasets import check_dataset_files, check_datasets_root
+from detectron2_ext.dataset_checks import check_config_datasets
+from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.progress import ProgressBarHook
+from detectron2_ext.voc_annotations import patch_voc_parse_rec
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
+from pretrain.data.checks import DatasetCheckError
+from virtex_d2.cli import report_error, run_tool
 
 
 class Trainer(DefaultTrainer):
@@ -83,13 +89,21 @@ def setup(args):
     return cfg
 
 
-def main(args):
+def check_datasets(args) -> list[str]:
+    """The datasets the run trains and evaluates on (only evaluates, with --eval-only), checked
+    once per machine before any training process starts; returns the warnings."""
+    check_datasets_root()
+    return check_config_datasets(load_config(args.config_file, args.opts), eval_only=args.eval_only)
+
+
+def main(args, dataset_warnings=()):
     cfg = setup(args)
     patch_cpu_ddp()
+    patch_voc_parse_rec()
     limit_cpu_threads()
-    check_datasets_root()
-    check_dataset_files(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
     logger = logging.getLogger("detectron2_ext")
+    for warning in dataset_warnings:
+        logger.warning("dataset check: %s", warning)
     logger.info("initialisation: %s", cfg.VIRTEX.INIT_NAME)
     logger.info("allocator: %s", allocator_in_use())
 
@@ -112,14 +126,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Check the datasets once, then train (or only evaluate) in ``--num-gpus`` processes."""
     args = parse_args()
     print("Command Line Args:", args)
+    try:
+        warnings = check_datasets(args)
+    except DatasetCheckError as err:
+        print(err.listing, file=sys.stderr)
+        return report_error("train_net", ValueError(err.headline))
+    except RuntimeError as err:  # DETECTRON2_DATASETS
+        return report_error("train_net", err)
     launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args,),
+        args=(args, warnings),
     )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool("train_net", cli))

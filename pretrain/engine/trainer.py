@@ -26,6 +26,7 @@ from pretrain.caption_metrics import load_references
 from pretrain.checkpoint_io import list_checkpoints
 from pretrain.config import config_differences
 from pretrain.data import collate_fn
+from pretrain.data.checks import check_pretraining_data
 from pretrain.distributed import (
     DistContext,
     all_gather_objects,
@@ -357,6 +358,7 @@ def run_pretraining(cfg: CfgNode, output_dir: str | Path, resume: bool = False) 
         setup_logging(output_dir, ctx.rank)
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         torch.backends.cudnn.deterministic = cfg.CUDNN_DETERMINISTIC
+        check_pretraining_data(cfg, main=ctx.is_main)  # every data problem at once, before anything is built
         tokenizer = SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL)
         train_set = build_dataset(cfg, "train", tokenizer)
         val_set = build_dataset(cfg, "val", tokenizer) if cfg.ENGINE.VAL_PERIOD else None

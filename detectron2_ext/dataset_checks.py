@@ -1,0 +1,454 @@
+"""The datasets of a detectron2 config, checked in the form training and evaluation read them,
+before the first iteration.
+
+Without these checks a defect surfaces late: a VOC file without ``<difficult>`` fails in the
+evaluator after the whole fine-tuning, a polygon of two points is dropped by the loader with a
+warning, an annotation of an image the file does not list is silently ignored, a category table
+that is not detectron2's builtin one fails an assertion deep in the loader. :func:`check_datasets`
+reads every dataset a run will train and evaluate on and raises one
+:class:`~pretrain.data.checks.DatasetCheckError` listing what it found, each problem naming the
+file, the key or field and what to do; it returns warnings (defaults applied).
+
+Per format (chosen from the dataset's metadata: ``evaluator_type``, or VOC's ``dirname`` and
+``split``, so datasets registered with ``register_coco_instances``/``register_pascal_voc`` are
+checked too):
+
+* VOC (:func:`check_voc_split`): the split's ``ImageSets/Main/<split>.txt`` (two or more ids, one
+  per line: detectron2's ``np.loadtxt`` fails on one), each id's XML and JPEG, every field the
+  loader and the evaluator read (:mod:`detectron2_ext.voc_annotations`, whose defaults for the
+  optional fields also reach the evaluator), class names against the dataset's class list, box
+  corners numeric, ordered and inside the image, ``<size>`` against the image file.
+* COCO and LVIS JSON (:func:`check_instances_json`): categories against detectron2's builtin
+  class table of the dataset name (COCO's 80 ids, LVIS v1's 1203), images (ids, sizes, the file
+  present and of that size), annotations (unique ids, an existing image, a listed category,
+  ``bbox`` inside the image, polygons of even length >= 6 or an RLE of the image's size;
+  ``area`` and LVIS's per-image category lists where the dataset is evaluated).
+
+Image files are checked from their headers (size, after EXIF orientation as detectron2's
+``read_image`` applies it), not decoded: a header costs about 0.1 ms, so COCO train2017's 118K
+images take seconds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from detectron2.data import MetadataCatalog
+from detectron2.data.datasets.lvis_v0_5_categories import (
+    LVIS_CATEGORIES as LVIS_V0_5_CATEGORIES,
+)
+from detectron2.data.datasets.lvis_v1_categories import (
+    LVIS_CATEGORIES as LVIS_V1_CATEGORIES,
+)
+from PIL import Image
+from tqdm import tqdm
+
+from pretrain.data.checks import CheckReport
+from pretrain.data.dataset_root import DatasetLayoutError, load_json
+
+from .datasets import check_dataset_files
+from .voc_annotations import OPTIONAL_DEFAULTS, box_tolerance, read_voc_annotation
+
+logger = logging.getLogger(__name__)
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image as detectron2's ``read_image`` returns it (EXIF
+    orientation applied), read from the header only. Raises ``OSError`` for a non-image."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+            return height, width
+    return width, height
+
+
+class ImageFiles:
+    """Presence (one listing per folder) and header size of the image files a dataset names."""
+
+    def __init__(self, report: CheckReport):
+        self.report = report
+        self._listings: dict[str, set[str]] = {}
+
+    def exists(self, path: str) -> bool:
+        folder, name = os.path.split(path)
+        if folder not in self._listings:
+            self._listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        return name in self._listings[folder]
+
+    def check(self, expected: Iterable[tuple[str, int | None, int | None, str, str]], desc: str) -> None:
+        """``expected``: (image path, width, height, what names the image, what gives its size)
+        per image; a width and height of None check the file's presence only."""
+        expected = list(expected)
+        for path, width, height, named_by, source in tqdm(expected, desc=desc, unit="img", leave=False,
+                                                          mininterval=1.0, disable=len(expected) < 2000):
+            if not self.exists(path):
+                self.report.problem(f"{path}: image file not found (named by {named_by}); add the image or "
+                                    "remove its entry")
+                continue
+            if width is None or height is None:
+                continue
+            try:
+                actual = image_size(path)
+            except OSError as err:
+                self.report.problem(f"{path}: not a readable image ({err}); replace the file")
+                continue
+            if actual != (width, height):
+                self.report.problem(f"{path}: image is {actual[0]}x{actual[1]} but {source} says {width}x{height} "
+                                    "(detectron2 stops on the mismatch); correct the size")
+
+
+# --- VOC ---------------------------------------------------------------------------------------
+
+
+def read_split_ids(split_file: Path, report: CheckReport) -> list[str]:
+    """The ids of a VOC split file as detectron2's loader and evaluator both read them."""
+    if not split_file.is_file():
+        report.problem(f"{split_file}: split file not found; list the image ids of the split, one per line")
+        return []
+    ids = []
+    for number, line in enumerate(split_file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        fields = line.split()
+        if len(fields) != 1:
+            what = "is blank" if not fields else f"has {len(fields)} fields"
+            report.problem(f"{split_file}: line {number} {what}; write exactly one image id per line")
+            continue
+        ids.append(fields[0])
+    if len(ids) == 1:
+        report.problem(f"{split_file}: lists a single image id; detectron2's loader (np.loadtxt) needs two or more")
+    elif not ids and split_file.stat().st_size == 0:
+        report.problem(f"{split_file}: lists no image ids; a dataset needs images")
+    return ids
+
+
+def check_voc_split(dirname: str, split: str, class_names: Sequence[str], report: CheckReport,
+                    defaulted: dict[str, set[str]]) -> int:
+    """Check one VOC split into ``report``; records in ``defaulted`` the optional fields each
+    annotation file lacks. Returns the number of images."""
+    base = Path(dirname)
+    split_file = base / "ImageSets" / "Main" / f"{split}.txt"
+    ids = read_split_ids(split_file, report)
+    files = ImageFiles(report)
+    sizes = []
+    for voc_id in ids:
+        xml, jpeg = base / "Annotations" / f"{voc_id}.xml", base / "JPEGImages" / f"{voc_id}.jpg"
+        if not files.exists(str(xml)):
+            report.problem(f"{xml}: annotation file not found (id {voc_id} listed in {split_file}); add it or "
+                           "remove the id from the split file")
+            continue
+        annotation = read_voc_annotation(xml, class_names)
+        for problem in annotation.problems:
+            report.problem(problem)
+        if annotation.defaulted:
+            defaulted[str(xml)] = annotation.defaulted
+        sizes.append((str(jpeg), annotation.width, annotation.height, f"id {voc_id} of {split_file}", f"{xml} <size>"))
+    files.check(sizes, f"checking {base.name} {split} images")
+    return len(ids)
+
+
+def defaults_warning(defaulted: dict[str, set[str]]) -> str | None:
+    """One summary of the VOC files that lacked optional fields: how many, which fields."""
+    if not defaulted:
+        return None
+    counts = Counter(tag for tags in defaulted.values() for tag in tags)
+    fields = ", ".join(f"{tag} ({counts[tag]} files)" for tag in OPTIONAL_DEFAULTS if counts[tag])
+    values = ", ".join(f"{tag} {value!r}" for tag, value in OPTIONAL_DEFAULTS.items())
+    example = next(iter(defaulted))
+    return (f"{len(defaulted)} VOC annotation files lack optional fields: {fields}, e.g. {example}; "
+            f"training and evaluation use the VOC devkit's defaults ({values}); the files are left as they are")
+
+
+# --- COCO and LVIS -----------------------------------------------------------------------------
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def builtin_class_table(dataset_name: str, lvis: bool) -> dict[int, set[str]] | None:
+    """Category id -> the names detectron2's builtin tables accept for ``dataset_name`` (None:
+    the JSON file defines the classes). COCO maps its ids through the metadata's
+    ``thing_dataset_id_to_contiguous_id`` and names must match ``thing_classes``; LVIS takes class
+    ``id - 1`` and its names are compared with the name and synonyms of detectron2's table of that
+    LVIS version (the metadata's class names are the first synonyms, e.g. 'horned_cow' for 'bull')."""
+    meta = MetadataCatalog.get(dataset_name)
+    classes = meta.get("thing_classes", None)
+    if lvis and "cocofied" not in dataset_name and ("v1" in dataset_name or "v0.5" in dataset_name):
+        categories = LVIS_V1_CATEGORIES if "v1" in dataset_name else LVIS_V0_5_CATEGORIES
+        return {c["id"]: {c["name"], *c["synonyms"]} for c in categories}
+    if classes is None:
+        return None
+    if lvis:
+        return {index + 1: {name} for index, name in enumerate(classes)}
+    id_map = meta.get("thing_dataset_id_to_contiguous_id", None)
+    return None if id_map is None else {dataset_id: {classes[index]} for dataset_id, index in id_map.items()}
+
+
+class _InstancesChecker:
+    """One COCO or LVIS instances file, as detectron2's loader and evaluator read it."""
+
+    def __init__(self, json_file: str, report: CheckReport, lvis: bool, evaluated: bool, need_masks: bool):
+        self.json_file, self.report = json_file, report
+        self.lvis, self.evaluated, self.need_masks = lvis, evaluated, need_masks
+        self.format = "LVIS" if lvis else "COCO"
+
+    def problem(self, where: str, what: str) -> None:
+        self.report.problem(f"{self.json_file}: {where}: {what}")
+
+    def categories(self, data: dict, table: dict[int, str] | None, dataset_name: str) -> set[int]:
+        """The listed category ids, checked against the builtin table of ``dataset_name``."""
+        categories = data.get("categories")
+        if not isinstance(categories, list) or not categories:
+            self.problem("'categories'", "missing or empty; list the dataset's categories (id, name)")
+            return set()
+        names: dict[int, str] = {}
+        for i, category in enumerate(categories):
+            if not (isinstance(category, dict) and _positive_int(category.get("id"))
+                    and isinstance(category.get("name"), str)):
+                self.problem(f"categories[{i}]", "needs a positive integer 'id' and a string 'name'")
+                continue
+            if category["id"] in names:
+                self.problem(f"categories[{i}]", f"id {category['id']} is listed twice; give each category one entry")
+            names[category["id"]] = category["name"]
+            if self.lvis and self.evaluated and category.get("frequency") not in ("r", "c", "f"):
+                self.problem(f"categories[{i}] (id {category['id']}) 'frequency'",
+                             "must be 'r', 'c' or 'f' (the LVIS evaluator groups AP by it)")
+        if table is not None:
+            self._against_table(names, table, dataset_name)
+        return set(names)
+
+    def _against_table(self, names: dict[int, str], table: dict[int, set[str]], dataset_name: str) -> None:
+        what = f"detectron2's builtin table of {dataset_name} ({len(table)} classes)"
+        for category_id in sorted(set(names) - set(table)):
+            self.problem(f"categories (id {category_id})", f"id {category_id} is not in {what}; use the "
+                         f"{self.format} category ids, or register the dataset under a name of your own")
+        renamed = {i: name for i, name in names.items() if i in table and name not in table[i]}
+        if not self.lvis:  # detectron2 sets thing_classes from the file: all 80, exactly as named
+            for category_id, name in sorted(renamed.items()):
+                self.problem(f"categories (id {category_id})", f"named {name!r} but {what} names it "
+                             f"{min(table[category_id])!r}; use the COCO category table")
+            for category_id in sorted(set(table) - set(names)):
+                self.problem(f"categories (id {category_id})", f"{min(table[category_id])!r} is missing; {what} "
+                             "needs every category listed (annotating only some of them is fine)")
+        elif len(renamed) > 0.1 * len(names):  # LVIS maps classes by id: many other names = another table
+            for category_id, name in sorted(renamed.items()):
+                self.problem(f"categories (id {category_id})", f"named {name!r} but {what} has "
+                             f"{sorted(table[category_id])} at this id; use the LVIS category table of that version")
+        elif renamed:
+            category_id, name = next(iter(sorted(renamed.items())))
+            self.report.warn(f"{self.json_file}: {len(renamed)} category names differ from {what}, e.g. id "
+                             f"{category_id} {name!r} (table: {sorted(table[category_id])}); classes follow the ids")
+
+    def entries(self, data: dict, key: str):
+        """``(where, entry)`` for each entry of ``data[key]`` with an integer id; entries without
+        one and ids used twice (detectron2 asserts unique annotation ids) are problems."""
+        seen: set[int] = set()
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+                self.problem(f"{key}[{i}]", "needs an integer 'id'")
+                continue
+            where = f"{key}[{i}] (id {entry['id']})"
+            if entry["id"] in seen:
+                self.problem(where, "id used twice; give each entry its own id")
+            seen.add(entry["id"])
+            yield where, entry
+
+    def images(self, data: dict, image_root: str) -> dict[int, tuple[int, int]]:
+        """``{image id: (width, height)}``; also queues each file for the presence/size check."""
+        sizes: dict[int, tuple[int, int]] = {}
+        self.expected_files = []
+        for where, image in self.entries(data, "images"):
+            width, height = image.get("width"), image.get("height")
+            if not (_positive_int(width) and _positive_int(height)):
+                self.problem(where, f"'width' {width!r} and 'height' {height!r} must be positive integers (pixels)")
+                continue
+            sizes[image["id"]] = (width, height)
+            path = self._image_path(image, image_root, where)
+            if path is not None:
+                source = f"{self.json_file} {where}"
+                self.expected_files.append((path, width, height, source, source))
+            if self.lvis and self.evaluated:
+                for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+                    if not isinstance(image.get(key), list):
+                        self.problem(f"{where} '{key}'", "missing; the LVIS evaluator needs it (a list, may be empty)")
+        return sizes
+
+    def _image_path(self, image: dict, image_root: str, where: str) -> str | None:
+        if not self.lvis:
+            if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+                self.problem(f"{where} 'file_name'", "missing; name the image file (relative to the image folder)")
+                return None
+            return os.path.join(image_root, image["file_name"])
+        url = image.get("coco_url")
+        if not isinstance(url, str) or url.count("/") < 1:
+            self.problem(f"{where} 'coco_url'", "missing; LVIS locates images by the last two parts of "
+                         "coco_url (e.g. http://images.cocodataset.org/val2017/000000000139.jpg)")
+            return None
+        split_folder, file_name = url.split("/")[-2:]
+        return os.path.join(image_root + split_folder, file_name)  # as detectron2's LVIS loader joins them
+
+    def annotations(self, data: dict, sizes: dict[int, tuple[int, int]], category_ids: set[int]) -> None:
+        for where, ann in self.entries(data, "annotations"):
+            size = sizes.get(ann.get("image_id"))
+            if size is None:
+                self.problem(f"{where} 'image_id'", f"{ann.get('image_id')!r} is not an image of 'images' (it "
+                             "would be dropped); add the image or remove the annotation")
+            if category_ids and ann.get("category_id") not in category_ids:
+                self.problem(f"{where} 'category_id'", f"{ann.get('category_id')!r} is not in 'categories'; use a "
+                             "listed id")
+            if not self.lvis and ann.get("ignore", 0):
+                self.problem(f"{where} 'ignore'", "detectron2's COCO loader rejects 'ignore'; use 'iscrowd' 1")
+            if self.evaluated and not (_number(ann.get("area")) and ann["area"] >= 0):
+                self.problem(f"{where} 'area'", f"{ann.get('area')!r}; the evaluator needs the area (pixels)")
+            if size is not None:
+                self._bbox(ann.get("bbox"), size, where)
+                self._segmentation(ann, size, where)
+
+    def _bbox(self, bbox, size: tuple[int, int], where: str) -> None:
+        where = f"{where} 'bbox'"
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+            self.problem(where, f"{bbox!r} must be [x, y, width, height], four finite numbers in pixels")
+            return
+        x, y, w, h = bbox
+        width, height = size
+        if w < 0 or h < 0:
+            self.problem(where, f"{bbox} has a negative width or height; boxes are [x, y, width, height]")
+        elif (x < -box_tolerance(width) or y < -box_tolerance(height) or x + w > width + box_tolerance(width)
+              or y + h > height + box_tolerance(height)):
+            self.problem(where, f"{bbox} lies outside the {width}x{height} image; correct the box (or the image size)")
+
+    def _segmentation(self, ann: dict, size: tuple[int, int], where: str) -> None:
+        segm = ann.get("segmentation")
+        where = f"{where} 'segmentation'"
+        if not segm:
+            # LVIS's loader needs polygons; mask training skips crowd regions, mask evaluation does not
+            if self.lvis or (self.need_masks and (self.evaluated or not ann.get("iscrowd", 0))):
+                self.problem(where, "missing or empty; the masks are trained on: add the object's polygons")
+            return
+        if isinstance(segm, dict):
+            self._rle(segm, size, where)
+            return
+        if not isinstance(segm, list):
+            self.problem(where, "must be a list of polygons or an RLE object")
+            return
+        for k, polygon in enumerate(segm):
+            if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+                length = len(polygon) if isinstance(polygon, list) else type(polygon).__name__
+                self.problem(f"{where}[{k}]", f"a polygon needs an even number (>= 6) of coordinates x1, y1, x2, "
+                             f"y2, ..., got {length} (detectron2 drops it); fix or remove the polygon")
+
+    def _rle(self, segm: dict, size: tuple[int, int], where: str) -> None:
+        if self.lvis:
+            self.problem(where, "an RLE; detectron2's LVIS loader takes polygons only")
+            return
+        width, height = size
+        counts = segm.get("counts")
+        if segm.get("size") != [height, width]:
+            self.problem(f"{where} 'size'", f"{segm.get('size')!r} is not the image's [height, width] "
+                         f"[{height}, {width}]")
+        elif isinstance(counts, list):
+            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+                self.problem(f"{where} 'counts'", f"run lengths must be non-negative integers summing to "
+                             f"height x width = {height * width}")
+        elif not isinstance(counts, str):
+            self.problem(f"{where} 'counts'", "must be a list of run lengths or a compressed RLE string")
+
+
+def check_instances_json(json_file: str, image_root: str, report: CheckReport, *, lvis: bool = False,
+                         evaluated: bool = True, need_masks: bool = False,
+                         dataset_name: str | None = None) -> tuple[int, int | None]:
+    """Check a COCO (or LVIS) instances file and its images into ``report``.
+
+    ``evaluated``: the file is also read by an evaluator (``area`` and LVIS's per-image lists are
+    then required); ``need_masks``: the model trains masks. Returns (images, number of classes)
+    (classes None when the file could not be read).
+    """
+    checker = _InstancesChecker(json_file, report, lvis, evaluated, need_masks)
+    try:
+        data = load_json(json_file)
+    except DatasetLayoutError as err:
+        report.problem(f"{err}; fix the file ({checker.format} instances format)")
+        return 0, None
+    if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
+        checker.problem("'images' and 'annotations'", "must be lists")
+        return 0, None
+    table = builtin_class_table(dataset_name, lvis) if dataset_name else None
+    category_ids = checker.categories(data, table, dataset_name)
+    sizes = checker.images(data, image_root)
+    checker.annotations(data, sizes, category_ids)
+    ImageFiles(report).check(checker.expected_files, f"checking {Path(json_file).name} images")
+    return len(data["images"]), len(table) if table is not None else len(category_ids)
+
+
+# --- all datasets of a config --------------------------------------------------------------------
+
+
+def check_dataset(name: str, report: CheckReport, defaulted: dict[str, set[str]], *, evaluated: bool,
+                  need_masks: bool) -> int | None:
+    """Check one registered dataset by its ``evaluator_type``; returns its number of classes
+    (None when unknown)."""
+    meta = MetadataCatalog.get(name)
+    kind = meta.get("evaluator_type", None)
+    if kind == "pascal_voc" or meta.get("dirname", None) and meta.get("split", None):  # register_pascal_voc
+        count = check_voc_split(meta.dirname, meta.split, meta.thing_classes, report, defaulted)
+        logger.info("checked %s: %d images", name, count)
+        return len(meta.thing_classes)
+    if kind in ("coco", "lvis") and meta.get("json_file", None):
+        count, classes = check_instances_json(meta.json_file, meta.image_root, report, lvis=kind == "lvis",
+                                              evaluated=evaluated, need_masks=need_masks, dataset_name=name)
+        logger.info("checked %s: %d images", name, count)
+        return classes
+    report.warn(f"{name}: no content check for evaluator_type {kind!r}; only its files' presence was checked")
+    return None
+
+
+def check_datasets(train: Sequence[str], test: Sequence[str], num_classes: int | None = None,
+                   need_masks: bool = False) -> list[str]:
+    """Check the datasets a run trains on (``train``) and evaluates on (``test``).
+
+    Missing roots or annotation files raise ``FileNotFoundError``
+    (:func:`detectron2_ext.datasets.check_dataset_files`); every other problem is collected and
+    raised as one :class:`~pretrain.data.checks.DatasetCheckError`. ``num_classes``: the
+    model's class count (``MODEL.ROI_HEADS.NUM_CLASSES``), compared with each dataset's.
+    Returns the warnings, among them one summary of the VOC fields that were defaulted.
+    """
+    names = list(dict.fromkeys([*train, *test]))
+    check_dataset_files(names)
+    report = CheckReport()
+    defaulted: dict[str, set[str]] = {}
+    classes_of = defaultdict(list)
+    for name in names:
+        classes = check_dataset(name, report, defaulted, evaluated=name in test, need_masks=need_masks)
+        if classes is not None:
+            classes_of[classes].append(name)
+    if num_classes is not None:
+        for classes, datasets in sorted(classes_of.items()):
+            if classes > num_classes:
+                report.problem(f"{', '.join(datasets)}: {classes} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+                               f"{num_classes} (labels would overflow the classifier); set it to {classes}")
+            elif classes < num_classes:
+                report.warn(f"{', '.join(datasets)}: {classes} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+                            f"{num_classes}; the extra outputs are never trained")
+    warning = defaults_warning(defaulted)
+    if warning:
+        report.warn(warning)
+    report.raise_if_problems()
+    return report.warnings
+
+
+def check_config_datasets(cfg, eval_only: bool = False) -> list[str]:
+    """:func:`check_datasets` for a detectron2 config: ``DATASETS.TRAIN`` and ``DATASETS.TEST``
+    (only ``TEST`` with ``eval_only``), its class count and whether it trains masks."""
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" else None
+    return check_datasets(() if eval_only else cfg.DATASETS.TRAIN, cfg.DATASETS.TEST, num_classes,
+                          need_masks=cfg.MODEL.MASK_ON)

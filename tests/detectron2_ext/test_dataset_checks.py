@@ -1,0 +1,483 @@
+"""Dataset checks before fine-tuning (detectron2_ext.dataset_checks, detectron2_ext.voc_annotations).
+
+Each defect is made in a copy of the built-in dataset and must be reported naming the file and
+the field; VOC files without the optional fields and with fractional corners must train and
+evaluate (the issue: detectron2's VOC evaluator crashed after the whole fine-tuning). The last
+tests run tools/train_net.py twice (once to the end, once stopped by the check) and
+tools/check_dataset.py.
+"""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from detectron2.data.datasets import load_voc_instances, register_pascal_voc
+from detectron2.evaluation import pascal_voc_evaluation
+from PIL import Image
+
+from detectron2_ext.dataset_checks import (
+    check_datasets,
+    check_instances_json,
+    check_voc_split,
+    defaults_warning,
+    image_size,
+)
+from detectron2_ext.voc_annotations import (
+    parse_rec,
+    patch_voc_parse_rec,
+    read_voc_annotation,
+)
+from pretrain.data.checks import CheckReport, DatasetCheckError
+from pretrain.data.voc_classes import VOC_CLASSES
+
+REPO = Path(__file__).resolve().parents[2]
+VOC_CPU_CONFIG = REPO / "configs" / "detectron2" / "cpu" / "voc_det_default_init_cpu.yaml"
+OPTIONAL = ("truncated", "pose", "difficult")
+D2_PARSE_REC = pascal_voc_evaluation.parse_rec.__wrapped__  # detectron2's own reader, whatever is patched later
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def voc(synthetic_root, tmp_path) -> Path:
+    """A copy of the built-in VOC2007 (trainval: 8 images, test: 4) that a test may damage."""
+    shutil.copytree(synthetic_root / "VOC2007", tmp_path / "VOC2007")
+    return tmp_path / "VOC2007"
+
+
+def split_ids(voc: Path, split: str) -> list[str]:
+    return (voc / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+
+
+def edit_xml(path: Path, edit) -> Path:
+    tree = ET.parse(path)
+    edit(tree.getroot())
+    tree.write(path)
+    return path
+
+
+def strip_optional_and_use_fractions(root: ET.Element) -> None:
+    """What annotation tools write: no truncated/pose/difficult/segmented, corners like 48.5."""
+    root.remove(root.find("segmented"))
+    for obj in root.findall("object"):
+        for tag in OPTIONAL:
+            obj.remove(obj.find(tag))
+        box = obj.find("bndbox")
+        for tag in ("xmin", "ymin"):
+            box.find(tag).text = f"{int(box.find(tag).text) + 0.5}"
+
+
+def first_object(voc: Path, split: str = "trainval") -> tuple[Path, str]:
+    for voc_id in split_ids(voc, split):
+        path = voc / "Annotations" / f"{voc_id}.xml"
+        if ET.parse(path).getroot().find("object") is not None:
+            return path, voc_id
+    raise AssertionError("no annotated image")
+
+
+def voc_report(voc: Path, split: str = "trainval") -> tuple[CheckReport, dict]:
+    report, defaulted = CheckReport(), {}
+    check_voc_split(str(voc), split, VOC_CLASSES, report, defaulted)
+    return report, defaulted
+
+
+def only_problem(report: CheckReport) -> str:
+    assert report.total == len(report.problems) == 1, report.problems
+    return report.problems[0]
+
+
+# --- VOC -----------------------------------------------------------------------------------------
+
+
+def test_builtin_voc_is_clean(voc):
+    for split in ("trainval", "test"):
+        report, defaulted = voc_report(voc, split)
+        assert report.problems == [] and report.warnings == [] and defaulted == {}
+
+
+def test_missing_optional_fields_get_the_devkit_defaults_with_one_summary(voc):
+    ids = split_ids(voc, "trainval")
+    for voc_id in ids[:3]:
+        edit_xml(voc / "Annotations" / f"{voc_id}.xml", strip_optional_and_use_fractions)
+    report, defaulted = voc_report(voc)
+    assert report.problems == []
+    assert len(defaulted) == 3 and all(fields == {*OPTIONAL, "segmented"} for fields in defaulted.values())
+    warning = defaults_warning(defaulted)
+    assert warning.startswith("3 VOC annotation files lack optional fields: truncated (3 files), difficult (3 files), "
+                              "pose (3 files), segmented (3 files)")
+    assert "truncated 0, difficult 0, pose 'Unspecified', segmented 0" in warning
+    objects = read_voc_annotation(voc / "Annotations" / f"{ids[0]}.xml").objects
+    assert objects and all((o.truncated, o.difficult, o.pose) == (0, 0, "Unspecified") for o in objects)
+    assert all(o.bbox[0] % 1 == 0.5 and o.bbox[1] % 1 == 0.5 for o in objects)
+
+
+def test_fractional_corners_train_and_evaluate_as_written(voc):
+    """detectron2's loader reads corners with float(), its parse_rec with int(), which fails on
+    '48.5'; the patched parse_rec keeps 48.5, as the loader trains on it."""
+    path, voc_id = first_object(voc)
+    edit_xml(path, strip_optional_and_use_fractions)
+    with pytest.raises(AttributeError):  # detectron2's own reader: no <truncated> element
+        D2_PARSE_REC(str(path))
+    loaded = next(d for d in load_voc_instances(str(voc), "trainval", VOC_CLASSES) if d["image_id"] == voc_id)
+    ours = parse_rec(str(path))
+    assert [o["bbox"][:2] for o in ours] == [[a["bbox"][0] + 1, a["bbox"][1] + 1] for a in loaded["annotations"]]
+    assert all(o["bbox"][0] % 1 == 0.5 for o in ours)
+
+
+def test_parse_rec_matches_detectron2_on_complete_files(voc):
+    for voc_id in split_ids(voc, "test"):
+        path = str(voc / "Annotations" / f"{voc_id}.xml")
+        assert parse_rec(path) == D2_PARSE_REC(path)
+
+
+def test_patched_evaluator_scores_files_without_optional_fields(voc, monkeypatch, tmp_path):
+    """detectron2's voc_eval, with the patch, on test files lacking the optional fields and with
+    fractional corners: detections equal to the ground truth score AP 1 for every class."""
+    monkeypatch.setattr(pascal_voc_evaluation, "parse_rec", pascal_voc_evaluation.parse_rec)  # restored after
+    patch_voc_parse_rec()
+    assert pascal_voc_evaluation.parse_rec is parse_rec
+    ids = split_ids(voc, "test")
+    for voc_id in ids:
+        edit_xml(voc / "Annotations" / f"{voc_id}.xml", strip_optional_and_use_fractions)
+    truth = {voc_id: read_voc_annotation(voc / "Annotations" / f"{voc_id}.xml").objects for voc_id in ids}
+    classes = sorted({o.name for objects in truth.values() for o in objects})
+    assert classes
+    for name in classes:
+        lines = [f"{voc_id} 0.9 {' '.join(map(str, o.bbox))}" for voc_id, objects in truth.items()
+                 for o in objects if o.name == name]
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines))
+        _, _, ap = pascal_voc_evaluation.voc_eval(
+            str(tmp_path / "{}.txt"), str(voc / "Annotations" / "{}.xml"), str(voc / "ImageSets/Main/test.txt"),
+            name, ovthresh=0.5, use_07_metric=True)
+        assert ap == pytest.approx(1.0), name
+
+
+def remove(tag):
+    def edit(root):
+        obj = root.find("object")
+        parent = obj.find("bndbox") if tag in ("xmin", "ymin", "xmax", "ymax") else obj
+        parent.remove(parent.find(tag))
+    return edit
+
+
+def set_text(tag, text):
+    def edit(root):
+        root.find("object").find(".//" + tag).text = text
+    return edit
+
+
+@pytest.mark.parametrize("edit, field, message", [
+    (remove("name"), "object 1 <name>", "missing"),
+    (remove("bndbox"), "object 1 <bndbox>", "missing"),
+    (remove("xmax"), "object 1 <bndbox>/<xmax>", "missing"),
+    (set_text("ymin", "abc"), "object 1 <bndbox>/<ymin>", "'abc' is not a number"),
+    (set_text("xmin", "nan"), "object 1 <bndbox>/<xmin>", "not a finite number"),
+    (set_text("name", "doggo"), "object 1 <name>", "class 'doggo' is not one of the dataset's 20 classes"),
+    (set_text("difficult", "yes"), "object 1 <difficult>", "'yes' is not an integer"),
+    (set_text("xmin", "9999"), "object 1 <bndbox>", "inverted box"),
+    (set_text("xmax", "9999"), "object 1 <bndbox>", "lies outside the"),
+    (lambda root: root.find("size").remove(root.find("size/width")), "<size>/<width>", "missing"),
+    (lambda root: setattr(root.find("size/height"), "text", "12.5"), "<size>/<height>", "'12.5' is not an integer"),
+])
+def test_defects_that_cannot_be_defaulted_name_file_and_field(voc, edit, field, message):
+    path, _ = first_object(voc)
+    edit_xml(path, edit)
+    problem = only_problem(voc_report(voc)[0])
+    assert problem.startswith(f"{path}: {field}: ") and message in problem
+
+
+def test_image_size_must_match_size_in_the_xml(voc):
+    path, voc_id = first_object(voc)
+    edit_xml(path, lambda root: setattr(root.find("size/width"), "text", str(int(root.find("size/width").text) + 8)))
+    problem = only_problem(voc_report(voc)[0])
+    assert problem.startswith(f"{voc / 'JPEGImages' / voc_id}.jpg: image is ") and f"{path} <size> says" in problem
+
+
+@pytest.mark.parametrize("folder, suffix", [("Annotations", "xml"), ("JPEGImages", "jpg")])
+def test_files_named_by_the_split_must_exist(voc, folder, suffix):
+    voc_id = split_ids(voc, "trainval")[2]
+    (voc / folder / f"{voc_id}.{suffix}").unlink()
+    problem = only_problem(voc_report(voc)[0])
+    assert problem.startswith(f"{voc / folder / voc_id}.{suffix}: ") and "not found" in problem
+
+
+def test_malformed_xml_is_named(voc):
+    path = voc / "Annotations" / f"{split_ids(voc, 'trainval')[0]}.xml"
+    path.write_text(path.read_text()[:-30])
+    assert only_problem(voc_report(voc)[0]).startswith(f"{path}: malformed XML")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("000001\n", "lists a single image id; detectron2's loader (np.loadtxt) needs two or more"),
+    ("000001\n\n000002\n", "line 2 is blank"),
+    ("000001 1\n000002\n", "line 1 has 2 fields"),
+])
+def test_split_file_format(voc, content, message):
+    split_file = voc / "ImageSets" / "Main" / "trainval.txt"
+    split_file.write_text(content)
+    assert any(p == f"{split_file}: {message}" or p.startswith(f"{split_file}: {message}")
+               for p in voc_report(voc)[0].problems)
+
+
+def test_check_datasets_one_warning_and_class_count(voc, tmp_path):
+    """The entry point on a registered VOC dataset: one summary warning for the defaults; a model
+    with fewer classes than the dataset is an error, with more a warning."""
+    name = f"virtex_check_voc_{tmp_path.name}"
+    register_pascal_voc(name, str(voc), "trainval", 2007)
+    for voc_id in split_ids(voc, "trainval")[:2]:
+        edit_xml(voc / "Annotations" / f"{voc_id}.xml", strip_optional_and_use_fractions)
+    warnings = check_datasets([name], [], num_classes=20)
+    assert len(warnings) == 1 and warnings[0].startswith("2 VOC annotation files lack optional fields")
+    assert len(check_datasets([name], [], num_classes=30)) == 2
+    with pytest.raises(DatasetCheckError, match="20 classes but MODEL.ROI_HEADS.NUM_CLASSES is 10"):
+        check_datasets([name], [], num_classes=10)
+
+
+def test_builtin_datasets_of_every_cpu_config_are_clean(synthetic_root):
+    for train, test, classes, masks in [(["voc_2007_trainval", "voc_2012_trainval"], ["voc_2007_test"], 20, False),
+                                        (["coco_2017_train"], ["coco_2017_val"], 80, True),
+                                        (["lvis_v1_train"], ["lvis_v1_val"], 1203, True)]:
+        assert check_datasets(train, test, classes, need_masks=masks) == []
+
+
+# --- COCO and LVIS -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def coco(synthetic_root, tmp_path):
+    """A copy of the built-in COCO val2017 (instances JSON and 4 images) and its checker."""
+    shutil.copytree(synthetic_root / "coco" / "val2017", tmp_path / "val2017")
+    json_file = tmp_path / "instances_val2017.json"
+    shutil.copy(synthetic_root / "coco" / "annotations" / "instances_val2017.json", json_file)
+    return json_file
+
+
+def check_coco(json_file: Path, edit=None, lvis=False, evaluated=True, need_masks=True) -> CheckReport:
+    if edit is not None:
+        data = json.loads(json_file.read_text())
+        edit(data)
+        json_file.write_text(json.dumps(data))
+    report = CheckReport()
+    image_root = str(json_file.parent) + "/" if lvis else str(json_file.parent / "val2017")
+    check_instances_json(str(json_file), image_root, report, lvis=lvis, evaluated=evaluated,
+                         need_masks=need_masks, dataset_name="lvis_v1_val" if lvis else "coco_2017_val")
+    return report
+
+
+def category(data, category_id):
+    return next(c for c in data["categories"] if c["id"] == category_id)
+
+
+def polygon_annotation(data):
+    return next(a for a in data["annotations"] if isinstance(a["segmentation"], list))
+
+
+def rle_of(data):
+    """The first annotation turned into an uncompressed RLE of its image's size."""
+    ann = data["annotations"][0]
+    image = next(i for i in data["images"] if i["id"] == ann["image_id"])
+    h, w = image["height"], image["width"]
+    ann["segmentation"] = {"size": [h, w], "counts": [h * w // 2, h * w - h * w // 2]}
+    ann["iscrowd"] = 1
+    return ann
+
+
+COCO_DEFECTS = {
+    "renamed category": (lambda d: category(d, 18).update(name="doggy"), "categories (id 18)",
+                         "named 'doggy' but detectron2's builtin table of coco_2017_val (80 classes) names it 'dog'"),
+    "missing category": (lambda d: d["categories"].remove(category(d, 44)), "categories (id 44)", "'bottle' is missing"),
+    "foreign category id": (lambda d: d["categories"].append({"id": 95, "name": "x"}), "categories (id 95)",
+                            "id 95 is not in detectron2's builtin table"),
+    "unknown image": (lambda d: d["annotations"][0].update(image_id=123456), "annotations[0] (id 1) 'image_id'",
+                      "123456 is not an image of 'images'"),
+    "unlisted category": (lambda d: d["annotations"][0].update(category_id=12), "annotations[0] (id 1) 'category_id'",
+                          "12 is not in 'categories'"),
+    "short polygon": (lambda d: polygon_annotation(d)["segmentation"].append([1, 2, 3, 4]), "'segmentation'[",
+                      "needs an even number (>= 6) of coordinates x1, y1, x2, y2, ..., got 4"),
+    "odd polygon": (lambda d: polygon_annotation(d)["segmentation"].append([1, 2, 3, 4, 5, 6, 7]), "'segmentation'[",
+                    "got 7"),
+    "RLE of another size": (lambda d: rle_of(d)["segmentation"].update(size=[5, 5]), "'segmentation' 'size'",
+                            "is not the image's [height, width]"),
+    "RLE counts": (lambda d: rle_of(d)["segmentation"]["counts"].append(3), "'segmentation' 'counts'",
+                   "summing to height x width"),
+    "box outside": (lambda d: d["annotations"][0].update(bbox=[100.0, 0.0, 500.0, 10.0]), "annotations[0] (id 1) 'bbox'",
+                    "lies outside the"),
+    "negative box": (lambda d: d["annotations"][0].update(bbox=[1.0, 1.0, -3.0, 4.0]), "'bbox'", "negative width"),
+    "box not numbers": (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "'bbox'", "must be [x, y, width, height]"),
+    "duplicate annotation id": (lambda d: d["annotations"][1].update(id=1), "annotations[1] (id 1)", "id used twice"),
+    "no area": (lambda d: d["annotations"][0].pop("area"), "'area'", "the evaluator needs the area"),
+    "ignore": (lambda d: d["annotations"][0].update(ignore=1), "'ignore'", "use 'iscrowd' 1"),
+    "no mask": (lambda d: d["annotations"][0].update(segmentation=[]), "'segmentation'", "missing or empty"),
+    "image size": (lambda d: d["images"][0].update(width=d["images"][0]["width"] + 1), "image is ", "says"),
+}
+
+
+def test_builtin_coco_and_lvis_are_clean(coco, synthetic_root, tmp_path):
+    report = check_coco(coco)
+    assert (report.problems, report.warnings) == ([], [])
+    lvis = tmp_path / "lvis_v1_val.json"
+    shutil.copy(synthetic_root / "lvis" / "lvis_v1_val.json", lvis)
+    report = check_coco(lvis, lvis=True)  # images found through coco_url: <root>/val2017/<name>
+    assert (report.problems, report.warnings) == ([], [])
+
+
+@pytest.mark.parametrize("defect", sorted(COCO_DEFECTS))
+def test_coco_defects_name_file_and_key(coco, defect):
+    edit, where, message = COCO_DEFECTS[defect]
+    problem = only_problem(check_coco(coco, edit))
+    assert where in problem and message in problem
+    if defect != "image size":
+        assert problem.startswith(f"{coco}: ")
+    else:
+        assert f"{coco} images[0]" in problem
+
+
+def test_missing_image_file_and_tolerance(coco):
+    data = json.loads(coco.read_text())
+    image = data["images"][0]
+    (coco.parent / "val2017" / image["file_name"]).unlink()
+    ann = next(a for a in data["annotations"] if a["image_id"] != image["id"])
+    size = next(i for i in data["images"] if i["id"] == ann["image_id"])
+    ann["bbox"] = [-1.5, 0.0, size["width"] + 1.0, 4.0]  # up to 2 px (or 1%) outside is tolerated
+    coco.write_text(json.dumps(data))
+    problem = only_problem(check_coco(coco))
+    assert problem.startswith(f"{coco.parent / 'val2017' / image['file_name']}: image file not found")
+
+
+def test_area_and_masks_are_only_needed_where_read(coco):
+    def edit(data):
+        for ann in data["annotations"]:
+            del ann["area"], ann["segmentation"]
+    assert check_coco(coco, edit, evaluated=False, need_masks=False).problems == []
+    assert check_coco(coco, evaluated=True, need_masks=False).total == len(json.loads(coco.read_text())["annotations"])
+
+
+@pytest.fixture
+def lvis(synthetic_root, coco, tmp_path):
+    path = tmp_path / "lvis_v1_val.json"
+    shutil.copy(synthetic_root / "lvis" / "lvis_v1_val.json", path)
+    return path
+
+
+LVIS_DEFECTS = {
+    "RLE": (lambda d: rle_of(d), "'segmentation'", "detectron2's LVIS loader takes polygons only"),
+    "foreign id": (lambda d: d["categories"].append({"id": 1300, "name": "x", "frequency": "r"}),
+                   "categories (id 1300)", "not in detectron2's builtin table of lvis_v1_val (1203 classes)"),
+    "no frequency": (lambda d: d["categories"][0].pop("frequency"), "categories[0] (id 1) 'frequency'",
+                     "must be 'r', 'c' or 'f'"),
+    "no negative ids": (lambda d: d["images"][0].pop("neg_category_ids"), "'neg_category_ids'",
+                        "the LVIS evaluator needs it"),
+    "no coco_url": (lambda d: d["images"][0].pop("coco_url"), "'coco_url'", "LVIS locates images"),
+    "short polygon": (lambda d: d["annotations"][0]["segmentation"].append([0, 0, 1, 1]), "'segmentation'[",
+                      "got 4"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(LVIS_DEFECTS))
+def test_lvis_defects_name_file_and_key(lvis, defect):
+    edit, where, message = LVIS_DEFECTS[defect]
+    problem = only_problem(check_coco(lvis, edit, lvis=True))
+    assert problem.startswith(f"{lvis}: ") and where in problem and message in problem
+
+
+def test_lvis_names_follow_ids_but_another_table_is_an_error(lvis):
+    """detectron2's LVIS loader maps classes by id: a few other names are a warning, most of them
+    renamed (another LVIS version's table) an error."""
+    report = check_coco(lvis, lambda d: category(d, 5).update(name="booze"), lvis=True)
+    assert report.problems == [] and len(report.warnings) == 1 and "id 5 'booze'" in report.warnings[0]
+    report = check_coco(lvis, lambda d: [c.update(name=f"x{c['id']}") for c in d["categories"]], lvis=True)
+    assert report.total == 1203 and "named 'x1' but" in report.problems[0]
+
+
+def test_image_size_applies_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: detectron2's read_image transposes the pixels
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    assert image_size(tmp_path / "r.jpg") == (20, 30)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "p.jpg")
+    assert image_size(tmp_path / "p.jpg") == (30, 20)
+
+
+def test_error_lists_ten_problems_and_the_count():
+    report = CheckReport()
+    for k in range(25):
+        report.problem(f"file{k}.xml: <name>: missing")
+    with pytest.raises(DatasetCheckError) as caught:
+        report.raise_if_problems()
+    error = caught.value
+    assert isinstance(error, ValueError) and error.total == 25
+    lines = str(error).splitlines()
+    assert lines[0] == "25 problems in the dataset files (nothing was run):"
+    assert lines[1:11] == [f"  file{k}.xml: <name>: missing" for k in range(10)] and lines[11] == "  ... and 15 more"
+
+
+# --- tools/train_net.py and tools/check_dataset.py -------------------------------------------------
+
+
+SMALL = ["DATASETS.TRAIN", "('voc_2007_trainval',)", "SOLVER.MAX_ITER", "2", "TEST.PRECISE_BN.ENABLED", "False",
+         "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192", "INPUT.MIN_SIZE_TEST", "128",
+         "INPUT.MAX_SIZE_TEST", "192", "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
+
+
+def dataset_root(synthetic_root: Path, folder: Path) -> Path:
+    """A DETECTRON2_DATASETS root with a copy of the built-in VOC2007 only."""
+    shutil.copytree(synthetic_root / "VOC2007", folder / "VOC2007")
+    return folder
+
+
+def run_tool(tool: str, root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DETECTRON2_DATASETS": str(root)}
+    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_train_net_trains_and_evaluates_voc_files_without_optional_fields(synthetic_root, tmp_path):
+    root = dataset_root(synthetic_root, tmp_path / "data")
+    for xml in sorted((root / "VOC2007" / "Annotations").glob("*.xml")):
+        edit_xml(xml, strip_optional_and_use_fractions)
+    output = tmp_path / "run"
+    result = run_tool("train_net.py", root, "--config-file", str(VOC_CPU_CONFIG), *SMALL, "OUTPUT_DIR", str(output))
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    record = json.loads((output / "inference" / "voc_2007_test" / "evaluation.json").read_text())
+    assert set(record["results"]["bbox"]) == {"AP", "AP50", "AP75"}
+    assert all(math.isfinite(v) for v in record["results"]["bbox"].values())
+    losses = [json.loads(line) for line in (output / "metrics.json").read_text().splitlines() if "total_loss" in line]
+    assert losses[-1]["iteration"] == 1 and math.isfinite(losses[-1]["total_loss"])
+    log = (output / "log.txt").read_text()
+    assert log.count("VOC annotation files lack optional fields") == 1
+    assert re.search(r"dataset check: 12 VOC annotation files lack optional fields: truncated \(\d+ files\)", log)
+    assert "compat: the VOC evaluator reads annotations with detectron2_ext.voc_annotations.parse_rec" in log
+
+    checked = run_tool("check_dataset.py", root, "--config-file", str(VOC_CPU_CONFIG), "--opts", *SMALL[:2])
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "check_dataset: warning: 12 VOC annotation files lack optional fields" in checked.stderr
+
+
+def test_train_net_stops_before_training_naming_file_and_field(synthetic_root, tmp_path):
+    root = dataset_root(synthetic_root, tmp_path / "data")
+    voc = root / "VOC2007"
+    train_xml, _ = first_object(voc, "trainval")
+    test_xml, _ = first_object(voc, "test")
+    edit_xml(train_xml, remove("xmax"))
+    edit_xml(test_xml, set_text("name", "doggo"))
+    output = tmp_path / "run"
+    result = run_tool("train_net.py", root, "--config-file", str(VOC_CPU_CONFIG), *SMALL, "OUTPUT_DIR", str(output))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert f"  {train_xml}: object 1 <bndbox>/<xmax>: missing; write the corner in pixels (1-based, as in VOC)" in lines
+    assert any(line.startswith(f"  {test_xml}: object 1 <name>: class 'doggo' is not one of") for line in lines)
+    assert lines[-1] == "train_net: error: 2 problems in the dataset files (nothing was run)"
+    assert not output.exists()  # no log, metrics or checkpoint: nothing started
+
+    checked = run_tool("check_dataset.py", root, "--config-file", str(VOC_CPU_CONFIG), "--eval-only")
+    assert checked.returncode == 2
+    assert checked.stderr.splitlines()[-1] == "check_dataset: error: 1 problem in the dataset files (nothing was run)"
+    assert str(test_xml) in checked.stderr and str(train_xml) not in checked.stderr
