@@ -44,15 +44,22 @@ def convert_checkpoint_file(input_path, output_path, targets, force=False, allow
     ``targets`` is a list of ``(name, cfg)``: the detectron2 configs the weights must load
     into. Returns ``(ConvertedBackbone, [TargetCheck, ...])``.
     """
+    check_output_path(output_path, force)
+    return convert_weights(read_checkpoint(input_path, allow_unsafe_pickle), str(input_path), output_path, targets, force)
+
+
+def convert_weights(state, source: str, output_path, targets, force=False):
+    """:func:`convert_checkpoint_file` for weights already in memory (``source`` names them in
+    errors and in the output's ``__author__``), e.g. a freshly initialised ResNet."""
     output = check_output_path(output_path, force)
     if not targets:
         raise ConversionError("no target config to verify the converted weights against")
     try:
-        backbone: ConvertedBackbone = convert_resnet_state_dict(read_checkpoint(input_path, allow_unsafe_pickle))
+        backbone: ConvertedBackbone = convert_resnet_state_dict(state)
     except ConversionError as e:
-        raise ConversionError(f"{input_path}: {e}") from None
+        raise ConversionError(f"{source}: {e}") from None
     staging = output.with_name(f".{output.name}.unverified")
-    save_checkpoint(to_detectron2_checkpoint(backbone, Path(input_path).name), staging, force=True)
+    save_checkpoint(to_detectron2_checkpoint(backbone, Path(source).name), staging, force=True)
     try:
         checks = [verify_target(cfg, backbone, staging, name) for name, cfg in targets]
         if output.exists() and not force:  # appeared while we were verifying

@@ -40,6 +40,10 @@ def get_default_config() -> CfgNode:
     C.DATA.MAX_CAPTION_LENGTH = 30
     C.DATA.IMAGE_TRANSFORM_TRAIN = ["random_resized_crop", "horizontal_flip", "color_jitter", "normalize"]
     C.DATA.IMAGE_TRANSFORM_VAL = ["smallest_resize", "center_crop", "normalize"]
+    # Not an official key: what the caption tools (caption.py, eval_captioning.py,
+    # visualize_attention.py) feed the model; the official eval_captioning.py resizes the
+    # shorter side to 256 and crops the centre 224 whatever the config says.
+    C.DATA.IMAGE_TRANSFORM_CAPTION_EVAL = ["smallest_resize@256", "center_crop", "normalize"]
     C.DATA.MASKED_LM = CfgNode()
     C.DATA.MASKED_LM.MASK_PROPORTION = 0.15  # fraction of tokens chosen for masking
     C.DATA.MASKED_LM.MASK_PROBABILITY = 0.85  # chosen token -> [MASK]
@@ -69,6 +73,9 @@ def get_default_config() -> CfgNode:
     C.MODEL.VISUAL.NAME = "torchvision::resnet50"
     C.MODEL.VISUAL.FEATURE_SIZE = 2048
     C.MODEL.VISUAL.PRETRAINED = False  # ImageNet weights cannot be fetched offline; kept for config parity
+    # Which torchvision ImageNet weights PRETRAINED loads: IMAGENET1K_V1 is what the official
+    # pretrained=True gives (76.1 % top-1 for ResNet-50); IMAGENET1K_V2 (80.9 %) is an opt-in.
+    C.MODEL.VISUAL.PRETRAINED_WEIGHTS = "IMAGENET1K_V1"
     C.MODEL.VISUAL.FROZEN = False
     # The last BatchNorm of every residual block starts at zero, as official; fine over 500k
     # iterations, but a run of a few hundred barely opens those branches (docs/demo.md).

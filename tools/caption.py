@@ -26,7 +26,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.data.images import BadImageError, load_rgb_image
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
-from pretrain.downstream.caption_eval import load_captioning_model
+from pretrain.downstream.caption_eval import caption_eval_config, load_captioning_model
 from pretrain.files import write_json_atomic
 from pretrain.tokenizer import first_word_index, strip_special
 from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output)
         if output.exists() and not args.force:
             raise FileExistsError(f"{output}: already exists (pass --force to overwrite)")
-        cfg = load_config(args.config, args.opts)
+        cfg = caption_eval_config(load_config(args.config, args.opts))
         images = list_images(args.images)
         results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))
         output.parent.mkdir(parents=True, exist_ok=True)

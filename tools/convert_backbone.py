@@ -13,6 +13,15 @@ For another depth, verify against configs of that depth, e.g. for a ResNet-18:
     python tools/convert_backbone.py --input r18.pth --output r18_d2.pth \
         --config-file configs/detectron2/coco_segm_default_init_2x.yaml \
         MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64
+
+The paper's baselines, made as the official code makes them:
+
+    # random init: the pretraining model's ResNet, zero_init_residual=True, seeded
+    python tools/convert_backbone.py --init random --depth 50 --seed 0 --output random_r50.pth
+    # ImageNet-supervised: a local copy of torchvision's IMAGENET1K_V1 file (checked by its hash)
+    python tools/convert_backbone.py --init imagenet-v1 --input resnet50-0676ba61.pth --output imagenet_r50.pth
+
+(``imagenet-v2`` takes torchvision's newer IMAGENET1K_V2 file, which the paper did not use.)
 """
 import argparse
 import sys
@@ -22,17 +31,32 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 
 from detectron2_ext import load_config
 from detectron2_ext.convert import ConversionError
-from detectron2_ext.transfer import convert_checkpoint_file, describe
+from detectron2_ext.transfer import convert_checkpoint_file, convert_weights, describe
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG, CheckpointError
+from pretrain.models.visual_backbones import (
+    check_torchvision_weights_file,
+    initial_resnet_state,
+)
 from virtex_d2.cli import report_error, run_tool
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 DEFAULT_TARGETS = [CONFIG_DIR / "coco_segm_default_init_2x.yaml", CONFIG_DIR / "voc_det_default_init_24k.yaml"]
 
 
+INITS = ("checkpoint", "random", "imagenet-v1", "imagenet-v2")
+RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="checkpoint to convert (.pth/.pt/.ckpt)")
+    parser.add_argument("--input", help="checkpoint to convert (.pth/.pt/.ckpt); not with --init random")
+    parser.add_argument("--init", choices=INITS, default="checkpoint",
+                        help="checkpoint: any checkpoint (default); random: a fresh ResNet of --depth, "
+                             "seeded with --seed, as the official random-init baseline; imagenet-v1/v2: "
+                             "--input must be torchvision's IMAGENET1K_V1/V2 file of --depth")
+    parser.add_argument("--depth", type=int, default=50, choices=sorted(RESNETS),
+                        help="ResNet depth for --init random / imagenet-* (default: 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --init random (default: 0)")
     parser.add_argument("--output", required=True, help="detectron2 weights to write (.pth)")
     parser.add_argument("--config-file", action="append", default=None, metavar="FILE",
                         help="target detectron2 config to verify against (repeatable; "
@@ -42,7 +66,10 @@ def parse_args(argv=None):
                         help="load an input that needs arbitrary unpickling (only for trusted files)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE config overrides applied to every target config")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.input is None) != (args.init == "random"):
+        parser.error("--input is required, except with --init random (which takes none)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -50,12 +77,21 @@ def main(argv=None) -> int:
     config_files = [Path(p) for p in args.config_file] if args.config_file else DEFAULT_TARGETS
     try:
         targets = [(path.name, load_config(path, args.opts)) for path in config_files]
-        backbone, checks = convert_checkpoint_file(
-            args.input, args.output, targets, force=args.force, allow_unsafe_pickle=args.allow_unsafe_pickle
-        )
+        arch = RESNETS[args.depth]
+        if args.init == "random":
+            source = f"random_{arch}_seed{args.seed}"
+            backbone, checks = convert_weights(initial_resnet_state(arch, args.seed), source, args.output, targets,
+                                               force=args.force)
+        else:
+            if args.init.startswith("imagenet-"):
+                check_torchvision_weights_file(args.input, arch, f"IMAGENET1K_{args.init[-2:].upper()}")
+            source = args.input
+            backbone, checks = convert_checkpoint_file(
+                args.input, args.output, targets, force=args.force, allow_unsafe_pickle=args.allow_unsafe_pickle
+            )
     except (CheckpointError, ConversionError, FileExistsError) as e:
         return report_error("convert_backbone", e)
-    print(f"Converted {describe(backbone, args.input)}")
+    print(f"Converted {describe(backbone, source)}")
     for check in checks:
         print(f"  verified {check.summary()}")
         for warning in check.warnings:

@@ -31,6 +31,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.data import BadImageError
 from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import (
+    caption_eval_config,
     decode_dataset,
     grounding_gap,
     load_captioning_model,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output and Path(args.output).exists() and not args.force:
             raise FileExistsError(f"{args.output}: already exists (pass --force to overwrite)")
-        cfg = load_config(args.config, args.opts)
+        cfg = caption_eval_config(load_config(args.config, args.opts))
         model, tokenizer = load_captioning_model(cfg, args.checkpoint)
         dataset = build_dataset(cfg, args.split, tokenizer)
         references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")

@@ -31,7 +31,7 @@ from pretrain.downstream.attention import (
     render_image,
     write_html,
 )
-from pretrain.downstream.caption_eval import load_captioning_model
+from pretrain.downstream.caption_eval import caption_eval_config, load_captioning_model
 from pretrain.tokenizer import first_word_index
 from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = Path(args.output_dir)
         if output_dir.is_dir() and any(output_dir.iterdir()) and not args.force:
             raise FileExistsError(f"{output_dir}: not empty (pass --force to write into it)")
-        cfg = load_config(args.config, args.opts)
+        cfg = caption_eval_config(load_config(args.config, args.opts))
         model, tokenizer = load_captioning_model(cfg, args.checkpoint)
         device = args.device or select_device(0)
         model.to(device)

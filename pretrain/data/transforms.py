@@ -18,6 +18,10 @@ Names (``DATA.IMAGE_TRANSFORM_TRAIN`` / ``_VAL``), with the official parameters;
 * ``center_crop``: central ``size`` x ``size`` crop;
 * ``global_resize``: resized to ``size`` x ``size``, aspect ratio not kept.
 
+A name may carry its own size after ``@``: ``smallest_resize@256`` resizes the shorter side to
+256 whatever ``DATA.IMAGE_CROP_SIZE`` is (the official captioning evaluation: 256, then a
+central crop of 224).
+
 Deliberate difference from the official code: the official flip replaces the substrings
 "left"/"right" anywhere, turning "bright" into "bleft" and "leftover" into "rightover". Here
 only whole words are swapped, in any letter case ("Left" -> "Right").
@@ -124,10 +128,12 @@ def make_transform(names: Sequence[str], size: int, source: str = "transform lis
 
     Unknown names raise ``ValueError`` naming ``source`` (e.g. the config key) and the name.
     """
-    unknown = [name for name in names if name not in TRANSFORMS]
+    parsed = [(name, *name.partition("@")[::2]) for name in names]
+    unknown = [name for name, base, own_size in parsed if base not in TRANSFORMS or not (own_size or "0").isdigit()]
     if unknown:
-        raise ValueError(f"{source}: unknown image transform(s) {unknown}; known: {sorted(TRANSFORMS)}")
-    return CaptionCompose([TRANSFORMS[name](size) for name in names])
+        raise ValueError(f"{source}: unknown image transform(s) {unknown}; known: {sorted(TRANSFORMS)}, "
+                         "each optionally with @<size>")
+    return CaptionCompose([TRANSFORMS[base](int(own_size) if own_size else size) for _, base, own_size in parsed])
 
 
 def build_transform(cfg, split: str) -> CaptionCompose:

@@ -41,6 +41,17 @@ logger = logging.getLogger(__name__)
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
+def caption_eval_config(cfg):
+    """``cfg`` with ``DATA.IMAGE_TRANSFORM_VAL`` set to ``DATA.IMAGE_TRANSFORM_CAPTION_EVAL``: the
+    input the caption tools give the model (by default the official evaluation's: shorter side
+    256, central 224 crop), while periodic validation during training keeps the val transform."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATA.IMAGE_TRANSFORM_VAL = list(cfg.DATA.IMAGE_TRANSFORM_CAPTION_EVAL)
+    cfg.freeze()
+    return cfg
+
+
 def load_captioning_model(cfg, checkpoint: str | Path) -> tuple[nn.Module, SentencePieceBPETokenizer]:
     """The config's captioning model with all weights of ``checkpoint`` (strictly), in eval
     mode, and the config's tokenizer, checked against the config's special ids and size.

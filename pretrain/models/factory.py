@@ -16,13 +16,14 @@ from .textual_heads import LinearTextualHead, TransformerTextualHead, parse_text
 from .visual_backbones import TorchvisionVisualBackbone, parse_visual_name
 
 def build_visual_backbone(cfg: CfgNode) -> TorchvisionVisualBackbone:
-    """MODEL.VISUAL.{NAME, FEATURE_SIZE, PRETRAINED, FROZEN, ZERO_INIT_RESIDUAL} -> backbone."""
+    """MODEL.VISUAL.{NAME, FEATURE_SIZE, PRETRAINED(_WEIGHTS), FROZEN, ZERO_INIT_RESIDUAL} -> backbone."""
     return TorchvisionVisualBackbone(
         parse_visual_name(cfg.MODEL.VISUAL.NAME),
         cfg.MODEL.VISUAL.FEATURE_SIZE,
         pretrained=cfg.MODEL.VISUAL.PRETRAINED,
         frozen=cfg.MODEL.VISUAL.FROZEN,
         zero_init_residual=cfg.MODEL.VISUAL.ZERO_INIT_RESIDUAL,
+        pretrained_weights=cfg.MODEL.VISUAL.PRETRAINED_WEIGHTS,
     )
 
 

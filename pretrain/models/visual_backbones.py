@@ -5,6 +5,8 @@ the ResNet lives in a submodule named ``cnn`` and keeps torchvision's parameter 
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torchvision
 from torch import nn
@@ -24,12 +26,50 @@ def parse_visual_name(name: str) -> str:
     return arch
 
 
+#: torchvision's ImageNet weights of the ResNets: V1 is what official VirTex's ``pretrained=True``
+#: loads (torchvision's only weights in 2020); V2 is torchvision's newer recipe.
+IMAGENET_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
+
+
+def initial_resnet_state(arch: str, seed: int, zero_init_residual: bool = True) -> dict[str, torch.Tensor]:
+    """The weights a randomly initialised pretraining backbone starts from: torchvision's
+    ``arch`` built under ``torch.manual_seed(seed)`` with ``zero_init_residual`` (True, as the
+    official random-init baseline of the paper, which converts this very network)."""
+    if arch not in SUPPORTED_RESNETS:
+        raise ValueError(f"unsupported ResNet '{arch}'; choose one of {SUPPORTED_RESNETS}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cnn = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+    return cnn.state_dict()
+
+
+def check_torchvision_weights_file(path: str, arch: str, weights: str) -> None:
+    """``ValueError`` unless ``path`` holds torchvision's ``weights`` of ``arch`` (a local copy of
+    the file torchvision would download): its SHA-256 must begin with the hash in that file's name."""
+    try:
+        url = torchvision.models.get_model_weights(arch)[weights].url
+    except KeyError:
+        raise ValueError(f"torchvision has no {weights} weights for {arch}") from None
+    expected = url.rsplit("-", 1)[-1].split(".")[0]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(expected):
+        raise ValueError(
+            f"{path}: not torchvision's {weights} weights of {arch} (expected the file {url.rsplit('/', 1)[-1]}, "
+            f"whose SHA-256 begins with {expected}; this file's begins with {digest.hexdigest()[:8]})"
+        )
+
+
 class TorchvisionVisualBackbone(nn.Module):
     """A torchvision ResNet without its classifier, returning the stride-32 feature map.
 
     Built from scratch with torchvision's initialisation, by default with
     ``zero_init_residual=True`` (the last BatchNorm of every residual block starts at zero, as in
-    official VirTex), unless ``pretrained`` asks for torchvision's ImageNet weights. Short runs
+    official VirTex), unless ``pretrained`` asks for torchvision's ImageNet weights:
+    ``pretrained_weights`` ``IMAGENET1K_V1`` (76.1 % top-1 for ResNet-50) is what the official
+    ``pretrained=True`` loads; ``IMAGENET1K_V2`` (80.9 %, a newer recipe) is an explicit opt-in. Short runs
     should pass ``zero_init_residual=False``: in a few hundred steps those BatchNorm weights grow
     only to about 0.01-0.04, so the residual branches stay shut and the network that is
     transferred is little more than its stem and shortcuts.
@@ -48,12 +88,17 @@ class TorchvisionVisualBackbone(nn.Module):
         pretrained: bool = False,
         frozen: bool = False,
         zero_init_residual: bool = True,
+        pretrained_weights: str = "IMAGENET1K_V1",
     ):
         super().__init__()
         if arch not in SUPPORTED_RESNETS:
             raise ValueError(f"unsupported ResNet '{arch}'; choose one of {SUPPORTED_RESNETS}")
+        if pretrained_weights not in IMAGENET_WEIGHTS:
+            raise ValueError(
+                f"MODEL.VISUAL.PRETRAINED_WEIGHTS '{pretrained_weights}' is not one of {', '.join(IMAGENET_WEIGHTS)}"
+            )
         constructor = getattr(torchvision.models, arch)
-        self.cnn = constructor(weights="DEFAULT" if pretrained else None, zero_init_residual=zero_init_residual)
+        self.cnn = constructor(weights=pretrained_weights if pretrained else None, zero_init_residual=zero_init_residual)
         channels = self.cnn.fc.in_features
         if channels != visual_feature_size:
             raise ValueError(

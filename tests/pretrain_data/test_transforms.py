@@ -134,3 +134,20 @@ def test_unknown_transform_names_are_errors():
         build_transform(load_config(overrides=["DATA.IMAGE_TRANSFORM_TRAIN", "['normalize', 'random_blur']"]), "train")
     with pytest.raises(ValueError, match="split must be"):
         build_transform(load_config(), "test")
+
+
+def test_caption_tools_see_the_official_evaluation_input_by_default():
+    """Official eval_captioning.py: shorter side 256, then the central 224 crop (the val
+    transform resizes to 224 and would see more of the image)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pretrain.downstream.caption_eval import caption_eval_config
+
+    cfg = load_config()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    evaluated, _ = build_transform(caption_eval_config(cfg), "val")(image, "")
+    expected = TF.pil_to_tensor(TF.center_crop(TF.resize(image, 256), 224))
+    expected = TF.normalize(TF.to_dtype(expected, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+    assert evaluated.shape == (3, 224, 224)
+    torch.testing.assert_close(evaluated, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(build_transform(cfg, "val")(image, "")[0], evaluated, atol=1e-3)
