@@ -65,6 +65,8 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:
         ("check_dataset", ["--pretrain-config", missing], f"{missing}: config file not found"),
         ("make_shards", ["--coco-captions", tmp / "none.json", "--image-root", empty, "--output", tmp / "s"],
          "none.json"),
+        ("submit_pretrain", ["--config", missing, "--output-dir", tmp / "sp", "--local"],
+         f"{missing}: config file not found"),
     ]
 
 
@@ -72,10 +74,10 @@ def test_every_tool_is_in_the_table(tmp_path):
     assert {tool for tool, _, _ in bad_inputs(tmp_path)} == set(TOOLS)
 
 
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", range(19))
 def test_bad_input_ends_with_one_line_and_status_2(tmp_path, case):
     cases = bad_inputs(tmp_path)
-    assert len(cases) == 18, "keep the parametrize range in step with the table"
+    assert len(cases) == 19, "keep the parametrize range in step with the table"
     tool, args, expected = cases[case]
     result = run_tool(tool, *args)
     assert result.returncode == 2, f"{tool} {args}: status {result.returncode}\n{result.stderr[-3000:]}"

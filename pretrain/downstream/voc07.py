@@ -5,7 +5,9 @@ Protocol (the official one; settings from the paper's code release):
 * features: the frozen backbone's global-average-pooled last feature map (2048-d for a
   ResNet-50) of the shorter-side-256, centre-224 crop of each image, L2-normalised;
 * one linear SVM per class, trained on ``trainval``: scikit-learn ``LinearSVC`` with squared
-  hinge loss, L2 penalty, ``class_weight={1: 2, -1: 1}``, ``max_iter=2000``; the cost ``C`` is
+  hinge loss, L2 penalty, ``class_weight={1: 2, -1: 1}``, ``max_iter=2000``, solved in the dual
+  (the official code ran scikit-learn < 1.5, whose default was ``dual=True``; newer releases
+  default to ``"auto"``, which picks the primal here); the cost ``C`` is
   chosen among ``(0.01, 0.1, 1.0, 10.0)`` by the mean average precision of 3-fold
   cross-validation (the first cost with the highest mean wins), then the SVM is refit on all of
   ``trainval`` with that cost;
@@ -168,7 +170,8 @@ def train_test_class_svm(
 
 def _svm(cost: float) -> LinearSVC:
     return LinearSVC(
-        C=cost, class_weight={1: 2, -1: 1}, penalty="l2", loss="squared_hinge", max_iter=SVM_MAX_ITER, random_state=0
+        C=cost, class_weight={1: 2, -1: 1}, penalty="l2", loss="squared_hinge", dual=True, max_iter=SVM_MAX_ITER,
+        random_state=0,
     )
 
 
