@@ -5,6 +5,8 @@
         --batch-size 8 --image-size 224 --iters 6 --warmup 2 --json OUT.json
     python tools/benchmark.py decoder --config configs/width_ablations/bicaptioning_R_50_L1_H2048.yaml
     python tools/benchmark.py data --config CFG DATA.ROOT datasets/coco --batch-size 32 --workers 4
+    python tools/benchmark.py data --format webdataset --config CFG DATA.SHARDS datasets/coco_shards/train/shards.txt \\
+        --batch-size 32 --workers 4
     DETECTRON2_DATASETS=datasets/builtin python tools/benchmark.py finetune \\
         --config configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml --threads 1 --iters 10 --warmup 5
 
@@ -20,8 +22,9 @@ notes): contiguous layout, ``torch.optim.SGD`` over one group with its default i
 no Lookahead, clipping or schedule, fp32 unless ``--precision`` says otherwise. ``decoder`` times
 forward + backward of one textual head on those captions, the padded decoder against the packed
 one that training uses. ``data`` measures DataLoader throughput on the configured dataset
-through the training loop's sampler. ``finetune`` times detectron2 training steps of a transfer
-config as ``tools/train_net.py`` runs them (its data loader, model and optimizer, data loading
+through the training loop's sampler, or with ``--format webdataset`` through its shard stream
+(peak memory: the main process and, separately, the largest worker). ``finetune`` times
+detectron2 training steps of a transfer config as ``tools/train_net.py`` runs them (its data loader, model and optimizer, data loading
 included; random init, since the weights do not change the cost) on the dataset the config
 trains on. Results go to the terminal and, with ``--json``, to a file.
 """
@@ -74,13 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     modes.choices["decoder"].add_argument("--visual-tokens", type=int, default=49,
                                           help="decoder memory length (default 49: 7x7 features of 224 px)")
     modes.choices["data"].add_argument("--workers", type=int, default=None, help="DataLoader workers (default: config)")
+    modes.choices["data"].add_argument("--format", choices=("coco", "webdataset"), default=None,
+                                       help="DATA.FORMAT: the COCO folder or the shards of DATA.SHARDS (default: config)")
     return parser.parse_args(argv)
 
 
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory of this process, or with ``RUSAGE_CHILDREN`` of its largest ended
+    child (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     scale = 1 if platform.system() == "Darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+    return resource.getrusage(who).ru_maxrss * scale / 2**30
 
 
 def synthetic_batch(batch_size: int, image_size: int, vocab_size: int, max_length: int, generator) -> dict:
@@ -229,25 +235,37 @@ def bench_decoder(args, cfg) -> dict:
 
 
 def bench_data(args, cfg) -> dict:
-    from torch.utils.data import DataLoader
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
 
     from pretrain.data import collate_fn
+    from pretrain.distributed import DistContext
     from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
+    from pretrain.engine.streaming import StreamLoader
     from pretrain.tasks import build_dataset
     from pretrain.tokenizer import SentencePieceBPETokenizer
 
     dataset = build_dataset(cfg, "train", SentencePieceBPETokenizer(cfg.DATA.TOKENIZER_MODEL))
     workers = cfg.DATA.NUM_WORKERS if args.workers is None else args.workers
-    sampler = IterationBatchSampler(len(dataset), args.batch_size, 0, 1, cfg.RANDOM_SEED, args.warmup + args.iters)
-    loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers)
+    if isinstance(dataset, IterableDataset):  # the training loop's shard stream, as one rank
+        cfg.defrost()
+        cfg.OPTIM.BATCH_SIZE, cfg.DATA.NUM_WORKERS = args.batch_size, workers
+        loader = StreamLoader(dataset, cfg, DistContext(0, 0, 1, torch.device("cpu")), collate_fn, None)
+    else:
+        sampler = IterationBatchSampler(len(dataset), args.batch_size, 0, 1, cfg.RANDOM_SEED, args.warmup + args.iters)
+        loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers)
     batches = iter(loader)
-    times = timed(lambda: next(batches), args.iters, args.warmup, lambda: None)
+    times = timed(batches.__next__, args.iters, args.warmup, lambda: None)
+    main_rss = peak_rss_gib()
+    del batches  # joins the workers, so that their peak memory is known
     return {
         "mode": "data",
+        "format": cfg.DATA.FORMAT,
         "workers": workers,
         "batch_s_median": statistics.median(times),
         "images_per_s": args.batch_size * len(times) / sum(times),
-        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_gib": main_rss,
+        "peak_worker_rss_gib": peak_rss_gib(resource.RUSAGE_CHILDREN) if workers else None,
     }
 
 
@@ -307,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.mode == "pretrain":
             overrides += ["DATA.IMAGE_CROP_SIZE", str(args.image_size)]
+        if args.mode == "data" and args.format:
+            overrides += ["DATA.FORMAT", args.format]
         cfg = load_config(args.config, overrides)
         result = {"pretrain": bench_pretrain, "decoder": bench_decoder, "data": bench_data}[args.mode](args, cfg)
     result.update({

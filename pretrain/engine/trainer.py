@@ -20,7 +20,7 @@ import torch
 from fvcore.common.config import CfgNode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from pretrain.caption_metrics import load_references
 from pretrain.checkpoint_io import list_checkpoints
@@ -43,6 +43,11 @@ from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.monitor import TrainingMonitor, setup_logging
 from pretrain.engine.optim import build_optimizer, inner_optimizer
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
+from pretrain.engine.streaming import (
+    StreamLoader,
+    saved_stream_state,
+    val_stream_batches,
+)
 from pretrain.engine.validation import evaluate, val_batches
 from pretrain.files import write_text_atomic
 from pretrain.malloc import allocator_in_use
@@ -227,29 +232,35 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
 
     num_iterations = cfg.OPTIM.NUM_ITERATIONS
-    sampler = IterationBatchSampler(
-        len(train_set), cfg.OPTIM.BATCH_SIZE, rank, world, cfg.RANDOM_SEED, num_iterations, start
-    )
-    loader = DataLoader(
-        SeededDataset(train_set),
-        batch_sampler=sampler,
-        collate_fn=collate_fn,
-        num_workers=cfg.DATA.NUM_WORKERS,
-        pin_memory=ctx.device.type != "cpu",
-        generator=torch.Generator().manual_seed(cfg.RANDOM_SEED + rank),  # keeps the global RNG untouched
-    )
+    if isinstance(train_set, IterableDataset):  # shards: the stream continues where the checkpoint left it
+        loader = StreamLoader(train_set, cfg, ctx, collate_fn, saved_stream_state(output_dir, start))
+    else:
+        sampler = IterationBatchSampler(
+            len(train_set), cfg.OPTIM.BATCH_SIZE, rank, world, cfg.RANDOM_SEED, num_iterations, start
+        )
+        loader = DataLoader(
+            SeededDataset(train_set),
+            batch_sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=cfg.DATA.NUM_WORKERS,
+            pin_memory=ctx.device.type != "cpu",
+            generator=torch.Generator().manual_seed(cfg.RANDOM_SEED + rank),  # keeps the global RNG untouched
+        )
     move = make_batch_mover(ctx.device, cfg.ENGINE.CHANNELS_LAST)
 
     def validate(iteration: int) -> None:
         """Val metrics, leaving the RNG states as they were so that validation does not change
         the training trajectory (a resumed run skips the validation an uninterrupted run did)."""
         rng_state = get_rng_state()
-        loader_val = DataLoader(
-            SeededDataset(val_set),
-            batch_sampler=val_batches(len(val_set), cfg.OPTIM.BATCH_SIZE // world, rank, world),
-            collate_fn=collate_fn,
-            num_workers=cfg.DATA.NUM_WORKERS,
-        )
+        if isinstance(val_set, IterableDataset):
+            loader_val = val_stream_batches(val_set, cfg, ctx, collate_fn)
+        else:
+            loader_val = DataLoader(
+                SeededDataset(val_set),
+                batch_sampler=val_batches(len(val_set), cfg.OPTIM.BATCH_SIZE // world, rank, world),
+                collate_fn=collate_fn,
+                num_workers=cfg.DATA.NUM_WORKERS,
+            )
         results = evaluate(
             model, loader_val, ctx, move, decode if caption_metrics else None,
             references, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), autocast,
@@ -260,6 +271,7 @@ def train(
 
     def save(iteration: int) -> Path:
         rng_states = all_gather_objects(get_rng_state())
+        stream = {"data": loader.state_dict()} if isinstance(loader, StreamLoader) else {}  # every rank's position
         path = output_dir / f"checkpoint_{iteration}.pth"
         if ctx.is_main:
             path = manager.save(
@@ -272,6 +284,7 @@ def train(
                     "rng": rng_states,
                     "config": cfg.dump(),
                     "world_size": world,
+                    **stream,
                 },
             )
             logger.info("saved %s", path)
@@ -284,7 +297,8 @@ def train(
         return last_saved
     # Only captioning models write captions; the classification and masked-LM baselines of the
     # paper are validated on their loss alone.
-    caption_metrics = cfg.ENGINE.VAL_CAPTION_METRICS and isinstance(model, CaptioningModel)
+    caption_metrics = (cfg.ENGINE.VAL_CAPTION_METRICS and isinstance(model, CaptioningModel)
+                       and val_annotations is not None)
     references = load_references(val_annotations) if val_set is not None and val_annotations else None
     monitor = TrainingMonitor(output_dir, ctx.is_main, start, num_iterations)
     stop = _StopSignal()
@@ -364,9 +378,8 @@ def run_pretraining(cfg: CfgNode, output_dir: str | Path, resume: bool = False) 
         val_set = build_dataset(cfg, "val", tokenizer) if cfg.ENGINE.VAL_PERIOD else None
         seed_everything(cfg.RANDOM_SEED)  # identical initial weights on every rank
         model = build_model(cfg)
-        return train(
-            cfg, output_dir, ctx, model, train_set, collate_fn, resume, val_set, tokenizer.decode,
-            Path(cfg.DATA.ROOT) / "annotations" / "captions_val2017.json",
-        )
+        # From shards there is no COCO captions file to score against: val loss only.
+        annotations = Path(cfg.DATA.ROOT) / "annotations" / "captions_val2017.json" if cfg.DATA.FORMAT == "coco" else None
+        return train(cfg, output_dir, ctx, model, train_set, collate_fn, resume, val_set, tokenizer.decode, annotations)
     finally:
         shutdown_distributed()

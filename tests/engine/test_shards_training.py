@@ -28,6 +28,7 @@ from tests.engine.conftest import (
     run_pretrain,
     subprocess_env,
 )
+from tests.engine.test_benchmark import run_benchmark
 from tests.engine.test_faults import assert_same_final_state, start_and_interrupt
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -163,3 +164,11 @@ def test_missing_shards_are_a_one_line_input_error(shard_overrides, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"pretrain: error: {tmp_path / '0.tar'}: shard not found (4 of the 4 shards of DATA.SHARDS are missing)")
 
+
+
+@pytest.mark.parametrize("data_format", ["coco", "webdataset"])
+def test_benchmark_data_mode_times_both_loaders_on_the_same_images(shard_overrides, tmp_path, data_format):
+    result = run_benchmark(tmp_path, "data", "--format", data_format, "--batch-size", "4", "--workers", "2",
+                           overrides=shard_overrides)
+    assert result["format"] == data_format and result["workers"] == 2
+    assert result["images_per_s"] > 0 and 0.05 < result["peak_rss_gib"] < 20 and 0.05 < result["peak_worker_rss_gib"] < 20
