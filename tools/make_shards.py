@@ -22,7 +22,7 @@ import sys
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.data.shard_writer import read_coco_corpus, read_table_corpus, write_shards
-from virtex_d2.cli import report_error, tool_parser
+from virtex_d2.cli import report_error, run_tool, tool_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("make_shards", main))

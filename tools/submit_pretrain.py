@@ -22,7 +22,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from virtex_d2.cli import report_error, tool_parser
+from virtex_d2.cli import report_error, run_tool, tool_parser
 from virtex_d2.pipeline.cluster import ClusterSettings, submit_pretraining
 
 
@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("submit_pretrain", main))
