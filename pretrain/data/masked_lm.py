@@ -48,15 +48,7 @@ def mask_caption_tokens(
     return masked, labels
 
 
-def check_masking(mask_proportion: float, mask_probability: float, replace_probability: float) -> None:
-    """``ValueError`` naming the ``DATA.MASKED_LM`` keys unless the three are valid probabilities."""
-    if not 0 < mask_proportion <= 1:
-        raise ValueError(f"DATA.MASKED_LM.MASK_PROPORTION must be in (0, 1], got {mask_proportion}")
-    if not (0 <= mask_probability and 0 <= replace_probability and mask_probability + replace_probability <= 1):
-        raise ValueError(
-            f"DATA.MASKED_LM: MASK_PROBABILITY ({mask_probability}) and REPLACE_PROBABILITY "
-            f"({replace_probability}) must be probabilities summing to at most 1"
-        )
+MASKING_ARGS = ("mask_proportion", "mask_probability", "replace_probability")
 
 
 class MaskedLmSamples(CaptionSamples):
@@ -75,7 +67,13 @@ class MaskedLmSamples(CaptionSamples):
         replace_probability: float = 0.10,
         **kwargs: Any,
     ):
-        check_masking(mask_proportion, mask_probability, replace_probability)
+        if not 0 < mask_proportion <= 1:
+            raise ValueError(f"DATA.MASKED_LM.MASK_PROPORTION must be in (0, 1], got {mask_proportion}")
+        if not (0 <= mask_probability and 0 <= replace_probability and mask_probability + replace_probability <= 1):
+            raise ValueError(
+                f"DATA.MASKED_LM: MASK_PROBABILITY ({mask_probability}) and REPLACE_PROBABILITY "
+                f"({replace_probability}) must be probabilities summing to at most 1"
+            )
         super().__init__(*args, **kwargs)
         self.mask_proportion = mask_proportion
         self.mask_probability = mask_probability
@@ -103,19 +101,11 @@ class MaskedLmSamples(CaptionSamples):
 
 
 class MaskedLmDataset(CocoCaptionsDataset):
-    """COCO Captions samples with masked captions (the keys of :class:`MaskedLmSamples`)."""
+    """COCO Captions samples with masked captions (the keys of :class:`MaskedLmSamples`); takes
+    the arguments of :class:`CocoCaptionsDataset` and those of :data:`MASKING_ARGS`."""
 
-    def __init__(
-        self,
-        *args: Any,
-        mask_proportion: float = 0.15,
-        mask_probability: float = 0.85,
-        replace_probability: float = 0.10,
-        **kwargs: Any,
-    ):
-        check_masking(mask_proportion, mask_probability, replace_probability)
-        self._masking = {"mask_proportion": mask_proportion, "mask_probability": mask_probability,
-                         "replace_probability": replace_probability}
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._masking = {name: kwargs.pop(name) for name in MASKING_ARGS if name in kwargs}
         super().__init__(*args, **kwargs)
 
     def sample_maker(self, tokenizer, transform, max_caption_length) -> MaskedLmSamples:
