@@ -15,6 +15,7 @@ from .masked_lm import MaskedLMModel
 from .textual_heads import LinearTextualHead, TransformerTextualHead, parse_textual_name
 from .visual_backbones import TorchvisionVisualBackbone, parse_visual_name
 
+
 def build_visual_backbone(cfg: CfgNode) -> TorchvisionVisualBackbone:
     """MODEL.VISUAL.{NAME, FEATURE_SIZE, PRETRAINED(_WEIGHTS), FROZEN, ZERO_INIT_RESIDUAL} -> backbone."""
     return TorchvisionVisualBackbone(
@@ -47,7 +48,11 @@ def build_transformer_head(cfg: CfgNode) -> TransformerTextualHead:
 def build_decoder(cfg: CfgNode) -> BeamSearch | NucleusSampling:
     """MODEL.DECODER -> beam search or nucleus sampling over the forward head.
 
-    Never generated: padding/<unk>, [SOS], [MASK]. Nucleus sampling is seeded with RANDOM_SEED.
+    ``beam_search`` and ``nucleus_sampling`` follow the official VirTex decoders token for token
+    (no banned token; beam search feeds the generated tokens without [SOS] from its second step
+    on); ``beam_search_ours`` and ``nucleus_sampling_ours`` always feed [SOS] and never generate
+    padding/<unk>, [SOS] or [MASK] (rules in :mod:`pretrain.models.decoding`). Nucleus sampling
+    is seeded with RANDOM_SEED.
     """
     decoder = cfg.MODEL.DECODER
     if decoder.MAX_DECODING_STEPS > cfg.DATA.MAX_CAPTION_LENGTH:
@@ -55,19 +60,32 @@ def build_decoder(cfg: CfgNode) -> BeamSearch | NucleusSampling:
             f"MODEL.DECODER.MAX_DECODING_STEPS ({decoder.MAX_DECODING_STEPS}) exceeds the "
             f"{cfg.DATA.MAX_CAPTION_LENGTH} learned positions (DATA.MAX_CAPTION_LENGTH)"
         )
-    common = {
-        "sos_index": cfg.DATA.SOS_INDEX,
-        "eos_index": cfg.DATA.EOS_INDEX,
-        "max_steps": decoder.MAX_DECODING_STEPS,
+    beam = {"beam_size": decoder.BEAM_SIZE}
+    nucleus = {"nucleus_size": decoder.NUCLEUS_SIZE, "seed": cfg.RANDOM_SEED}
+    official = {"rules": "official"}
+    ours = {
+        "rules": "ours",
         "banned_tokens": (cfg.DATA.UNK_INDEX, cfg.DATA.SOS_INDEX, cfg.DATA.MASK_INDEX),
-        "padding_index": cfg.DATA.UNK_INDEX,
     }
-    if decoder.NAME == "beam_search":
-        return BeamSearch(beam_size=decoder.BEAM_SIZE, **common)
-    if decoder.NAME == "nucleus_sampling":
-        return NucleusSampling(nucleus_size=decoder.NUCLEUS_SIZE, seed=cfg.RANDOM_SEED, **common)
-    raise ValueError(
-        f"MODEL.DECODER.NAME '{decoder.NAME}' is unknown; use 'beam_search' or 'nucleus_sampling'"
+    variants = {
+        "beam_search": (BeamSearch, beam, official),
+        "nucleus_sampling": (NucleusSampling, nucleus, official),
+        "beam_search_ours": (BeamSearch, beam, ours),
+        "nucleus_sampling_ours": (NucleusSampling, nucleus, ours),
+    }
+    if decoder.NAME not in variants:
+        raise ValueError(
+            f"MODEL.DECODER.NAME '{decoder.NAME}' is unknown; use one of "
+            + ", ".join(f"'{name}'" for name in variants)
+        )
+    decoder_class, specific, rules = variants[decoder.NAME]
+    return decoder_class(
+        sos_index=cfg.DATA.SOS_INDEX,
+        eos_index=cfg.DATA.EOS_INDEX,
+        max_steps=decoder.MAX_DECODING_STEPS,
+        padding_index=cfg.DATA.UNK_INDEX,
+        **specific,
+        **rules,
     )
 
 
