@@ -84,7 +84,10 @@ def get_default_config() -> CfgNode:
     C.MODEL.TEXTUAL.NAME = "transdec_postnorm::L1_H2048_A32_F8192"  # "none" for *_classification
     C.MODEL.TEXTUAL.DROPOUT = 0.1
     C.MODEL.DECODER = CfgNode()
-    C.MODEL.DECODER.NAME = "beam_search"  # beam_search | nucleus_sampling
+    # beam_search | nucleus_sampling: the official decoders, token for token;
+    # beam_search_ours | nucleus_sampling_ours: [SOS] in every prefix, no <unk>/[SOS]/[MASK]
+    # (pretrain.models.decoding says how the two rule sets differ)
+    C.MODEL.DECODER.NAME = "beam_search"
     C.MODEL.DECODER.BEAM_SIZE = 5
     C.MODEL.DECODER.NUCLEUS_SIZE = 0.9
     C.MODEL.DECODER.MAX_DECODING_STEPS = 30
@@ -147,11 +150,16 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -
             cfg.merge_from_file(config_file)
         except KeyError as err:  # fvcore: "Non-existent config key: X"
             raise ConfigError(f"{config_file}: {err.args[0]}") from None
+        except (ValueError, TypeError, AssertionError) as err:  # yacs: a value of the wrong type
+            raise ConfigError(f"{config_file}: {err}; fix the value in the file") from None
     overrides = list(overrides)
     if len(overrides) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {overrides}")
     _check_keys(cfg, overrides, "command line")
-    cfg.merge_from_list(overrides)
+    try:
+        cfg.merge_from_list(overrides)
+    except (ValueError, TypeError, AssertionError) as err:  # yacs: "Type mismatch ... for config key: K"
+        raise ConfigError(f"command line: {err}; give a value of the key's type") from None
     cfg.freeze()
     return cfg
 

@@ -166,7 +166,9 @@ def test_bf16_autocast_and_channels_last():
 
 
 def test_eval_without_captions_decodes():
-    model = build(**{"MODEL.DECODER.BEAM_SIZE": 3, "MODEL.DECODER.MAX_DECODING_STEPS": 6}).eval()
+    # Our decoding rules never generate [SOS] or [MASK]; the official ones (the default) may.
+    model = build(**{"MODEL.DECODER.NAME": "beam_search_ours", "MODEL.DECODER.BEAM_SIZE": 3,
+                     "MODEL.DECODER.MAX_DECODING_STEPS": 6}).eval()
     with torch.no_grad():
         predictions = model({"image": torch.randn(2, 3, 64, 64)})["predictions"]
     assert predictions.shape[0] == 2 and predictions.shape[1] <= 6
