@@ -1,165 +1,70 @@
-"""The pretraining loop: one process or one process per device under ``torchrun``.
+"""The pretraining loop: one process, or one process per device under ``torchrun``.
 
-Read top to bottom: :func:`run_pretraining` builds tokenizer, data and model from the config and
-hands them to :func:`train`, which sets up optimisation, resumes, and runs the iterations. One
-iteration is :func:`forward_backward`, an agreement across ranks on whether to stop (non-finite
-loss or SIGTERM), then :func:`optimizer_step`. Checkpoints, logging and validation happen at the
-periods of ``cfg.ENGINE``.
+Read top to bottom: :func:`run_pretraining` builds tokenizer, data and model from the config
+(the task table) and hands them to :func:`train`. It builds the rank's :class:`~pretrain.engine.
+setup.Training` (model on the device, DDP, optimizer, schedule, precision), starts fresh or
+resumes (:mod:`pretrain.engine.resume`), and :class:`PretrainingLoop` runs the iterations: one
+step (:mod:`pretrain.engine.step`), an agreement across ranks on whether to stop (non-finite loss
+or SIGTERM), then logging, checkpoints and validation at the periods of ``cfg.ENGINE``.
 """
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from fvcore.common.config import CfgNode
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from pretrain.caption_metrics import load_references
-from pretrain.checkpoint_io import list_checkpoints
-from pretrain.config import config_differences
+from pretrain.checkpoint_io import checkpoint_path
 from pretrain.data import collate_fn
 from pretrain.data.checks import check_pretraining_data
 from pretrain.distributed import (
     DistContext,
     all_gather_objects,
-    all_reduce_sum,
     barrier,
     get_rng_state,
     init_distributed,
-    make_batch_mover,
     seed_everything,
     set_rng_state,
     shutdown_distributed,
 )
 from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.monitor import TrainingMonitor, setup_logging
-from pretrain.engine.optim import build_optimizer, inner_optimizer
+from pretrain.engine.resume import start_or_resume
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
+from pretrain.engine.setup import Training, build_training
+from pretrain.engine.step import NonFiniteLossError, StopSignal, agree_on_stopping
 from pretrain.engine.streaming import (
     StreamLoader,
     saved_stream_state,
     val_stream_batches,
 )
 from pretrain.engine.validation import evaluate, val_batches
-from pretrain.files import write_text_atomic
+from pretrain.files import ensure_writable_directory, write_text_atomic
 from pretrain.malloc import allocator_in_use
 from pretrain.models.captioning import CaptioningModel
-from pretrain.precision import autocast_dtype, make_autocast
-from pretrain.schedule import build_lr_scheduler
 from pretrain.tasks import build_dataset, build_model
 from pretrain.tokenizer import SentencePieceBPETokenizer, first_word_index
 
 logger = logging.getLogger("pretrain.engine")
 
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stops without saving."""
+__all__ = ["NonFiniteLossError", "PretrainingLoop", "Validation", "run_pretraining", "train"]
 
 
-def split_batch(batch: dict, chunks: int) -> list[dict]:
-    """``chunks`` equal slices of a batch along its first dimension."""
-    if chunks == 1:
-        return [batch]
-    size = batch["image"].shape[0]
-    if size % chunks:
-        raise ValueError(f"per-rank batch of {size} images does not split into ENGINE.GRAD_ACCUM_STEPS={chunks}")
-    step = size // chunks
-    return [{k: v[i * step : (i + 1) * step] for k, v in batch.items()} for i in range(chunks)]
+@dataclass
+class Validation:
+    """What periodic validation needs: the val split, and for caption metrics the decoder of
+    token ids into text and the split's COCO captions file (without them: val loss only)."""
 
-
-def forward_backward(
-    model: nn.Module, batch: dict, scaler: torch.amp.GradScaler, autocast: Callable[[], Any], accum_steps: int = 1
-) -> dict[str, torch.Tensor]:
-    """Loss and its components (detached, averaged over the chunks) after backpropagating them.
-
-    With ``accum_steps`` > 1 the batch is processed in chunks whose gradients add up (the loss of
-    each chunk is divided by the number of chunks); under DDP only the last chunk synchronises.
-    A single process with ``accum_steps = W`` thus computes the same update as ``W`` ranks.
-    """
-    losses: dict[str, torch.Tensor] = {}
-    chunks = split_batch(batch, accum_steps)
-    for i, chunk in enumerate(chunks):
-        defer_sync = isinstance(model, DistributedDataParallel) and i < len(chunks) - 1
-        with model.no_sync() if defer_sync else nullcontext():
-            with autocast():
-                output = model(chunk)
-            scaler.scale(output["loss"] / len(chunks)).backward()
-        parts = {"loss": output["loss"], **output.get("loss_components", {})}
-        for name, value in parts.items():
-            losses[name] = losses.get(name, 0.0) + value.detach().float() / len(chunks)
-    return losses
-
-
-def optimizer_step(
-    params: list[torch.Tensor],
-    optimizer: Any,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    clip_grad_norm: float,
-) -> torch.Tensor:
-    """Unscale, clip the gradient norm, step the optimizer (skipped by the scaler on fp16
-    overflow) and the schedule; returns the gradient norm before clipping."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-class _StopSignal:
-    """Remembers a SIGTERM (what schedulers send before preemption) until the loop acts on it."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
-def _agree(ctx: DistContext, loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """Whether any rank saw a non-finite loss, and whether any rank received SIGTERM.
-
-    All ranks take the same decision at the same iteration, so none is left waiting in a collective.
-    """
-    flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(stop_requested), device=loss.device)])
-    flags = all_reduce_sum(flags).tolist()
-    return flags[0] > 0, flags[1] > 0
-
-
-def _restore(state: dict, ctx: DistContext, seed: int, model, optimizer, scheduler, scaler) -> int:
-    """Load a checkpoint into the run's objects; returns its iteration."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"]:  # empty when saved without fp16 (e.g. on CPU); the scale then starts afresh
-        scaler.load_state_dict(state["scaler"])
-    iteration = int(state["iteration"])
-    rng = state.get("rng", [])
-    if len(rng) == ctx.world_size:
-        set_rng_state(rng[ctx.rank])
-    else:
-        logger.warning(
-            "checkpoint holds RNG states of %d ranks, this run has %d: reseeding each rank from "
-            "(RANDOM_SEED, rank, iteration); the data order is unaffected",
-            len(rng),
-            ctx.world_size,
-        )
-        seed_everything(seed + ctx.rank + 1_000_003 * iteration)
-    return iteration
+    dataset: Dataset
+    decode: Callable[[list[int]], str] | None = None
+    annotations: str | Path | None = None
 
 
 def train(
@@ -170,203 +75,184 @@ def train(
     train_set: Dataset,
     collate_fn: Callable,
     resume: bool = False,
-    val_set: Dataset | None = None,
-    decode: Callable[[list[int]], str] | None = None,
-    val_annotations: str | Path | None = None,
-) -> Path:
+    validation: Validation | None = None,
+) -> Path | None:
     """Train ``model`` (built, on the CPU, seeded identically on every rank) for
-    ``cfg.OPTIM.NUM_ITERATIONS`` iterations; returns the path of the final checkpoint.
-
-    ``val_set``, ``decode`` (token ids → text) and ``val_annotations`` (COCO captions json of the
-    val split) enable periodic validation; without ``decode``, or for a model that does not write
-    captions, only the val loss is computed.
-    """
+    ``cfg.OPTIM.NUM_ITERATIONS`` iterations; returns the path of the final checkpoint."""
     output_dir = Path(output_dir)
-    world, rank = ctx.world_size, ctx.rank
-    accum = cfg.ENGINE.GRAD_ACCUM_STEPS
-    if cfg.OPTIM.BATCH_SIZE % (world * accum):
-        raise ValueError(
-            f"OPTIM.BATCH_SIZE {cfg.OPTIM.BATCH_SIZE} does not split evenly into {world} rank(s) × "
-            f"ENGINE.GRAD_ACCUM_STEPS {accum}"
-        )
-    model.to(ctx.device)
-    if cfg.ENGINE.CHANNELS_LAST:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_lr_scheduler(cfg, inner_optimizer(optimizer))
-    dtype = autocast_dtype(cfg.AMP, ctx.device, cfg.AMP_DTYPE)
-    autocast = make_autocast(ctx.device, dtype)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
+    training = build_training(cfg, ctx, model)
     manager = CheckpointManager(output_dir, cfg.ENGINE.KEEP_LAST_CHECKPOINTS, cfg.ENGINE.PINNED_CHECKPOINTS)
-
-    seed_everything(cfg.RANDOM_SEED + rank)
-    start = 0
-    if resume:
-        state = manager.load_latest()
-        if state is None:
-            logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
-        else:
-            start = _restore(state, ctx, cfg.RANDOM_SEED, model, optimizer, scheduler, scaler)
-            logger.info("resumed from %s", output_dir / f"checkpoint_{start}.pth")
-            changes = config_differences(state["config"], cfg) if "config" in state else []
-            if changes:
-                logger.warning(
-                    "the config differs from the one checkpoint_%d.pth was trained with, so the run "
-                    "continues with another recipe (config.yaml now holds the new one): %s",
-                    start, "; ".join(changes),
-                )
-    elif list_checkpoints(output_dir):
-        raise FileExistsError(
-            f"{output_dir} already holds checkpoints; pass --resume to continue that run or choose "
-            "another output directory"
-        )
+    seed_everything(cfg.RANDOM_SEED + ctx.rank)
+    start = start_or_resume(training, manager, output_dir, resume)
     if ctx.is_main:
         write_text_atomic(output_dir / "config.yaml", cfg.dump())
+    if start >= cfg.OPTIM.NUM_ITERATIONS:
+        logger.info("nothing to do: the run already reached iteration %d", start)
+        return checkpoint_path(output_dir, start) if start else None
+    loop = PretrainingLoop(training, manager, output_dir, train_set, collate_fn, start, validation)
+    return loop.run()
 
-    train_model: nn.Module = model
-    if ctx.is_distributed:
-        device_ids = None if ctx.device.type == "cpu" else [ctx.device.index]
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
-    if cfg.ENGINE.COMPILE:
-        train_model = torch.compile(train_model)
-    params = [p for p in model.parameters() if p.requires_grad]
 
-    num_iterations = cfg.OPTIM.NUM_ITERATIONS
-    if isinstance(train_set, IterableDataset):  # shards: the stream continues where the checkpoint left it
-        loader = StreamLoader(train_set, cfg, ctx, collate_fn, saved_stream_state(output_dir, start))
-    else:
-        sampler = IterationBatchSampler(
-            len(train_set), cfg.OPTIM.BATCH_SIZE, rank, world, cfg.RANDOM_SEED, num_iterations, start
+class PretrainingLoop:
+    """The iterations of one run from ``start + 1`` to ``OPTIM.NUM_ITERATIONS``."""
+
+    def __init__(
+        self,
+        training: Training,
+        manager: CheckpointManager,
+        output_dir: Path,
+        train_set: Dataset,
+        collate_fn: Callable,
+        start: int,
+        validation: Validation | None,
+    ):
+        self.training, self.cfg, self.ctx = training, training.cfg, training.ctx
+        self.manager, self.output_dir = manager, output_dir
+        self.collate_fn, self.start, self.validation = collate_fn, start, validation
+        self.num_iterations = self.cfg.OPTIM.NUM_ITERATIONS
+        self.loader = self._train_loader(train_set)
+        self.last_saved = checkpoint_path(output_dir, start) if start else None
+        # Only captioning models write captions; the classification and masked-LM baselines of
+        # the paper are validated on their loss alone.
+        self.caption_metrics = (
+            validation is not None and validation.decode is not None and validation.annotations is not None
+            and self.cfg.ENGINE.VAL_CAPTION_METRICS and isinstance(training.model, CaptioningModel)
         )
-        loader = DataLoader(
+        self.references = load_references(validation.annotations) if self.caption_metrics else None
+        self.monitor = TrainingMonitor(output_dir, self.ctx.is_main, start, self.num_iterations)
+
+    def _train_loader(self, train_set: Dataset) -> DataLoader | StreamLoader:
+        """Batches of iterations ``start + 1`` onwards: each depends only on (seed, iteration, rank);
+        from shards (an iterable dataset), the stream continues where the checkpoint left it."""
+        cfg, ctx = self.cfg, self.ctx
+        if isinstance(train_set, IterableDataset):
+            return StreamLoader(train_set, cfg, ctx, self.collate_fn, saved_stream_state(self.output_dir, self.start))
+        sampler = IterationBatchSampler(
+            len(train_set), cfg.OPTIM.BATCH_SIZE, ctx.rank, ctx.world_size, cfg.RANDOM_SEED, self.num_iterations,
+            self.start,
+        )
+        return DataLoader(
             SeededDataset(train_set),
             batch_sampler=sampler,
-            collate_fn=collate_fn,
+            collate_fn=self.collate_fn,
             num_workers=cfg.DATA.NUM_WORKERS,
             pin_memory=ctx.device.type != "cpu",
-            generator=torch.Generator().manual_seed(cfg.RANDOM_SEED + rank),  # keeps the global RNG untouched
+            generator=torch.Generator().manual_seed(cfg.RANDOM_SEED + ctx.rank),  # keeps the global RNG untouched
         )
-    move = make_batch_mover(ctx.device, cfg.ENGINE.CHANNELS_LAST)
 
-    def validate(iteration: int) -> None:
-        """Val metrics, leaving the RNG states as they were so that validation does not change
-        the training trajectory (a resumed run skips the validation an uninterrupted run did)."""
-        rng_state = get_rng_state()
-        if isinstance(val_set, IterableDataset):
-            loader_val = val_stream_batches(val_set, cfg, ctx, collate_fn)
-        else:
-            loader_val = DataLoader(
-                SeededDataset(val_set),
-                batch_sampler=val_batches(len(val_set), cfg.OPTIM.BATCH_SIZE // world, rank, world),
-                collate_fn=collate_fn,
-                num_workers=cfg.DATA.NUM_WORKERS,
+    def run(self) -> Path | None:
+        """Train to the last iteration (or to a SIGTERM); returns the newest checkpoint."""
+        cfg, training = self.cfg, self.training
+        stop = StopSignal()
+        logger.info(
+            "training iterations %d..%d: %d rank(s) × %d images on %s, precision %s, allocator %s",
+            self.start + 1, self.num_iterations, self.ctx.world_size, cfg.OPTIM.BATCH_SIZE // self.ctx.world_size,
+            self.ctx.device, training.dtype or torch.float32, allocator_in_use(),
+        )
+        try:
+            batches = iter(self.loader)
+            tick = time.perf_counter()
+            for iteration in range(self.start + 1, self.num_iterations + 1):
+                batch = training.move(next(batches))
+                data_time = time.perf_counter() - tick
+                losses, grad_norm, stop_agreed = self._step(iteration, batch, stop.received)
+                step_time = time.perf_counter() - tick
+                self._log(iteration, losses, grad_norm, step_time, data_time)
+                finished = iteration == self.num_iterations
+                if stop_agreed or finished or iteration % cfg.ENGINE.CHECKPOINT_PERIOD == 0:
+                    self.last_saved = self.save(iteration)
+                if stop_agreed:
+                    logger.warning("SIGTERM received: saved %s and stopping; continue with --resume", self.last_saved)
+                    break
+                if self.validation is not None and cfg.ENGINE.VAL_PERIOD and (
+                    finished or iteration % cfg.ENGINE.VAL_PERIOD == 0
+                ):
+                    self.validate(iteration)
+                tick = time.perf_counter()
+            return self.last_saved
+        finally:
+            stop.restore()
+            self.monitor.close()
+
+    def _step(self, iteration: int, batch: dict, stop_requested: bool) -> tuple[dict, torch.Tensor, bool]:
+        """Forward and backward, the ranks' agreement, then the optimizer step; returns losses,
+        gradient norm and whether all ranks stop after this iteration (a SIGTERM on any of them).
+        A non-finite loss on any rank raises on all of them, at the same iteration."""
+        losses = self.training.forward_backward(batch)
+        nonfinite, stop_agreed = agree_on_stopping(losses["loss"], stop_requested)
+        if nonfinite:
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {iteration} "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); stopping without "
+                f"saving. Last good checkpoint: {self.last_saved or 'none'}"
             )
-        results = evaluate(
-            model, loader_val, ctx, move, decode if caption_metrics else None,
-            references, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), autocast,
-        )
-        set_rng_state(rng_state)
-        logger.info("iteration %d validation: %s", iteration, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-        monitor.write_scalars(iteration, results)
+        return losses, self.training.optimizer_step(), stop_agreed
 
-    def save(iteration: int) -> Path:
+    def _log(self, iteration: int, losses: dict, grad_norm: torch.Tensor, step_time: float, data_time: float) -> None:
+        """Feed the monitor every iteration; write scalars and a log line every ``LOG_PERIOD``."""
+        cfg, monitor = self.cfg, self.monitor
+        monitor.update(**{k: float(v) for k, v in losses.items()})
+        lr = {group["name"]: group["lr"] for group in self.training.optimizer.param_groups}
+        images_per_s = cfg.OPTIM.BATCH_SIZE / step_time
+        monitor.step(iteration, lr, images_per_s)
+        if iteration % cfg.ENGINE.LOG_PERIOD and iteration != self.num_iterations:
+            return
+        smoothed = monitor.smoothed()
+        scalars = {f"loss/{k}": v for k, v in smoothed.items()}
+        scalars.update({f"lr/{k}": v for k, v in lr.items()})
+        scalars.update({"throughput/images_per_s": images_per_s, "time/step_s": step_time,
+                        "time/data_s": data_time, "grad_norm": float(grad_norm)})
+        if self.training.scaler.is_enabled():
+            scalars["amp/loss_scale"] = self.training.scaler.get_scale()
+        monitor.write_scalars(iteration, scalars)
+        logger.info(
+            "iteration %d: %s, lr %s, %.2f images/s, data %.3f s",
+            iteration, ", ".join(f"{k} {v:.4f}" for k, v in smoothed.items()),
+            ", ".join(f"{k} {v:.3g}" for k, v in lr.items()), images_per_s, data_time,
+        )
+
+    def save(self, iteration: int) -> Path:
+        """A checkpoint of every rank's RNG state (and shard stream position) and rank 0's model
+        and optimisation state."""
         rng_states = all_gather_objects(get_rng_state())
-        stream = {"data": loader.state_dict()} if isinstance(loader, StreamLoader) else {}  # every rank's position
-        path = output_dir / f"checkpoint_{iteration}.pth"
-        if ctx.is_main:
-            path = manager.save(
-                iteration,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_states,
-                    "config": cfg.dump(),
-                    "world_size": world,
-                    **stream,
-                },
-            )
+        stream = {"data": self.loader.state_dict()} if isinstance(self.loader, StreamLoader) else {}
+        path = checkpoint_path(self.output_dir, iteration)
+        if self.ctx.is_main:
+            state = {**self.training.state_dict(), "rng": rng_states, "config": self.cfg.dump(),
+                     "world_size": self.ctx.world_size, **stream}
+            path = self.manager.save(iteration, state)
             logger.info("saved %s", path)
         barrier()
         return path
 
-    last_saved = output_dir / f"checkpoint_{start}.pth" if start else None
-    if start >= num_iterations:
-        logger.info("nothing to do: the run already reached iteration %d", start)
-        return last_saved
-    # Only captioning models write captions; the classification and masked-LM baselines of the
-    # paper are validated on their loss alone.
-    caption_metrics = (cfg.ENGINE.VAL_CAPTION_METRICS and isinstance(model, CaptioningModel)
-                       and val_annotations is not None)
-    references = load_references(val_annotations) if val_set is not None and val_annotations else None
-    monitor = TrainingMonitor(output_dir, ctx.is_main, start, num_iterations)
-    stop = _StopSignal()
-    logger.info(
-        "training iterations %d..%d: %d rank(s) × %d images on %s, precision %s, allocator %s",
-        start + 1, num_iterations, world, cfg.OPTIM.BATCH_SIZE // world, ctx.device, dtype or torch.float32,
-        allocator_in_use(),
-    )
-    try:
-        batches = iter(loader)
-        tick = time.perf_counter()
-        for iteration in range(start + 1, num_iterations + 1):
-            batch = move(next(batches))
-            data_time = time.perf_counter() - tick
-            losses = forward_backward(train_model, batch, scaler, autocast, accum)
-            nonfinite, stop_requested = _agree(ctx, losses["loss"], stop.received)
-            if nonfinite:
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {iteration} "
-                    f"({', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); stopping without "
-                    f"saving. Last good checkpoint: {last_saved or 'none'}"
-                )
-            grad_norm = optimizer_step(params, optimizer, scheduler, scaler, cfg.OPTIM.CLIP_GRAD_NORM)
-            step_time = time.perf_counter() - tick
-            tick = time.perf_counter()
-
-            monitor.update(**{k: float(v) for k, v in losses.items()})
-            lr = {group["name"]: group["lr"] for group in optimizer.param_groups}
-            images_per_s = cfg.OPTIM.BATCH_SIZE / step_time
-            monitor.step(iteration, lr, images_per_s)
-            if iteration % cfg.ENGINE.LOG_PERIOD == 0 or iteration == num_iterations:
-                smoothed = monitor.smoothed()
-                scalars = {f"loss/{k}": v for k, v in smoothed.items()}
-                scalars.update({f"lr/{k}": v for k, v in lr.items()})
-                scalars.update(
-                    {
-                        "throughput/images_per_s": images_per_s,
-                        "time/step_s": step_time,
-                        "time/data_s": data_time,
-                        "grad_norm": float(grad_norm),
-                    }
-                )
-                if scaler.is_enabled():
-                    scalars["amp/loss_scale"] = scaler.get_scale()
-                monitor.write_scalars(iteration, scalars)
-                logger.info(
-                    "iteration %d: %s, lr %s, %.2f images/s, data %.3f s",
-                    iteration, ", ".join(f"{k} {v:.4f}" for k, v in smoothed.items()),
-                    ", ".join(f"{k} {v:.3g}" for k, v in lr.items()), images_per_s, data_time,
-                )
-            finished = iteration == num_iterations
-            if stop_requested or finished or iteration % cfg.ENGINE.CHECKPOINT_PERIOD == 0:
-                last_saved = save(iteration)
-            if stop_requested:
-                logger.warning("SIGTERM received: saved %s and stopping; continue with --resume", last_saved)
-                break
-            if val_set is not None and cfg.ENGINE.VAL_PERIOD and (finished or iteration % cfg.ENGINE.VAL_PERIOD == 0):
-                validate(iteration)
-            tick = time.perf_counter()
-        return last_saved
-    finally:
-        stop.restore()
-        monitor.close()
+    def validate(self, iteration: int) -> None:
+        """Val metrics, leaving the RNG states as they were so that validation does not change
+        the training trajectory (a resumed run skips the validation an uninterrupted run did)."""
+        cfg, ctx, val_set = self.cfg, self.ctx, self.validation.dataset
+        rng_state = get_rng_state()
+        if isinstance(val_set, IterableDataset):
+            loader = val_stream_batches(val_set, cfg, ctx, self.collate_fn)
+        else:
+            loader = DataLoader(
+                SeededDataset(val_set),
+                batch_sampler=val_batches(len(val_set), cfg.OPTIM.BATCH_SIZE // ctx.world_size, ctx.rank, ctx.world_size),
+                collate_fn=self.collate_fn,
+                num_workers=cfg.DATA.NUM_WORKERS,
+            )
+        results = evaluate(
+            self.training.model, loader, ctx, self.training.move,
+            self.validation.decode if self.caption_metrics else None, self.references,
+            cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), self.training.autocast,
+        )
+        set_rng_state(rng_state)
+        logger.info("iteration %d validation: %s", iteration, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        self.monitor.write_scalars(iteration, results)
 
 
 def run_pretraining(cfg: CfgNode, output_dir: str | Path, resume: bool = False) -> Path:
     """Build tokenizer, datasets and model from ``cfg`` and :func:`train` them, in this process
     or as one rank of a ``torchrun`` job; returns the final checkpoint's path."""
+    ensure_writable_directory(output_dir)  # before any process group, data or model is built
     ctx = init_distributed()
     try:
         setup_logging(output_dir, ctx.rank)
@@ -378,8 +264,11 @@ def run_pretraining(cfg: CfgNode, output_dir: str | Path, resume: bool = False) 
         val_set = build_dataset(cfg, "val", tokenizer) if cfg.ENGINE.VAL_PERIOD else None
         seed_everything(cfg.RANDOM_SEED)  # identical initial weights on every rank
         model = build_model(cfg)
-        # From shards there is no COCO captions file to score against: val loss only.
-        annotations = Path(cfg.DATA.ROOT) / "annotations" / "captions_val2017.json" if cfg.DATA.FORMAT == "coco" else None
-        return train(cfg, output_dir, ctx, model, train_set, collate_fn, resume, val_set, tokenizer.decode, annotations)
+        validation = None
+        if val_set is not None:
+            # From shards there is no COCO captions file to score against: val loss only.
+            annotations = Path(cfg.DATA.ROOT) / "annotations" / "captions_val2017.json" if cfg.DATA.FORMAT == "coco" else None
+            validation = Validation(val_set, tokenizer.decode, annotations)
+        return train(cfg, output_dir, ctx, model, train_set, collate_fn, resume, validation)
     finally:
         shutdown_distributed()
