@@ -13,7 +13,10 @@ import torchvision
 
 from pretrain.config import load_config
 from pretrain.models import factory
-from pretrain.models.visual_backbones import check_torchvision_weights_file, initial_resnet_state
+from pretrain.models.visual_backbones import (
+    check_torchvision_weights_file,
+    initial_resnet_state,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 R18_TARGET = ["--config-file", str(REPO / "configs/detectron2/coco_segm_default_init_2x.yaml"),
