@@ -40,14 +40,18 @@ def load_references(annotation_file: str | Path) -> dict[int, list[str]]:
     return dict(references)
 
 
+def scorer_inputs(predictions: dict[int, str], references: dict[int, list[str]]) -> tuple[dict, dict]:
+    """pycocoevalcap's ``(gts, res)``: each image's references and its one normalised caption."""
+    ids = sorted(predictions)
+    return {i: references[i] for i in ids}, {i: [text_for_scoring(predictions[i]) or "<empty>"] for i in ids}
+
+
 def caption_metrics(predictions: dict[int, str], references: dict[int, list[str]]) -> dict[str, float]:
     """CIDEr-D and BLEU-4 of one caption per image against its references."""
     missing = sorted(set(predictions) - set(references))
     if missing:
         raise KeyError(f"no reference captions for image ids {missing[:10]}")
-    ids = sorted(predictions)
-    gts = {i: references[i] for i in ids}
-    res = {i: [text_for_scoring(predictions[i]) or "<empty>"] for i in ids}
+    gts, res = scorer_inputs(predictions, references)
     cider, _ = Cider().compute_score(gts, res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return {"CIDEr-D": float(cider), "BLEU-4": float(bleu[3])}

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pretrain.caption_metrics import caption_metrics, text_for_scoring
+from pretrain.caption_metrics import caption_metrics, scorer_inputs
 from pretrain.checkpoint_io import load_model_weights
 from pretrain.data.collate import collate_fn
 from pretrain.distributed import make_batch_mover
@@ -225,9 +225,7 @@ def _java_metric(name: str, predictions: dict[int, str], references: dict[int, l
     reason = meteor_unavailable() if name == "METEOR" else spice_unavailable()
     if reason is not None:
         return f"unavailable: {reason}"
-    ids = sorted(predictions)
-    gts = {i: references[i] for i in ids}
-    res = {i: [text_for_scoring(predictions[i]) or "<empty>"] for i in ids}
+    gts, res = scorer_inputs(predictions, references)
     try:
         if name == "METEOR":
             from pycocoevalcap.meteor.meteor import Meteor
