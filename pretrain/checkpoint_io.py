@@ -88,7 +88,8 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
 
     ``allow_unsafe_pickle=True`` retries a refused file with full unpickling (logged); only for
     files from a trusted source. Raises :class:`UnsafeCheckpointError` for a refused file and
-    :class:`CheckpointError` for a missing, empty, corrupt or truncated one.
+    :class:`CheckpointError` for a missing, empty, corrupt or truncated one; an ``OSError`` while
+    reading is raised as it is (the file's bytes were not judged).
     """
     path = Path(path)
     if not path.is_file():
@@ -114,6 +115,8 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:  # a corrupt pickle raises anything from EOFError to ImportError
             raise CheckpointError(f"{path}: corrupt checkpoint: {_first_line(err2)}") from err2
+    except OSError:  # the file could not be read (e.g. a network filesystem's fault): nothing is known of its bytes
+        raise
     except Exception as err:  # torch's readers fail on damaged bytes with many exception types
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {_first_line(err)}") from err
 

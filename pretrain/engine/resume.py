@@ -1,4 +1,10 @@
-"""Starting a run: a fresh output folder, or ``--resume`` from its newest usable checkpoint."""
+"""Starting a run: a fresh output folder, or ``--resume`` from its newest usable checkpoint.
+
+On ``--resume`` one rank decides: the main rank picks the checkpoint (falling back past damaged
+files), every other rank loads exactly that file, and if any rank cannot, every rank stops
+naming it. Ranks that each picked their own file could train different weights without an error
+(one rank fell back after a transient read fault) or wait forever in a collective.
+"""
 from __future__ import annotations
 
 import logging
@@ -36,6 +42,42 @@ def restore(training: Training, state: dict) -> int:
     return iteration
 
 
+class ResumeError(RuntimeError):
+    """The ranks could not agree on the checkpoint to resume from; every rank stops."""
+
+
+def agreed_resume_state(manager: CheckpointManager, ctx: DistContext) -> dict | None:
+    """The checkpoint every rank resumes from (None: start from scratch), chosen by the main rank.
+
+    When the main rank fails while choosing (an ``OSError`` after retries, say), it raises its
+    own error and the other ranks a :class:`ResumeError`; when another rank cannot load the
+    chosen file, every rank raises a :class:`ResumeError` naming the file and that rank.
+    """
+    state, failure = None, None
+    if ctx.is_main:
+        try:
+            state = manager.choose_latest()
+        except Exception as err:  # noqa: BLE001  (told to the other ranks first, then raised here as it is)
+            failure = err
+    choice = all_gather_objects(None if failure else (state["iteration"] if state else 0))[0]
+    if choice is None:
+        if failure is not None:
+            raise failure
+        raise ResumeError(f"{manager.output_dir}: rank 0 could not choose a checkpoint to resume from (its log says "
+                          "why); every rank stops")
+    if choice and not ctx.is_main:
+        try:
+            state = manager.read(choice)
+        except Exception as err:  # noqa: BLE001  (whatever the reason, no rank may train from another file)
+            failure = err
+    failures = [(rank, message) for rank, message in enumerate(all_gather_objects(failure and str(failure))) if message]
+    if failures:
+        rank, message = failures[0]
+        raise ResumeError(f"{checkpoint_path(manager.output_dir, choice)}: rank {rank} could not load the checkpoint "
+                          f"rank 0 chose to resume from ({message}); every rank stops") from failure
+    return state
+
+
 def start_or_resume(training: Training, manager: CheckpointManager, output_dir: Path, resume: bool) -> int:
     """The iteration the run continues after: 0 for a fresh run, the checkpoint's on ``--resume``.
 
@@ -49,7 +91,7 @@ def start_or_resume(training: Training, manager: CheckpointManager, output_dir: 
                 "another output directory"
             )
         return 0
-    state = manager.load_latest()
+    state = agreed_resume_state(manager, training.ctx)
     if state is None:
         logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
         return 0

@@ -147,7 +147,7 @@ def test_checkpoint_keep_last_pinned_and_corrupt_fallback(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="checkpoint_5.pth"):
         read_training_checkpoint(newest)
     with caplog.at_level(logging.WARNING):
-        state = manager.load_latest()
+        state = manager.choose_latest()
     assert state["iteration"] == 4 and torch.equal(state["model"]["w"], torch.full((2,), 4.0))
     assert "checkpoint_5.pth" in caplog.text and "resuming from" in caplog.text
     # A valid file that is not a checkpoint dict is rejected too.
