@@ -29,6 +29,9 @@ INSTALL_REQUIRES = [
     "webdataset>=1.0.2,<2",  # tar shards (DATA.FORMAT webdataset)
     "pyarrow>=14,<27",  # parquet caption tables (tools/make_shards.py)
     "submitit>=1.5,<2",  # Slurm submission with requeue (tools/submit_pretrain.py)
+    # ViT backbones (MODEL.VISUAL.NAME timm::<vit>); detectron2's ViT imports it too. <2: its
+    # timm.models.layers shim, which detectron2's ViT imports, may go in a major release.
+    "timm>=1.0,<2",
 ]
 
 EXTRAS_REQUIRE = {

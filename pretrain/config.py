@@ -12,8 +12,10 @@ from collections.abc import Iterable, Sequence
 
 from fvcore.common.config import CfgNode
 
+from pretrain.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A config file or override that does not fit the schema."""
 
 
@@ -59,8 +61,16 @@ def get_default_config() -> CfgNode:
     C.DATA.SHARDS = ""
     C.DATA.VAL_SHARDS = ""
     C.DATA.CAPTION_FIELD = "txt"  # webdataset: "txt" (each line of {key}.txt a caption) | "json:FIELD"
-    C.DATA.SHUFFLE_BUFFER = 1000  # webdataset: samples of a shard shuffled through a buffer this large
+    # webdataset: samples a reader holds to shuffle, split evenly among its open shards
+    C.DATA.SHUFFLE_BUFFER = 1000
     C.DATA.MAX_BAD_FRACTION = 0.001  # webdataset: stop once more of a rank's samples than this were bad
+    # webdataset: shards each reader keeps open and draws from at random (seeded), so that one
+    # batch mixes samples of several shards (1: one shard after the other)
+    C.DATA.OPEN_SHARDS = 4
+    # webdataset: a shard whose tail is unreadable (a cut or garbage) gives its samples up to the
+    # fault; stop once more than this fraction of the distinct shards a rank read had such a tail
+    C.DATA.MAX_BAD_SHARD_FRACTION = 0.1
+    C.DATA.SHARD_RETRIES = 3  # webdataset: reads of a remote shard (URL, pipe:) retried, 1 s, 2 s, 4 s apart
     # Images decoded by the data check before a run (pretrain.data.checks): "sample" (1000 per
     # split, so all of a small split and not 118K COCO images before every run), "all" or "none".
     C.DATA.CHECK_IMAGES = "sample"
@@ -80,6 +90,9 @@ def get_default_config() -> CfgNode:
     # The last BatchNorm of every residual block starts at zero, as official; fine over 500k
     # iterations, but a run of a few hundred barely opens those branches (docs/demo.md).
     C.MODEL.VISUAL.ZERO_INIT_RESIDUAL = True
+    # Not in the official code: stochastic depth of a timm ViT (MODEL.VISUAL.NAME timm::<vit>);
+    # ResNets have none, so it must stay 0 for them.
+    C.MODEL.VISUAL.DROP_PATH = 0.0
     C.MODEL.TEXTUAL = CfgNode()
     C.MODEL.TEXTUAL.NAME = "transdec_postnorm::L1_H2048_A32_F8192"  # "none" for *_classification
     C.MODEL.TEXTUAL.DROPOUT = 0.1
@@ -123,7 +136,10 @@ def get_default_config() -> CfgNode:
     C.ENGINE.VAL_PERIOD = 2000  # 0 disables periodic validation
     C.ENGINE.VAL_CAPTION_METRICS = True  # decode the val split and report CIDEr-D/BLEU-4
     C.ENGINE.CHANNELS_LAST = True
-    C.ENGINE.COMPILE = False  # torch.compile the model
+    # torch.compile the training step: auto = when the run has ENGINE.COMPILE_MIN_ITERATIONS
+    # iterations left and the device can build kernels (pretrain/engine/compile.py) | True | False
+    C.ENGINE.COMPILE = "auto"
+    C.ENGINE.COMPILE_MIN_ITERATIONS = 2000
     C.ENGINE.GRAD_ACCUM_STEPS = 1  # each rank's batch is processed in this many chunks per step
     return C
 
@@ -137,17 +153,45 @@ def _check_keys(cfg: CfgNode, overrides: Sequence[str], source: str) -> None:
             node = node[part]
 
 
+#: Keys that hold one of a few words, where YAML's and the command line's True and False stand
+#: for "true" and "false" (yacs refuses a bool for a text key).
+CHOICE_KEYS = {"ENGINE.COMPILE": ("auto", "true", "false")}
+
+
+def _choice(key: str, value, source: str) -> str:
+    """``value`` of choice key ``key`` as one of its words; :class:`ConfigError` for anything else."""
+    word = str(value).lower()
+    if word not in CHOICE_KEYS[key]:
+        raise ConfigError(f"{source}: {key} is {value!r}, not one of {', '.join(CHOICE_KEYS[key])}")
+    return word
+
+
+def _choices_as_text(loaded: dict, source: str) -> dict:
+    """A config file's contents (nested dicts) with its choice keys as words."""
+    for key in CHOICE_KEYS:
+        *parents, leaf = key.split(".")
+        node = loaded
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = _choice(key, node[leaf], source)
+    return loaded
+
+
 def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -> CfgNode:
     """Defaults, then ``config_file`` (with its ``_BASE_`` chain), then ``KEY VALUE`` overrides.
 
-    Returns a frozen config. Errors name the file or override that is at fault.
+    Returns a frozen config whose values are in range (:mod:`pretrain.config_checks`). Errors
+    name the file or override that is at fault, or the key, its value and the allowed range.
     """
     cfg = get_default_config()
     if config_file is not None:
         if not os.path.isfile(config_file):
             raise ConfigError(f"{config_file}: config file not found")
         try:
-            cfg.merge_from_file(config_file)
+            cfg.merge_from_other_cfg(CfgNode(_choices_as_text(cfg.load_yaml_with_base(config_file), config_file)))
+        except ConfigError:
+            raise
         except KeyError as err:  # fvcore: "Non-existent config key: X"
             raise ConfigError(f"{config_file}: {err.args[0]}") from None
         except (ValueError, TypeError, AssertionError) as err:  # yacs: a value of the wrong type
@@ -156,10 +200,15 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -
     if len(overrides) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {overrides}")
     _check_keys(cfg, overrides, "command line")
+    overrides = [item for key, value in zip(overrides[0::2], overrides[1::2])
+                 for item in (key, _choice(key, value, "command line") if key in CHOICE_KEYS else value)]
     try:
         cfg.merge_from_list(overrides)
     except (ValueError, TypeError, AssertionError) as err:  # yacs: "Type mismatch ... for config key: K"
         raise ConfigError(f"command line: {err}; give a value of the key's type") from None
+    from pretrain.config_checks import check_config_values  # imports this module
+
+    check_config_values(cfg, " with ".join(filter(None, [config_file and str(config_file), overrides and "the command line"])) or "config")
     cfg.freeze()
     return cfg
 

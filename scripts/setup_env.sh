@@ -79,6 +79,8 @@ try:
 except ImportError:
     ops = "absent (pure-Python install: fast COCO eval, rotated boxes and deformable conv are unavailable)"
 import pretrain, detectron2_ext, virtex_d2  # noqa: F401
+from pretrain.models.vit import import_timm  # timm without its deprecation warnings
+print(f"[setup] timm {import_timm().__version__} (ViT backbones, detectron2's ViT)")
 print(f"[setup] detectron2 {detectron2.__version__} from {detectron2.__file__.rsplit('/', 2)[0]}")
 print(f"[setup] detectron2 compiled ops: {ops}")
 print(f"[setup] torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")

@@ -2,6 +2,8 @@
 
 Learning rates and weight decay follow the official rules (their effect, not their code):
 parameters whose name contains ``cnn`` get ``OPTIM.CNN_LR``, every other parameter ``OPTIM.LR``;
+a ViT backbone (``visual.vit.*``, not in the official code) counts as the ``cnn`` group, so
+``OPTIM.CNN_LR`` is the visual backbone's learning rate whatever its kind;
 weight decay is ``OPTIM.WEIGHT_DECAY`` except for names that ``re.match`` the ``OPTIM.NO_DECAY``
 regex. The official code builds one parameter group per tensor; here tensors with the same
 learning rate and decay share a group, which gives the same update with a handful of vectorised
@@ -31,7 +33,7 @@ def build_param_groups(cfg: CfgNode, model: nn.Module) -> list[dict[str, Any]]:
     for index, (name, param) in enumerate(model.named_parameters()):
         if not param.requires_grad:
             continue
-        is_cnn = "cnn" in name
+        is_cnn = "cnn" in name or name.startswith("visual.vit.")
         decays = not no_decay.match(name)
         lr = cfg.OPTIM.CNN_LR if is_cnn else cfg.OPTIM.LR
         weight_decay = cfg.OPTIM.WEIGHT_DECAY if decays else 0.0

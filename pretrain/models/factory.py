@@ -8,16 +8,34 @@ from __future__ import annotations
 
 from fvcore.common.config import CfgNode
 
+from pretrain.config import ConfigError
+
 from .captioning import CaptioningModel
 from .classification import MultiLabelClassificationModel, TokenClassificationModel
 from .decoding import BeamSearch, NucleusSampling
 from .masked_lm import MaskedLMModel
 from .textual_heads import LinearTextualHead, TransformerTextualHead, parse_textual_name
 from .visual_backbones import TorchvisionVisualBackbone, parse_visual_name
+from .vit import TimmViTBackbone, is_vit_name, parse_vit_name
 
 
-def build_visual_backbone(cfg: CfgNode) -> TorchvisionVisualBackbone:
-    """MODEL.VISUAL.{NAME, FEATURE_SIZE, PRETRAINED(_WEIGHTS), FROZEN, ZERO_INIT_RESIDUAL} -> backbone."""
+def build_visual_backbone(cfg: CfgNode) -> TorchvisionVisualBackbone | TimmViTBackbone:
+    """MODEL.VISUAL.NAME ``torchvision::<resnet>`` -> a ResNet from MODEL.VISUAL.{FEATURE_SIZE,
+    PRETRAINED(_WEIGHTS), FROZEN, ZERO_INIT_RESIDUAL}; ``timm::<vit>`` -> a ViT for
+    DATA.IMAGE_CROP_SIZE px images from MODEL.VISUAL.{FEATURE_SIZE, DROP_PATH, FROZEN}."""
+    visual = cfg.MODEL.VISUAL
+    if is_vit_name(visual.NAME):
+        if visual.PRETRAINED:
+            raise ConfigError("MODEL.VISUAL.PRETRAINED loads torchvision ResNet weights; a timm ViT starts from random init")
+        return TimmViTBackbone(
+            parse_vit_name(visual.NAME),
+            visual.FEATURE_SIZE,
+            image_size=cfg.DATA.IMAGE_CROP_SIZE,
+            drop_path=visual.DROP_PATH,
+            frozen=visual.FROZEN,
+        )
+    if visual.DROP_PATH:
+        raise ConfigError(f"MODEL.VISUAL.DROP_PATH is for timm ViTs; '{visual.NAME}' has no drop path")
     return TorchvisionVisualBackbone(
         parse_visual_name(cfg.MODEL.VISUAL.NAME),
         cfg.MODEL.VISUAL.FEATURE_SIZE,

@@ -1,4 +1,5 @@
-"""Visual backbones: torchvision ResNets that return their last convolutional feature map.
+"""Visual backbones: torchvision ResNets that return their last convolutional feature map
+(the ViTs, which return their patch tokens in the same (B, C, h, w) layout, are in :mod:`.vit`).
 
 The module path ``visual.cnn.<torchvision name>`` is what official VirTex checkpoints use, so
 the ResNet lives in a submodule named ``cnn`` and keeps torchvision's parameter names.
@@ -21,7 +22,7 @@ def parse_visual_name(name: str) -> str:
     if prefix != "torchvision" or not sep or arch not in SUPPORTED_RESNETS:
         raise ValueError(
             f"MODEL.VISUAL.NAME '{name}' is not supported; use 'torchvision::<arch>' with "
-            f"<arch> one of {', '.join(SUPPORTED_RESNETS)}"
+            f"<arch> one of {', '.join(SUPPORTED_RESNETS)} (or 'timm::<vit>', see pretrain.models.vit)"
         )
     return arch
 

@@ -140,12 +140,19 @@ def test_factory_checks_the_vocabulary_against_the_config(coco_root, tokenizer_p
 LINEAR_HEAD_TASKS = {"token_classification", "multilabel_classification"}
 
 
+#: MODEL.VISUAL.{NAME, FEATURE_SIZE} of the two kinds of backbone every task must accept.
+BACKBONES = {"resnet": ("torchvision::resnet18", "512"), "vit": ("timm::vit_tiny_patch16_224", "192")}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
 @pytest.mark.parametrize("name", list_tasks())
 def test_every_registered_task_builds_a_model_and_a_dataset_that_train_together(
-    coco_root, tokenizer_path, tokenizer, name
+    coco_root, tokenizer_path, tokenizer, name, backbone
 ):
-    """The task table's promise: a MODEL.NAME builds both halves, and they fit each other."""
-    overrides = ["MODEL.NAME", name, "MODEL.VISUAL.NAME", "torchvision::resnet18", "MODEL.VISUAL.FEATURE_SIZE", "512",
+    """The task table's promise: a MODEL.NAME builds both halves, and they fit each other,
+    with a ResNet or a ViT (16 px images: one 16 x 16 patch) as the visual backbone."""
+    visual_name, feature_size = BACKBONES[backbone]
+    overrides = ["MODEL.NAME", name, "MODEL.VISUAL.NAME", visual_name, "MODEL.VISUAL.FEATURE_SIZE", feature_size,
                  "MODEL.TEXTUAL.NAME", "none" if name in LINEAR_HEAD_TASKS else "transdec_postnorm::L1_H64_A2_F128"]
     if name == "multilabel_classification":
         overrides += ["DATA.VOCAB_SIZE", "3"]  # the tiny instances file lists 3 categories
@@ -157,6 +164,9 @@ def test_every_registered_task_builds_a_model_and_a_dataset_that_train_together(
     torch.manual_seed(0)
     loss = model(collate_fn([dataset[i] for i in range(2)]))["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    visual_grads = [p.grad for p in model.visual.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in visual_grads)  # the backbone trains
 
 
 def test_a_registered_name_cannot_be_taken_twice():
