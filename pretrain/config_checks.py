@@ -1,0 +1,163 @@
+"""Config values checked before any data or model is built, each failure naming key, value and range.
+
+yacs checks a value's type, not its range: ``OPTIM.BATCH_SIZE -1`` used to end deep in the data
+loader ("collate_fn got an empty list of samples"), a crop size of 0 in a transform ("height and
+width must be > 0"), a negative learning rate in torch ("Invalid learning rate"), minutes after
+the run started and without naming the key. :func:`check_config_values` runs when
+:func:`pretrain.config.load_config` builds a config, so every tool refuses such a value at once;
+:func:`check_world_size` runs when a training run knows how many ranks it has.
+
+Every failure is one :class:`~pretrain.config.ConfigError` listing all bad keys on one line:
+``OPTIM.BATCH_SIZE is -1; must be an integer >= 1 (the global batch over all ranks)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+from fvcore.common.config import CfgNode
+
+from pretrain.config import ConfigError
+from pretrain.data.build import FORMATS
+from pretrain.data.checks import CHECK_IMAGES_MODES
+from pretrain.precision import AMP_DTYPES
+from pretrain.schedule import DECAYS
+
+# Names the builders accept (they have no constant to import); tests/test_config_checks.py
+# checks these against pretrain.engine.optim and pretrain.models.factory.
+OPTIMIZERS = ("sgd", "adamw")
+DECODERS = ("beam_search", "nucleus_sampling", "beam_search_ours", "nucleus_sampling_ours")
+MIN_CROP_SIZE = 32  # a ResNet downsamples by 32: a smaller crop leaves no feature map
+MIN_CAPTION_LENGTH = 3  # [SOS], one word, [EOS]
+
+
+def _get(cfg: CfgNode, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _integer(low: int, high: int | None = None) -> tuple[Callable[[object], bool], str]:
+    def ok(value) -> bool:
+        return (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+                and (high is None or value <= high))
+    return ok, f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    def ok(value) -> bool:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        above = value > low if low_open else value >= low
+        below = high is None or (value < high if high_open else value <= high)
+        return above and below
+    left, right = ("(" if low_open else "["), (")" if high_open or high is None else "]")
+    return ok, f"a number in {left}{low:g}, {'inf' if high is None else f'{high:g}'}{right}"
+
+
+def _choice(names: tuple[str, ...]) -> tuple[Callable[[object], bool], str]:
+    return (lambda value: value in names), "one of " + ", ".join(names)
+
+
+# key -> (test, allowed range, what the key is for)
+RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
+    "OPTIM.BATCH_SIZE": (*_integer(1), "the global batch over all ranks"),
+    "OPTIM.NUM_ITERATIONS": (*_integer(1), "optimizer steps of the run"),
+    "OPTIM.WARMUP_STEPS": (*_integer(0), "linear warm-up steps"),
+    "OPTIM.LR": (*_number(0), "learning rate of the textual head"),
+    "OPTIM.CNN_LR": (*_number(0), "learning rate of the visual backbone"),
+    "OPTIM.WEIGHT_DECAY": (*_number(0), "weight decay"),
+    "OPTIM.SGD_MOMENTUM": (*_number(0, 1, high_open=True), "SGD momentum"),
+    "OPTIM.CLIP_GRAD_NORM": (*_number(0), "gradient norm clip (0: none)"),
+    "OPTIM.OPTIMIZER_NAME": (*_choice(OPTIMIZERS), "optimizer"),
+    "OPTIM.LR_DECAY_NAME": (*_choice(DECAYS), "learning-rate decay after warm-up"),
+    "OPTIM.LR_GAMMA": (*_number(0, low_open=True), "multistep decay factor"),
+    "OPTIM.LOOKAHEAD.ALPHA": (*_number(0, 1), "Lookahead step size"),
+    "OPTIM.LOOKAHEAD.STEPS": (*_integer(1), "Lookahead inner steps"),
+    "DATA.IMAGE_CROP_SIZE": (*_integer(MIN_CROP_SIZE), "square crop in pixels"),
+    "DATA.MAX_CAPTION_LENGTH": (*_integer(MIN_CAPTION_LENGTH), "tokens per caption with [SOS] and [EOS]"),
+    "DATA.VOCAB_SIZE": (*_integer(4), "SentencePiece vocabulary size"),
+    "DATA.NUM_WORKERS": (*_integer(0), "DataLoader worker processes per rank"),
+    "DATA.FORMAT": (*_choice(FORMATS), "dataset format"),
+    "DATA.CHECK_IMAGES": (*_choice(CHECK_IMAGES_MODES), "images decoded by the data check"),
+    "DATA.SHUFFLE_BUFFER": (*_integer(1), "shard shuffle buffer in samples"),
+    "DATA.MAX_BAD_FRACTION": (*_number(0, 1), "bad samples tolerated per rank"),
+    "DATA.MASKED_LM.MASK_PROPORTION": (*_number(0, 1, low_open=True), "tokens chosen for masking"),
+    "DATA.MASKED_LM.MASK_PROBABILITY": (*_number(0, 1), "chosen token -> [MASK]"),
+    "DATA.MASKED_LM.REPLACE_PROBABILITY": (*_number(0, 1), "chosen token -> a random token"),
+    "MODEL.TEXTUAL.DROPOUT": (*_number(0, 1, high_open=True), "dropout of the textual head"),
+    "MODEL.DECODER.NAME": (*_choice(DECODERS), "caption decoder"),
+    "MODEL.DECODER.BEAM_SIZE": (*_integer(1), "beams of beam search"),
+    "MODEL.DECODER.NUCLEUS_SIZE": (*_number(0, 1, low_open=True), "probability mass of nucleus sampling"),
+    "MODEL.DECODER.MAX_DECODING_STEPS": (*_integer(1), "tokens a decoder generates at most"),
+    "MODEL.CAPPA.PARALLEL_FRACTION": (*_number(0, 1), "batches decoded in parallel (CapPa)"),
+    "ENGINE.CHECKPOINT_PERIOD": (*_integer(1), "iterations between checkpoints"),
+    "ENGINE.KEEP_LAST_CHECKPOINTS": (*_integer(1), "checkpoints kept"),
+    "ENGINE.LOG_PERIOD": (*_integer(1), "iterations between log lines"),
+    "ENGINE.VAL_PERIOD": (*_integer(0), "iterations between validations (0: none)"),
+    "ENGINE.GRAD_ACCUM_STEPS": (*_integer(1), "chunks each rank's batch is processed in"),
+    "AMP_DTYPE": (*_choice(("auto", *AMP_DTYPES)), "mixed-precision type"),
+}
+
+
+def _describe(key: str, value, allowed: str, purpose: str) -> str:
+    return f"{key} is {value!r}; must be {allowed} ({purpose})"
+
+
+def value_problems(cfg: CfgNode) -> list[str]:
+    """Every key of ``cfg`` whose value is out of range, one description each (empty: all fit)."""
+    problems = []
+    for key, (ok, allowed, purpose) in RULES.items():
+        try:
+            value = _get(cfg, key)
+        except KeyError:  # a key another version of the schema lacks is not checked here
+            continue
+        if not ok(value):
+            problems.append(_describe(key, value, allowed, purpose))
+    if problems:  # the relations below assume each key is in range
+        return problems
+    optim, data, decoder = cfg.OPTIM, cfg.DATA, cfg.MODEL.DECODER
+    if optim.WARMUP_STEPS > optim.NUM_ITERATIONS:
+        problems.append(_describe("OPTIM.WARMUP_STEPS", optim.WARMUP_STEPS,
+                                  f"<= OPTIM.NUM_ITERATIONS ({optim.NUM_ITERATIONS})", "warm-up within the run"))
+    if list(optim.LR_STEPS) != sorted(optim.LR_STEPS) or any(step < 0 for step in optim.LR_STEPS):
+        problems.append(_describe("OPTIM.LR_STEPS", list(optim.LR_STEPS), "increasing iterations >= 0",
+                                  "multistep milestones"))
+    if optim.BATCH_SIZE % cfg.ENGINE.GRAD_ACCUM_STEPS:
+        problems.append(_describe("OPTIM.BATCH_SIZE", optim.BATCH_SIZE,
+                                  f"divisible by ENGINE.GRAD_ACCUM_STEPS ({cfg.ENGINE.GRAD_ACCUM_STEPS})",
+                                  "each step's batch is split into that many chunks"))
+    if decoder.MAX_DECODING_STEPS > data.MAX_CAPTION_LENGTH:
+        problems.append(_describe("MODEL.DECODER.MAX_DECODING_STEPS", decoder.MAX_DECODING_STEPS,
+                                  f"<= DATA.MAX_CAPTION_LENGTH ({data.MAX_CAPTION_LENGTH})",
+                                  "the decoder has that many learned positions"))
+    masked = data.MASKED_LM
+    if masked.MASK_PROBABILITY + masked.REPLACE_PROBABILITY > 1:
+        problems.append(_describe("DATA.MASKED_LM.REPLACE_PROBABILITY", masked.REPLACE_PROBABILITY,
+                                  f"<= 1 - DATA.MASKED_LM.MASK_PROBABILITY ({1 - masked.MASK_PROBABILITY:g})",
+                                  "the two probabilities share one chosen token"))
+    special = {name: data[f"{name}_INDEX"] for name in ("UNK", "SOS", "EOS", "MASK")}
+    for name, index in special.items():
+        if not isinstance(index, int) or not 0 <= index < data.VOCAB_SIZE:
+            problems.append(_describe(f"DATA.{name}_INDEX", index, f"an integer in [0, {data.VOCAB_SIZE - 1}]",
+                                      "a token id of the vocabulary"))
+    return problems
+
+
+def check_config_values(cfg: CfgNode, source: str = "config") -> None:
+    """Raise one :class:`ConfigError` naming every key of ``cfg`` whose value is out of range."""
+    problems = value_problems(cfg)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def check_world_size(cfg: CfgNode, world_size: int) -> None:
+    """:class:`ConfigError` unless ``OPTIM.BATCH_SIZE`` splits evenly into ranks × accumulation steps."""
+    accum = cfg.ENGINE.GRAD_ACCUM_STEPS
+    if cfg.OPTIM.BATCH_SIZE % (world_size * accum):
+        raise ConfigError(_describe(
+            "OPTIM.BATCH_SIZE", cfg.OPTIM.BATCH_SIZE,
+            f"divisible by {world_size} rank(s) x ENGINE.GRAD_ACCUM_STEPS {accum} = {world_size * accum}",
+            "every rank takes an equal share, processed in equal chunks"))
