@@ -12,11 +12,17 @@ The stream, and why it is built this way:
 
 * **Disjoint readers.** Every DataLoader worker of every rank is one *reader*; there are
   ``R = world_size × max(1, DATA.NUM_WORKERS)`` of them. In epoch ``e`` the shard list is
-  permuted with ``(RANDOM_SEED, e)`` and reader ``r`` reads shards ``r, r + R, r + 2R, ...`` of
-  the permutation, so within an epoch each shard is read by exactly one reader, once.
-* **Shuffling.** Each shard's samples pass through a shuffle buffer of ``DATA.SHUFFLE_BUFFER``
-  samples (webdataset's) seeded by ``(RANDOM_SEED, e, shard)``; the buffer is emptied at the end
-  of the shard, so a shard's order depends on nothing else and a resumed reader can reopen it.
+  permuted with ``(RANDOM_SEED, e)`` and dealt round-robin to the readers
+  (:func:`~pretrain.data.stream_layout.deal`), so within an epoch each shard is read by
+  exactly one reader, once.
+* **Mixing.** A reader keeps ``DATA.OPEN_SHARDS`` of its shards open and draws each sample
+  from one of them at random (seeded by ``(RANDOM_SEED, e, reader, draw)``); a finished shard's
+  slot takes the reader's next shard. Within a shard, samples pass through a shuffle buffer
+  (webdataset's) of ``DATA.SHUFFLE_BUFFER / DATA.OPEN_SHARDS`` samples seeded by
+  ``(RANDOM_SEED, e, shard)``, emptied at the shard's end. So one batch mixes several shards
+  even when shards were written in source order, a reader holds ``DATA.SHUFFLE_BUFFER``
+  samples as before, and a shard's order depends on nothing else, so a resumed reader can
+  reopen it.
 * **An endless stream.** A reader that has finished its shards of epoch ``e`` goes on to its
   shards of ``e + 1``; the stream never ends. The training loop runs a fixed
   ``OPTIM.NUM_ITERATIONS``, so a rank whose shards are fewer or smaller never runs dry while the
@@ -27,28 +33,33 @@ The stream, and why it is built this way:
   ``(RANDOM_SEED, epoch, shard, index in the shard)``, so caption choice and augmentation do
   not depend on the number of workers, and one image read from a shard or from the COCO folder
   with the same seed gives identical tensors (the transforms are the same objects).
-* **Positions.** Every sample carries its reader and position ``(epoch, shard cursor, index in
-  the shard's shuffled order)``. :class:`StreamProgress` (in the training process) keeps each
-  reader's last consumed position; a checkpoint stores it and a resumed reader starts right
-  after it, skipping (without decoding) what was consumed. Samples that were prefetched but not
-  trained on are read again, so resuming repeats and skips nothing.
+* **Positions.** Every sample carries its reader's position after it
+  (:class:`~pretrain.data.stream_layout.StreamPosition`: epoch, next shard, draws, and each
+  open shard with the index of its last sample taken). The training process keeps each
+  reader's last consumed position; a checkpoint stores it with the stream's layout, and a
+  resumed reader reopens its open shards right after their last consumed samples (skipping,
+  without decoding, what was consumed). Samples that were prefetched but not trained on are
+  read again, so resuming repeats and skips nothing. A resume under another layout is
+  described in :mod:`pretrain.data.stream_layout`.
 * **Bad samples.** An unreadable image, a missing or empty caption (or, for multi-label
-  classification, missing labels) is skipped, logged with its shard and key, and counted;
-  once more than ``DATA.MAX_BAD_FRACTION`` of the samples a rank has read were bad, the run
-  stops with :class:`TooManyBadSamplesError` listing them.
+  classification, missing labels) is skipped, logged with its shard and key, and counted
+  against ``DATA.MAX_BAD_FRACTION`` (:mod:`pretrain.data.stream_progress`).
+* **Unreadable shard tails.** A shard cut short or with garbage after some members gives its
+  samples up to the fault; the rest is skipped, logged with the shard and the byte where
+  reading failed (:mod:`pretrain.data.shard_reader`; remote shards are retried
+  ``DATA.SHARD_RETRIES`` times first) and counted against ``DATA.MAX_BAD_SHARD_FRACTION``.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,59 +69,37 @@ from webdataset.shardlists import expand_urls
 
 from pretrain.data.captions import CaptionSamples, ImageRecord
 from pretrain.data.images import BadImageError, load_rgb_image
+from pretrain.data.shard_reader import ShardFault, is_remote, read_shard
+from pretrain.data.stream_layout import StreamPosition, deal, mix_seed
+from pretrain.data.stream_progress import (
+    BadSample,
+    StreamMeta,
+    StreamProgress,
+    TooManyBadSamplesError,
+    TooManyBadShardsError,
+)
 from pretrain.distributed import seeded_rng
+from pretrain.errors import InputError
+
+__all__ = [  # the stream's types live in the modules it is built from; users import them from here
+    "BadSample", "ShardDataset", "ShardError", "ShardFault", "StreamCollate", "StreamMeta", "StreamPosition",
+    "StreamProgress", "TooManyBadSamplesError", "TooManyBadShardsError", "build_shard_dataset", "expand_shards",
+    "is_remote", "read_shard", "sample_captions",
+]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _MAX_BAD_IN_A_ROW = 1000  # a reader that finds only bad samples for this long stops the run
-_BAD_EXAMPLES_KEPT = 100  # bad samples a checkpoint remembers (the count is always kept)
+RETRY_DELAY = 1.0  # seconds before the first retry of a remote shard (then 2x, 4x, ...)
 
 
-class ShardError(ValueError):
+class ShardError(InputError, ValueError):
     """A shard list or shard that cannot be used; the message names it."""
-
-
-class TooManyBadSamplesError(RuntimeError):
-    """More of a rank's samples were bad than ``DATA.MAX_BAD_FRACTION`` allows."""
 
 
 class _Bad(Exception):
     """A sample to skip; the message says why."""
-
-
-@dataclass(frozen=True)
-class BadSample:
-    """A skipped sample: its shard, its key and why it was skipped."""
-
-    shard: str
-    key: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.shard} {self.key}: {self.reason}"
-
-
-class StreamPosition(NamedTuple):
-    """Where a reader is: ``epoch``, the shard ``cursor`` in its list of that epoch, and the
-    index ``emitted`` of the last sample taken from that shard's shuffled order (-1: none)."""
-
-    epoch: int
-    cursor: int
-    emitted: int
-
-
-class StreamMeta(NamedTuple):
-    """What travels with each sample: who read it, where, and the bad samples skipped before it."""
-
-    reader: int
-    position: StreamPosition
-    bad: tuple[BadSample, ...]
-
-
-def is_remote(url: str) -> bool:
-    """A URL or a ``pipe:`` command rather than a local path."""
-    return "://" in url or url.startswith("pipe:")
 
 
 def expand_shards(spec: str, key: str = "DATA.SHARDS") -> list[str]:
@@ -139,25 +128,6 @@ def expand_shards(spec: str, key: str = "DATA.SHARDS") -> list[str]:
     if missing:
         raise ShardError(f"{missing[0]}: shard not found ({len(missing)} of the {len(shards)} shards of {key} are missing)")
     return shards
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from a tuple of integers (numpy's SeedSequence: well spread, platform-stable)."""
-    state = np.random.SeedSequence([v % 2**64 for v in values]).generate_state(1, dtype=np.uint64)
-    return int(state[0]) >> 1
-
-
-def read_shard(url: str, extensions: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The samples of one shard as webdataset groups them: ``{"__key__", "__url__", ext: bytes}``,
-    with only the members whose extension is in ``extensions`` when given.
-
-    A shard that cannot be opened or is not a readable tar raises :class:`ShardError` naming it.
-    """
-    select = None if extensions is None else (lambda name: wds.tariterators.base_plus_ext(name)[1] in extensions)
-    try:
-        yield from wds.tarfile_samples([{"url": url}], select_files=select)
-    except (OSError, tarfile.TarError, ValueError) as err:
-        raise ShardError(f"{url}: cannot read shard ({err.args[0] if err.args else type(err).__name__})") from None
 
 
 def image_id_of(key: str, meta: dict[str, Any]) -> int:
@@ -218,7 +188,8 @@ def sample_captions(
 ) -> tuple[list[str], int]:
     """Captions to learn a vocabulary from: the shards in an order shuffled with ``seed``, every
     caption of every sample until ``max_captions`` (all when None). Only the ``.txt`` and
-    ``.json`` members are kept. Returns the captions and the number of samples without one."""
+    ``.json`` members are kept; an unreadable shard tail is skipped and logged. Returns the
+    captions and the number of samples without one."""
     check_caption_field(caption_field)
     order = np.random.default_rng(seed).permutation(len(shards)).tolist()
     captions: list[str] = []
@@ -244,9 +215,33 @@ def _labels(meta: dict[str, Any], num_classes: int) -> torch.Tensor:
     return multi_hot
 
 
+class _OpenShard:
+    """One of a reader's open shards: its index ``cursor`` in the reader's list of the epoch,
+    its samples (``(index in the shard, raw)`` in the epoch's order) and the index of the
+    last one taken (-1: none)."""
+
+    def __init__(self, cursor: int, shard: int, samples: Iterator[tuple[int, dict]], emitted: int):
+        self.cursor, self.shard, self.samples, self.emitted = cursor, shard, samples, emitted
+
+
+class _Skipped:
+    """What a reader skipped since its previous sample; it travels with the next one."""
+
+    def __init__(self):
+        self.bad: list[BadSample] = []
+        self.opened: list[int] = []
+        self.faults: list[ShardFault] = []
+
+    def meta(self, reader: int, position: StreamPosition) -> StreamMeta:
+        meta = StreamMeta(reader, position, tuple(self.bad), tuple(self.opened), tuple(self.faults))
+        for found in (self.bad, self.opened, self.faults):
+            found.clear()  # in place: the open shards' readers append to these very lists
+        return meta
+
+
 class ShardDataset(IterableDataset):
     """The endless, seeded, resumable stream of training samples from ``shards`` (see the module
-    docstring), or with ``repeat=False`` one unshuffled pass (validation).
+    docstring), or with ``repeat=False`` one unshuffled pass, one shard at a time (validation).
 
     Iterating yields ``(sample, StreamMeta)`` pairs; :class:`StreamCollate` batches them. The
     sample dict is what ``samples`` (the task's :class:`CaptionSamples`) makes, plus a float32
@@ -263,29 +258,43 @@ class ShardDataset(IterableDataset):
         *,
         caption_field: str = "txt",
         shuffle_buffer: int = 1000,
+        open_shards: int = 4,
         repeat: bool = True,
         num_classes: int | None = None,
+        retries: int = 0,
+        retry_delay: float = RETRY_DELAY,
     ):
         check_caption_field(caption_field)
+        if open_shards < 1:
+            raise ValueError(f"DATA.OPEN_SHARDS must be at least 1, got {open_shards}")
         self.shards = list(shards)
         self.samples = samples
         self.seed = seed
         self.caption_field = caption_field
         self.shuffle_buffer = shuffle_buffer
+        self.open_shards = open_shards if repeat else 1
         self.repeat = repeat
         self.num_classes = num_classes
+        self.retries, self.retry_delay = retries, retry_delay
         self.configure()
 
     def configure(
-        self, rank: int = 0, world_size: int = 1, positions: dict[int, StreamPosition] | None = None, rotation: int = 0
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        positions: dict[int, StreamPosition] | None = None,
+        rotation: int = 0,
+        finished: dict[int, set[int]] | None = None,
     ) -> None:
         """This rank of ``world_size``; ``positions``: each reader's last consumed sample;
         ``rotation``: DataLoader worker ``w`` plays this rank's reader ``(w + rotation) % workers``,
         so that a resumed DataLoader, which always starts with worker 0, hands out batches in the
-        order the interrupted one would have."""
+        order the interrupted one would have; ``finished``: per epoch, shards to leave out
+        (finished before a resume under another layout, :mod:`pretrain.data.stream_layout`)."""
         self.rank, self.world_size = rank, world_size
         self.positions = dict(positions or {})
         self.rotation = rotation
+        self.finished = {int(e): set(s) for e, s in (finished or {}).items()}
 
     def check_readers(self, num_readers: int) -> None:
         """An endless stream needs a shard for every reader, or that reader would yield nothing."""
@@ -295,11 +304,11 @@ class ShardDataset(IterableDataset):
                 "reader needs a shard; write smaller shards (tools/make_shards.py --shard-size) or use fewer workers"
             )
 
-    def shard_order(self, epoch: int) -> list[int]:
-        """Indices into :attr:`shards` in the order epoch ``epoch`` deals them to the readers."""
+    def shards_of(self, epoch: int, reader: int, num_readers: int) -> list[int]:
+        """Indices into :attr:`shards` that reader ``reader`` reads in epoch ``epoch``, in order."""
         if not self.repeat:
-            return list(range(len(self.shards)))
-        return np.random.default_rng(mix_seed(self.seed, epoch)).permutation(len(self.shards)).tolist()
+            return list(range(reader, len(self.shards), num_readers))
+        return deal(self.seed, len(self.shards), epoch, reader, num_readers, self.finished.get(epoch, ()))
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], StreamMeta]]:
         info = get_worker_info()
@@ -310,38 +319,67 @@ class ShardDataset(IterableDataset):
     def read(self, reader: int, num_readers: int, last: StreamPosition | None = None) -> Iterator[tuple[dict, StreamMeta]]:
         """Reader ``reader`` of ``num_readers``: its samples from just after ``last`` on."""
         self.check_readers(num_readers)
-        epoch = last.epoch if last else 0
-        pending: list[BadSample] = []
+        position = last or StreamPosition.start_of(0)
+        skipped = _Skipped()
         while True:
-            mine = self.shard_order(epoch)[reader::num_readers]
-            resuming = last is not None and epoch == last.epoch
-            good = 0
-            for cursor in range(last.cursor if resuming else 0, len(mine)):
-                skip = last.emitted if resuming and cursor == last.cursor else -1
-                for emitted, (index, raw) in enumerate(self._shuffled(mine[cursor], epoch)):
-                    if emitted <= skip:
-                        continue  # consumed before the checkpoint: not even decoded
-                    try:
-                        sample = self.decode(raw, mix_seed(self.seed, epoch, mine[cursor], index))
-                    except _Bad as reason:
-                        pending.append(self._skip(raw, str(reason), pending))
-                        continue
-                    good += 1
-                    yield sample, StreamMeta(reader, StreamPosition(epoch, cursor, emitted), tuple(pending))
-                    pending = []
+            epoch = position.epoch
+            mine = self.shards_of(epoch, reader, num_readers)
+            whole = position == StreamPosition.start_of(epoch) and epoch not in self.finished
+            good = yield from self._read_epoch(reader, mine, position, skipped)
             if not self.repeat:
                 return
-            if good == 0 and not resuming:
+            if good == 0 and whole and mine:
                 shards = ", ".join(self.shards[i] for i in mine)
-                raise TooManyBadSamplesError(f"no usable sample in a whole epoch of reader {reader}'s shards ({shards})")
-            epoch += 1
+                faults = "; ".join(map(str, skipped.faults))
+                raise TooManyBadSamplesError(f"no usable sample in a whole epoch of reader {reader}'s shards ({shards})"
+                                             + (f"; unreadable: {faults}" if faults else ""))
+            position = StreamPosition.start_of(epoch + 1)
 
-    def _shuffled(self, shard: int, epoch: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _read_epoch(self, reader: int, mine: list[int], position: StreamPosition, skipped: _Skipped):
+        """The samples of one epoch of a reader from ``position`` on; returns how many were good."""
+        epoch, cursor, draws = position.epoch, position.cursor, position.draws
+        slots = [self._open(mine, c, epoch, emitted, skipped) for c, emitted in position.slots]
+        while len(slots) < self.open_shards and cursor < len(mine):
+            slots.append(self._open(mine, cursor, epoch, -1, skipped))
+            cursor += 1
+        good = 0
+        while slots:
+            chosen = mix_seed(self.seed, epoch, reader, draws) % len(slots) if len(slots) > 1 else 0
+            draws += 1
+            item = next(slots[chosen].samples, None)
+            while item is None and cursor < len(mine):  # a finished shard: the next one takes its slot
+                slots[chosen] = self._open(mine, cursor, epoch, -1, skipped)
+                cursor += 1
+                item = next(slots[chosen].samples, None)
+            if item is None:
+                del slots[chosen]
+                continue
+            slot = slots[chosen]
+            slot.emitted += 1
+            index, raw = item
+            try:
+                sample = self.decode(raw, mix_seed(self.seed, epoch, slot.shard, index))
+            except _Bad as reason:
+                skipped.bad.append(self._skip(raw, str(reason), skipped.bad))
+                continue
+            good += 1
+            yield sample, skipped.meta(reader, StreamPosition(epoch, cursor, draws, tuple((s.cursor, s.emitted) for s in slots)))
+        return good
+
+    def _open(self, mine: list[int], cursor: int, epoch: int, emitted: int, skipped: _Skipped) -> _OpenShard:
+        """The reader's shard ``mine[cursor]``, its samples after the ``emitted``-th (not decoded)."""
+        shard = mine[cursor]
+        skipped.opened.append(shard)
+        samples = self._shuffled(shard, epoch, skipped.faults)
+        return _OpenShard(cursor, shard, itertools.islice(samples, emitted + 1, None), emitted)
+
+    def _shuffled(self, shard: int, epoch: int, faults: list[ShardFault]) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(index in the shard, raw sample)`` pairs of one shard, in this epoch's order."""
-        raw = enumerate(read_shard(self.shards[shard]))
-        if not self.repeat or self.shuffle_buffer <= 1:
+        raw = enumerate(read_shard(self.shards[shard], retries=self.retries, retry_delay=self.retry_delay, faults=faults))
+        buffer = self.shuffle_buffer // self.open_shards
+        if not self.repeat or buffer <= 1:
             return raw
-        return wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=mix_seed(self.seed, epoch, shard))(raw)
+        return wds.shuffle(buffer, buffer, seed=mix_seed(self.seed, epoch, shard))(raw)
 
     def _skip(self, raw: dict[str, Any], reason: str, pending: list[BadSample]) -> BadSample:
         bad = BadSample(str(raw.get("__url__")), str(raw.get("__key__")), reason)
@@ -388,58 +426,6 @@ class StreamCollate:
         return self.collate_fn([sample for sample, _ in items]), [meta for _, meta in items]
 
 
-class StreamProgress:
-    """What one rank has consumed of the stream: each reader's last position, the batches, the
-    samples read and the bad ones among them; stops the run when too many were bad.
-
-    The bad fraction is judged from the ``1 / max_bad_fraction``-th sample on (at once when it
-    is 0), so a single bad sample among the first few does not stop a run.
-    """
-
-    def __init__(self, max_bad_fraction: float, state: dict[str, Any] | None = None):
-        if not 0 <= max_bad_fraction <= 1:
-            raise ValueError(f"DATA.MAX_BAD_FRACTION must be in [0, 1], got {max_bad_fraction}")
-        self.max_bad_fraction = max_bad_fraction
-        state = state or {}
-        self.positions = {int(r): StreamPosition(*p) for r, p in state.get("positions", {}).items()}
-        self.batches = int(state.get("batches", 0))
-        self.read = int(state.get("read", 0))
-        self.num_bad = int(state.get("num_bad", 0))
-        self.bad = [BadSample(*b) for b in state.get("bad", [])]
-
-    def update(self, metas: Sequence[StreamMeta]) -> None:
-        """Account for one consumed batch."""
-        self.batches += 1
-        for meta in metas:
-            self.positions[meta.reader] = StreamPosition(*meta.position)
-            self.read += 1 + len(meta.bad)
-            self.num_bad += len(meta.bad)
-            self.bad.extend(meta.bad)
-        if self.num_bad:
-            self.check()
-
-    def check(self) -> None:
-        fraction = self.max_bad_fraction
-        judged = fraction == 0 or self.read * fraction >= 1
-        if judged and self.num_bad > fraction * self.read:
-            shown = "; ".join(map(str, self.bad[-20:]))
-            more = " (the last 20 shown; each was logged when skipped)" if self.num_bad > 20 else ""
-            raise TooManyBadSamplesError(
-                f"{self.num_bad} of the {self.read} samples read on this rank were bad, more than "
-                f"DATA.MAX_BAD_FRACTION {fraction}{more}: {shown}"
-            )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain types only, so a checkpoint of it loads with ``weights_only=True``."""
-        return {
-            "positions": {reader: list(position) for reader, position in self.positions.items()},
-            "batches": self.batches,
-            "read": self.read,
-            "num_bad": self.num_bad,
-            "bad": [[b.shard, b.key, b.reason] for b in self.bad[-_BAD_EXAMPLES_KEPT:]],
-        }
-
-
 def build_shard_dataset(cfg, split: str, samples: CaptionSamples, num_classes: int | None = None) -> ShardDataset:
     """The ``split`` ("train": ``DATA.SHARDS``, endless and shuffled; "val": ``DATA.VAL_SHARDS``,
     one pass in list order) of a ``DATA.FORMAT webdataset`` config."""
@@ -451,6 +437,8 @@ def build_shard_dataset(cfg, split: str, samples: CaptionSamples, num_classes: i
         cfg.RANDOM_SEED,
         caption_field=data.CAPTION_FIELD,
         shuffle_buffer=data.SHUFFLE_BUFFER,
+        open_shards=data.OPEN_SHARDS,
         repeat=split == "train",
         num_classes=num_classes,
+        retries=data.SHARD_RETRIES,
     )
