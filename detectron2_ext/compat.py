@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from detectron2.utils import comm
 
+from .config import config_value
+
 logger = logging.getLogger(__name__)
 
 # Config keys that hold a norm type and may say "SyncBN".
@@ -62,13 +64,6 @@ def patch_cpu_ddp() -> None:
     logger.info("compat: no CUDA, detectron2's DDP wrapper gets device_ids=None")
 
 
-def _get(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def _set(cfg, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     node = cfg
@@ -86,7 +81,7 @@ def adapt_config_to_devices(cfg, world_size: int) -> None:
         cfg.MODEL.DEVICE = "cpu"
     if world_size > 1:
         for key in NORM_KEYS:
-            if _get(cfg, key) == "SyncBN":
+            if config_value(cfg, key) == "SyncBN":
                 _set(cfg, key, cfg.VIRTEX.CPU_SYNC_NORM)
                 logger.info("compat: %d processes without CUDA, %s SyncBN -> %s",
                             world_size, key, cfg.VIRTEX.CPU_SYNC_NORM)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pretrain.errors import InputError
+
 ANCHOR_KEY = "layer1.0.conv1.weight"
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
@@ -48,7 +50,7 @@ def _res(match) -> str:
     return f"res{int(match['stage']) + 1}.{match['block']}"
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError, ValueError):
     """The input is not a convertible ResNet checkpoint."""
 
 
@@ -182,6 +184,7 @@ def to_detectron2_checkpoint(backbone: ConvertedBackbone, source: str) -> dict:
         "__author__": "virtex-d2 tools/convert_backbone.py",
         "matching_heuristics": True,
         "conversion": {
+            "backbone": "resnet",
             "source": str(source),
             "source_prefix": backbone.source_prefix,
             "depth": backbone.depth,

@@ -6,7 +6,7 @@ evaluator after the whole fine-tuning, a polygon of two points is dropped by the
 warning, an annotation of an image the file does not list is silently ignored, a category table
 that is not detectron2's builtin one fails an assertion deep in the loader. :func:`check_datasets`
 reads every dataset a run will train and evaluate on and raises one
-:class:`~pretrain.data.checks.DatasetCheckError` listing what it found, each problem naming the
+:class:`~pretrain.errors.DatasetCheckError` listing what it found, each problem naming the
 file, the key or field and what to do; it returns warnings (defaults applied).
 
 Per format (chosen from the dataset's metadata: ``evaluator_type``, or VOC's ``dirname`` and
@@ -47,8 +47,8 @@ from detectron2.data.datasets.lvis_v1_categories import (
 from PIL import Image
 from tqdm import tqdm
 
-from pretrain.data.checks import CheckReport
 from pretrain.data.dataset_root import DatasetLayoutError, load_json
+from pretrain.errors import CheckReport
 
 from .datasets import check_dataset_files
 from .voc_annotations import OPTIONAL_DEFAULTS, box_tolerance, read_voc_annotation
@@ -418,7 +418,7 @@ def check_datasets(train: Sequence[str], test: Sequence[str], num_classes: int |
 
     Missing roots or annotation files raise ``FileNotFoundError``
     (:func:`detectron2_ext.datasets.check_dataset_files`); every other problem is collected and
-    raised as one :class:`~pretrain.data.checks.DatasetCheckError`. ``num_classes``: the
+    raised as one :class:`~pretrain.errors.DatasetCheckError`. ``num_classes``: the
     model's class count (``MODEL.ROI_HEADS.NUM_CLASSES``), compared with each dataset's.
     Returns the warnings, among them one summary of the VOC fields that were defaulted.
     """

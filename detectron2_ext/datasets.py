@@ -12,6 +12,8 @@ from pathlib import Path
 
 from detectron2.data import MetadataCatalog
 
+from pretrain.errors import MissingInputError
+
 _PROBE = ("coco_2017_val", "coco/annotations/instances_val2017.json")
 
 
@@ -48,7 +50,7 @@ def check_dataset_files(names) -> None:
             if path is not None and "://" not in path and not Path(path).exists():
                 missing.append(f"{name}: {attribute} {path}")
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             "dataset files not found (datasets resolve under DETECTRON2_DATASETS="
             f"'{configured_root()}'):\n  " + "\n  ".join(missing)
         )

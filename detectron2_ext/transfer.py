@@ -16,6 +16,7 @@ from pretrain.checkpoint_io import read_checkpoint, save_checkpoint
 from .convert import (
     ConversionError,
     ConvertedBackbone,
+from pretrain.errors import OutputExistsError
     convert_resnet_state_dict,
     to_detectron2_checkpoint,
 )
@@ -34,7 +35,7 @@ def check_output_path(output, force: bool) -> Path:
     if output.suffix != ".pth":
         raise ConversionError(f"{output}: the output must be a .pth file")
     if output.exists() and not force:
-        raise FileExistsError(f"{output}: already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{output}: already exists; pass --force to overwrite it")
     return output
 
 
@@ -63,7 +64,7 @@ def convert_weights(state, source: str, output_path, targets, force=False):
     try:
         checks = [verify_target(cfg, backbone, staging, name) for name, cfg in targets]
         if output.exists() and not force:  # appeared while we were verifying
-            raise FileExistsError(f"{output}: already exists; pass --force to overwrite it")
+            raise OutputExistsError(f"{output}: already exists; pass --force to overwrite it")
         os.replace(staging, output)
     finally:
         staging.unlink(missing_ok=True)

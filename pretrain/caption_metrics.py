@@ -22,6 +22,8 @@ from pathlib import Path
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from pretrain.errors import BadValueError
+
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -50,7 +52,7 @@ def caption_metrics(predictions: dict[int, str], references: dict[int, list[str]
     """CIDEr-D and BLEU-4 of one caption per image against its references."""
     missing = sorted(set(predictions) - set(references))
     if missing:
-        raise KeyError(f"no reference captions for image ids {missing[:10]}")
+        raise BadValueError(f"no reference captions for image ids {missing[:10]}")
     gts, res = scorer_inputs(predictions, references)
     cider, _ = Cider().compute_score(gts, res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)

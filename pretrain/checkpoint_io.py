@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.errors import InputError, OutputExistsError
 from pretrain.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ TRAINING_CHECKPOINT_KEYS = ("model", "iteration")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint file that cannot be used: missing, corrupt, truncated or of the wrong shape."""
 
 
@@ -176,7 +177,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, force: bool = False) -> P
     """
     path = Path(path)
     if path.exists() and not force:
-        raise FileExistsError(f"{path}: already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{path}: already exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as handle:
         torch.save(obj, handle)

@@ -28,7 +28,6 @@ from pretrain.schedule import DECAYS
 # checks these against pretrain.engine.optim and pretrain.models.factory.
 OPTIMIZERS = ("sgd", "adamw")
 DECODERS = ("beam_search", "nucleus_sampling", "beam_search_ours", "nucleus_sampling_ours")
-MIN_CROP_SIZE = 32  # a ResNet downsamples by 32: a smaller crop leaves no feature map
 MIN_CAPTION_LENGTH = 3  # [SOS], one word, [EOS]
 
 
@@ -76,9 +75,9 @@ RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
     "OPTIM.LR_GAMMA": (*_number(0, low_open=True), "multistep decay factor"),
     "OPTIM.LOOKAHEAD.ALPHA": (*_number(0, 1), "Lookahead step size"),
     "OPTIM.LOOKAHEAD.STEPS": (*_integer(1), "Lookahead inner steps"),
-    "DATA.IMAGE_CROP_SIZE": (*_integer(MIN_CROP_SIZE), "square crop in pixels"),
+    "DATA.IMAGE_CROP_SIZE": (*_integer(1), "square crop in pixels"),
     "DATA.MAX_CAPTION_LENGTH": (*_integer(MIN_CAPTION_LENGTH), "tokens per caption with [SOS] and [EOS]"),
-    "DATA.VOCAB_SIZE": (*_integer(4), "SentencePiece vocabulary size"),
+    "DATA.VOCAB_SIZE": (*_integer(1), "vocabulary size, or classes of the classification tasks"),
     "DATA.NUM_WORKERS": (*_integer(0), "DataLoader worker processes per rank"),
     "DATA.FORMAT": (*_choice(FORMATS), "dataset format"),
     "DATA.CHECK_IMAGES": (*_choice(CHECK_IMAGES_MODES), "images decoded by the data check"),
@@ -118,7 +117,7 @@ def value_problems(cfg: CfgNode) -> list[str]:
             problems.append(_describe(key, value, allowed, purpose))
     if problems:  # the relations below assume each key is in range
         return problems
-    optim, data, decoder = cfg.OPTIM, cfg.DATA, cfg.MODEL.DECODER
+    optim, decoder = cfg.OPTIM, cfg.MODEL.DECODER
     if optim.WARMUP_STEPS > optim.NUM_ITERATIONS:
         problems.append(_describe("OPTIM.WARMUP_STEPS", optim.WARMUP_STEPS,
                                   f"<= OPTIM.NUM_ITERATIONS ({optim.NUM_ITERATIONS})", "warm-up within the run"))
@@ -129,20 +128,10 @@ def value_problems(cfg: CfgNode) -> list[str]:
         problems.append(_describe("OPTIM.BATCH_SIZE", optim.BATCH_SIZE,
                                   f"divisible by ENGINE.GRAD_ACCUM_STEPS ({cfg.ENGINE.GRAD_ACCUM_STEPS})",
                                   "each step's batch is split into that many chunks"))
-    if decoder.MAX_DECODING_STEPS > data.MAX_CAPTION_LENGTH:
+    if decoder.MAX_DECODING_STEPS > cfg.DATA.MAX_CAPTION_LENGTH:
         problems.append(_describe("MODEL.DECODER.MAX_DECODING_STEPS", decoder.MAX_DECODING_STEPS,
-                                  f"<= DATA.MAX_CAPTION_LENGTH ({data.MAX_CAPTION_LENGTH})",
+                                  f"<= DATA.MAX_CAPTION_LENGTH ({cfg.DATA.MAX_CAPTION_LENGTH})",
                                   "the decoder has that many learned positions"))
-    masked = data.MASKED_LM
-    if masked.MASK_PROBABILITY + masked.REPLACE_PROBABILITY > 1:
-        problems.append(_describe("DATA.MASKED_LM.REPLACE_PROBABILITY", masked.REPLACE_PROBABILITY,
-                                  f"<= 1 - DATA.MASKED_LM.MASK_PROBABILITY ({1 - masked.MASK_PROBABILITY:g})",
-                                  "the two probabilities share one chosen token"))
-    special = {name: data[f"{name}_INDEX"] for name in ("UNK", "SOS", "EOS", "MASK")}
-    for name, index in special.items():
-        if not isinstance(index, int) or not 0 <= index < data.VOCAB_SIZE:
-            problems.append(_describe(f"DATA.{name}_INDEX", index, f"an integer in [0, {data.VOCAB_SIZE - 1}]",
-                                      "a token id of the vocabulary"))
     return problems
 
 

@@ -19,6 +19,7 @@ from pretrain.data.build import (
     build_masked_lm_dataset,
     build_multilabel_dataset,
 )
+from pretrain.errors import BadValueError
 from pretrain.models import factory
 from pretrain.tokenizer import SentencePieceBPETokenizer
 
@@ -52,7 +53,7 @@ def list_tasks() -> list[str]:
 def get_task(name: str) -> Task:
     """The task of ``MODEL.NAME name``; ``ValueError`` listing the known names otherwise."""
     if name not in _TASKS:
-        raise ValueError(f"MODEL.NAME '{name}' is unknown; choose one of {', '.join(list_tasks())}")
+        raise BadValueError(f"MODEL.NAME '{name}' is unknown; choose one of {', '.join(list_tasks())}")
     return _TASKS[name]
 
 
@@ -60,7 +61,7 @@ def build_model(cfg: CfgNode) -> nn.Module:
     """The model named by ``cfg.MODEL.NAME``, freshly initialised, on the CPU in train mode."""
     task = get_task(cfg.MODEL.NAME)
     if cfg.MODEL.NAME != "cappa_bicaptioning" and cfg.MODEL.CAPPA.PARALLEL_FRACTION != 0.0:
-        raise ValueError(
+        raise BadValueError(
             f"MODEL.CAPPA.PARALLEL_FRACTION is only used by MODEL.NAME 'cappa_bicaptioning', not '{cfg.MODEL.NAME}'"
         )
     return task.build_model(cfg)

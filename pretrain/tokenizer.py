@@ -18,6 +18,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
+from pretrain.errors import BadValueError, MissingInputError, OutputExistsError
 from pretrain.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -54,14 +55,14 @@ def train_vocabulary(
     place, so an interrupted run leaves no half-written model. Returns the ``.model`` path.
     """
     if not captions:
-        raise ValueError(f"{output_prefix}: no captions to train the vocabulary on")
+        raise BadValueError(f"{output_prefix}: no captions to train the vocabulary on")
     prefix = Path(output_prefix)
     model_path = prefix.parent / (prefix.name + ".model")
     vocab_path = prefix.parent / (prefix.name + ".vocab")
     if not force:
         for path in (model_path, vocab_path):
             if path.exists():
-                raise FileExistsError(f"{path}: already exists (pass force=True / --force to overwrite)")
+                raise OutputExistsError(f"{path}: already exists (pass force=True / --force to overwrite)")
     prefix.parent.mkdir(parents=True, exist_ok=True)
 
     def sentences() -> Iterator[str]:
@@ -84,7 +85,7 @@ def train_vocabulary(
                 minloglevel=2,  # SentencePiece logs every merge at INFO; keep errors only
             )
         except RuntimeError as err:  # e.g. "Vocabulary size too high" for a tiny corpus
-            raise ValueError(f"{model_path}: SentencePiece training failed: {err}") from None
+            raise BadValueError(f"{model_path}: SentencePiece training failed: {err}") from None
         # SentencePiece writes the files itself; they are published through the atomic writer.
         write_bytes_atomic(vocab_path, Path(tmp_prefix + ".vocab").read_bytes())
         write_bytes_atomic(model_path, Path(tmp_prefix + ".model").read_bytes())
@@ -106,12 +107,12 @@ class SentencePieceBPETokenizer:
 
     def _load(self) -> None:
         if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"{self.model_path}: tokenizer model not found")
+            raise MissingInputError(f"{self.model_path}: tokenizer model not found")
         processor = spm.SentencePieceProcessor()
         try:
             processor.Load(self.model_path)
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"{self.model_path}: not a SentencePiece model ({err})") from None
+            raise BadValueError(f"{self.model_path}: not a SentencePiece model ({err})") from None
         self._sp = processor
         self._special_ids = frozenset(
             i for i in range(processor.GetPieceSize()) if processor.IsControl(i) or processor.IsUnknown(i)
@@ -152,7 +153,7 @@ class SentencePieceBPETokenizer:
         for token, token_id in expected.items():
             actual = self._sp.PieceToId(token)
             if actual != token_id or self._sp.IdToPiece(actual) != token:
-                raise ValueError(
+                raise BadValueError(
                     f"{self.model_path}: '{token}' has id {actual}, expected {token_id}; "
                     "rebuild the vocabulary with tools/build_vocabulary.py"
                 )
@@ -166,7 +167,7 @@ class SentencePieceBPETokenizer:
              "[MASK]": data_cfg.MASK_INDEX}
         )
         if check_size and self.get_vocab_size() != data_cfg.VOCAB_SIZE:
-            raise ValueError(
+            raise BadValueError(
                 f"{self.model_path}: vocabulary has {self.get_vocab_size()} pieces but "
                 f"DATA.VOCAB_SIZE is {data_cfg.VOCAB_SIZE}"
             )

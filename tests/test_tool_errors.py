@@ -1,9 +1,12 @@
 """Every tool ends bad input with one line naming the file, key or value, exit status 2 and no
 traceback (one only with ``--debug``), and says nothing else before its own output: its
-``--help`` runs without a warning and names only config files that exist."""
+``--help`` runs without a warning and names only config files that exist. A bug (any error that
+is not an :class:`~pretrain.errors.InputError`) ends with its traceback and exit status 1, a full
+disk with one line naming the file and exit status 1."""
 from __future__ import annotations
 
 import re
+import textwrap
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +42,8 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:
     a_file = tmp / "a_file"
     a_file.write_text("not a folder")
     missing = tmp / "missing.yaml"
+    header_only = tmp / "captions.csv"
+    header_only.write_text("image,caption\n")
     return [
         ("pretrain", ["--config", PRETRAIN_CONFIG, "--output-dir", tmp / "p", "OPTIM.BATCH_SIZE", "eight"],
          "OPTIM.BATCH_SIZE"),
@@ -65,6 +70,8 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:
         ("check_dataset", ["--pretrain-config", missing], f"{missing}: config file not found"),
         ("make_shards", ["--coco-captions", tmp / "none.json", "--image-root", empty, "--output", tmp / "s"],
          "none.json"),
+        ("make_shards", ["--captions-csv", header_only, "--image-root", empty, "--output", tmp / "s"],
+         f"{header_only}: the table has a header but no rows"),
         ("submit_pretrain", ["--config", missing, "--output-dir", tmp / "sp", "--local"],
          f"{missing}: config file not found"),
     ]
@@ -74,10 +81,10 @@ def test_every_tool_is_in_the_table(tmp_path):
     assert {tool for tool, _, _ in bad_inputs(tmp_path)} == set(TOOLS)
 
 
-@pytest.mark.parametrize("case", range(19))
+@pytest.mark.parametrize("case", range(20))
 def test_bad_input_ends_with_one_line_and_status_2(tmp_path, case):
     cases = bad_inputs(tmp_path)
-    assert len(cases) == 19, "keep the parametrize range in step with the table"
+    assert len(cases) == 20, "keep the parametrize range in step with the table"
     tool, args, expected = cases[case]
     result = run_tool(tool, *args)
     assert result.returncode == 2, f"{tool} {args}: status {result.returncode}\n{result.stderr[-3000:]}"
@@ -91,3 +98,53 @@ def test_debug_shows_the_traceback(tmp_path):
     quiet = run_tool("caption", "--config", missing, "--checkpoint", "x.pth", "--images", tmp_path)
     loud = run_tool("caption", "--debug", "--config", missing, "--checkpoint", "x.pth", "--images", tmp_path)
     assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr and "config file not found" in loud.stderr
+
+
+def test_check_dataset_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    quiet = run_tool("check_dataset", "--pretrain-config", missing)
+    loud = run_tool("check_dataset", "--debug", "--pretrain-config", missing)
+    assert (quiet.returncode, loud.returncode) == (2, 1), loud.stderr[-3000:]
+    assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr and "ConfigError" in loud.stderr
+
+
+def run_with_fault(tmp_path: Path, fault: str) -> subprocess.CompletedProcess:
+    """Run tools/make_synthetic_dataset.py with ``fault`` (a statement) raised from where it
+    writes its first image: Pillow's ``Image.save``, below all of the tool's own code."""
+    script = textwrap.dedent(f"""
+        import errno, runpy, sys
+        sys.path.insert(0, "tools")
+        from PIL import Image
+
+        def save(self, fp, *args, **kwargs):
+            {fault}
+
+        Image.Image.save = save
+        sys.argv = ["tools/make_synthetic_dataset.py", "--root", {str(tmp_path / "root")!r},
+                    "--num-train", "8", "--num-val", "2", "--image-size", "64"]
+        runpy.run_path("tools/make_synthetic_dataset.py", run_name="__main__")
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+@pytest.mark.parametrize("fault", [
+    "raise KeyError('width')",  # a bug in our code
+    "raise ValueError('not enough values to unpack')",  # ValueError is not bad input either
+    "raise RuntimeError('The size of tensor a (4) must match the size of tensor b (3)')",  # torch shape mismatch
+    "raise FileNotFoundError(errno.ENOENT, 'No such file or directory', '/nonexistent/cache')",  # plain OSError
+])
+def test_a_bug_ends_with_its_traceback_and_status_1(tmp_path, fault):
+    result = run_with_fault(tmp_path, fault)
+    assert result.returncode == 1, f"status {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr[-3000:]
+    assert "in save" in result.stderr and "make_synthetic_dataset: error:" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_full_disk_says_what_and_where_with_status_1(tmp_path):
+    result = run_with_fault(tmp_path, "raise OSError(errno.ENOSPC, 'No space left on device', fp)")
+    assert result.returncode == 1, f"status {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("make_synthetic_dataset: error: no space left on device while writing "), last
+    assert str(tmp_path / "root") in last and last.split("writing ")[1].split(" ")[0].endswith((".jpg", ".png")), last

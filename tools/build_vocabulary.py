@@ -24,7 +24,7 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 from pretrain.data.captions import read_caption_records
 from pretrain.data.shards import expand_shards, sample_captions
 from pretrain.tokenizer import train_vocabulary
-from virtex_d2.cli import report_error, run_tool
+from virtex_d2.cli import run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,16 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.shards:
-            captions, skipped = sample_captions(expand_shards(args.shards, "--shards"), args.caption_field,
-                                                args.max_captions, args.seed)
-            logging.getLogger("build_vocabulary").info("%d captions sampled from %s (%d samples without one)", len(captions), args.shards, skipped)
-        else:
-            captions = [caption for record in read_caption_records(args.captions) for caption in record.captions]
-        train_vocabulary(captions, args.output, args.vocab_size, keep_accents=args.keep_accents, force=args.force)
-    except (OSError, ValueError) as err:
-        return report_error("build_vocabulary", err)
+    if args.shards:
+        captions, skipped = sample_captions(expand_shards(args.shards, "--shards"), args.caption_field,
+                                            args.max_captions, args.seed)
+        logging.getLogger("build_vocabulary").info("%d captions sampled from %s (%d samples without one)", len(captions), args.shards, skipped)
+    else:
+        captions = [caption for record in read_caption_records(args.captions) for caption in record.captions]
+    train_vocabulary(captions, args.output, args.vocab_size, keep_accents=args.keep_accents, force=args.force)
     return 0
 
 

@@ -21,15 +21,15 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 import torch
 
-from pretrain.checkpoint_io import CheckpointError
-from pretrain.config import ConfigError, load_config
-from pretrain.data.images import BadImageError, load_rgb_image
+from pretrain.config import load_config
+from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import caption_eval_config, load_captioning_model
+from pretrain.errors import MissingInputError, OutputExistsError
 from pretrain.files import write_json_atomic
 from pretrain.tokenizer import first_word_index, strip_special
-from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, run_tool, tool_parser
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -47,10 +47,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name; errors name the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: image folder not found")
+        raise MissingInputError(f"{folder}: image folder not found")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise FileNotFoundError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise MissingInputError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return images
 
 
@@ -73,17 +73,14 @@ def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, de
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        output = Path(args.output)
-        if output.exists() and not args.force:
-            raise FileExistsError(f"{output}: already exists (pass --force to overwrite)")
-        cfg = caption_eval_config(load_config(args.config, args.opts))
-        images = list_images(args.images)
-        results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output, results, indent=1)
-    except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        return report_error("caption", err)
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise OutputExistsError(f"{output}: already exists (pass --force to overwrite)")
+    cfg = caption_eval_config(load_config(args.config, args.opts))
+    images = list_images(args.images)
+    results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, results, indent=1)
     print(f"caption: wrote {len(results)} captions to {output}")
     return 0
 

@@ -9,7 +9,8 @@ and DATASETS.TEST, read from DETECTRON2_DATASETS) and/or the caption data of a p
         --check-images all --pretrain-opts DATA.ROOT datasets/coco
 
 Exit status 0 when the data are usable (warnings, e.g. VOC fields given their defaults, are
-printed), 2 with one line per problem naming the file, the field and what to do.
+printed), 2 with one line per problem naming the file, the field and what to do (a traceback
+only with ``--debug``).
 """
 import logging
 import sys
@@ -17,14 +18,9 @@ import time
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from pretrain.config import ConfigError, load_config
-from pretrain.data.checks import (
-    CHECK_IMAGES_MODES,
-    DatasetCheckError,
-    check_caption_data,
-)
-from pretrain.data.dataset_root import DatasetLayoutError
-from virtex_d2.cli import report_error, tool_parser
+from pretrain.config import load_config
+from pretrain.data.checks import CHECK_IMAGES_MODES, check_caption_data
+from virtex_d2.cli import run_tool, tool_parser
 
 TOOL = "check_dataset"
 
@@ -59,17 +55,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     warnings = []
-    try:
-        if args.config_file:
-            warnings += check_detectron2(args.config_file, args.opts, args.eval_only)
-        if args.pretrain_config:
-            cfg = load_config(args.pretrain_config, args.pretrain_opts)
-            warnings += check_caption_data(cfg, check_images=args.check_images)
-    except DatasetCheckError as err:
-        print(err.listing, file=sys.stderr)
-        return report_error(TOOL, ValueError(err.headline), 2)
-    except (ConfigError, DatasetLayoutError, FileNotFoundError, RuntimeError) as err:
-        return report_error(TOOL, err, 2)
+    if args.config_file:
+        warnings += check_detectron2(args.config_file, args.opts, args.eval_only)
+    if args.pretrain_config:
+        cfg = load_config(args.pretrain_config, args.pretrain_opts)
+        warnings += check_caption_data(cfg, check_images=args.check_images)
     for warning in warnings:
         print(f"{TOOL}: warning: {warning}", file=sys.stderr)
     print(f"{TOOL}: ok, {len(warnings)} warning(s), {time.perf_counter() - start:.1f} s")
@@ -77,4 +67,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(TOOL, main))

@@ -24,9 +24,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from pretrain.checkpoint_io import CheckpointError
-from pretrain.config import ConfigError, load_config
-from pretrain.data.images import BadImageError
+from pretrain.config import load_config
 from pretrain.distributed import (
     init_distributed,
     seed_everything,
@@ -39,7 +37,8 @@ from pretrain.downstream.linear_probe import (
     build_datasets,
     train_linear_probe,
 )
-from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
+from pretrain.errors import OutputExistsError
+from virtex_d2.cli import add_common_flags, run_tool, tool_parser
 
 DEFAULTS = ProbeSettings()
 
@@ -77,15 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics_file = Path(args.output_dir) / "linear_probe_metrics.json"
         if metrics_file.exists() and not args.force:
-            raise FileExistsError(f"{metrics_file}: results already exist (pass --force to overwrite)")
+            raise OutputExistsError(f"{metrics_file}: results already exist (pass --force to overwrite)")
         cfg = load_config(args.config, args.opts)
         seed_everything(settings.seed)  # the same linear-layer init on every rank
         backbone = load_frozen_backbone(cfg, None if args.random_init else args.checkpoint)
         train_set, val_set = build_datasets(args.data_root, settings)
         probe = LinearProbe(backbone, cfg.MODEL.VISUAL.FEATURE_SIZE, len(train_set.classes))
         metrics = train_linear_probe(probe, train_set, val_set, settings, ctx, args.output_dir)
-    except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        return report_error("clf_linear", err)
     finally:
         shutdown_distributed()
     if ctx.is_main:

@@ -24,22 +24,20 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.checkpoint_io import (
-    CheckpointError,
     checkpoint_iteration,
     list_checkpoints,
 )
-from pretrain.config import ConfigError, load_config
-from pretrain.data.images import BadImageError
+from pretrain.config import load_config
 from pretrain.distributed import select_device
 from pretrain.downstream.features import load_frozen_backbone
 from pretrain.downstream.voc07 import (
     SVM_COSTS,
-    VocLayoutError,
     evaluate_backbone,
     results_table,
 )
+from pretrain.errors import MissingInputError, OutputExistsError
 from pretrain.files import write_json_atomic, write_text_atomic
-from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, run_tool, tool_parser
 
 
 def default_voc_root() -> str:
@@ -72,7 +70,7 @@ def checkpoints_to_evaluate(args: argparse.Namespace) -> list[tuple[str, str | N
         return [(Path(args.checkpoint).name, args.checkpoint, checkpoint_iteration(args.checkpoint))]
     found = list_checkpoints(args.checkpoint_dir)
     if not found:
-        raise FileNotFoundError(f"{args.checkpoint_dir}: no checkpoint_<iteration>.pth files")
+        raise MissingInputError(f"{args.checkpoint_dir}: no checkpoint_<iteration>.pth files")
     return [(path.name, str(path), iteration) for iteration, path in found]
 
 
@@ -81,33 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from torch.utils.tensorboard import SummaryWriter
 
-    try:
-        cfg = load_config(args.config, args.opts)
-        device = args.device or select_device(0)
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        outputs = [output_dir / "voc07_results.md", output_dir / "voc07_results.json"]
-        if not args.force and any(p.exists() for p in outputs):
-            raise FileExistsError(f"{outputs[0]}: results already exist (pass --force to overwrite)")
-        rows, details = [], {}
-        with SummaryWriter(log_dir=str(output_dir)) as writer:
-            for name, path, iteration in checkpoints_to_evaluate(args):
-                backbone = load_frozen_backbone(cfg, path)
-                result = evaluate_backbone(
-                    backbone, args.voc_root, device, args.batch_size, args.num_workers,
-                    args.resize, args.crop, args.costs, args.jobs,
-                )
-                print(f"{name}: VOC07 mAP {100 * result.mean_ap:.2f} "
-                      f"({len(result.scored)}/{len(result.classes)} classes)", flush=True)
-                writer.add_scalar("metrics/voc07_mAP", 100 * result.mean_ap, iteration or 0)
-                rows.append((name, iteration, result))
-                details[name] = {"checkpoint": path, "iteration": iteration, **result.to_dict()}
-        table = results_table(rows)
-        write_text_atomic(outputs[0], table)
-        write_json_atomic(outputs[1], details)
-        print(table, end="")
-    except (ConfigError, CheckpointError, VocLayoutError, BadImageError, OSError, ValueError) as err:
-        return report_error("clf_voc07", err)
+    cfg = load_config(args.config, args.opts)
+    device = args.device or select_device(0)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs = [output_dir / "voc07_results.md", output_dir / "voc07_results.json"]
+    if not args.force and any(p.exists() for p in outputs):
+        raise OutputExistsError(f"{outputs[0]}: results already exist (pass --force to overwrite)")
+    rows, details = [], {}
+    with SummaryWriter(log_dir=str(output_dir)) as writer:
+        for name, path, iteration in checkpoints_to_evaluate(args):
+            backbone = load_frozen_backbone(cfg, path)
+            result = evaluate_backbone(
+                backbone, args.voc_root, device, args.batch_size, args.num_workers,
+                args.resize, args.crop, args.costs, args.jobs,
+            )
+            print(f"{name}: VOC07 mAP {100 * result.mean_ap:.2f} "
+                  f"({len(result.scored)}/{len(result.classes)} classes)", flush=True)
+            writer.add_scalar("metrics/voc07_mAP", 100 * result.mean_ap, iteration or 0)
+            rows.append((name, iteration, result))
+            details[name] = {"checkpoint": path, "iteration": iteration, **result.to_dict()}
+    table = results_table(rows)
+    write_text_atomic(outputs[0], table)
+    write_json_atomic(outputs[1], details)
+    print(table, end="")
     return 0
 
 

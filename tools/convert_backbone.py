@@ -30,14 +30,13 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from detectron2_ext import load_config
-from detectron2_ext.convert import ConversionError
 from detectron2_ext.transfer import convert_checkpoint_file, convert_weights, describe
-from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG, CheckpointError
+from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from pretrain.models.visual_backbones import (
     check_torchvision_weights_file,
     initial_resnet_state,
 )
-from virtex_d2.cli import report_error, run_tool
+from virtex_d2.cli import run_tool
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 DEFAULT_TARGETS = [CONFIG_DIR / "coco_segm_default_init_2x.yaml", CONFIG_DIR / "voc_det_default_init_24k.yaml"]
@@ -75,22 +74,19 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     config_files = [Path(p) for p in args.config_file] if args.config_file else DEFAULT_TARGETS
-    try:
-        targets = [(path.name, load_config(path, args.opts)) for path in config_files]
-        arch = RESNETS[args.depth]
-        if args.init == "random":
-            source = f"random_{arch}_seed{args.seed}"
-            backbone, checks = convert_weights(initial_resnet_state(arch, args.seed), source, args.output, targets,
-                                               force=args.force)
-        else:
-            if args.init.startswith("imagenet-"):
-                check_torchvision_weights_file(args.input, arch, f"IMAGENET1K_{args.init[-2:].upper()}")
-            source = args.input
-            backbone, checks = convert_checkpoint_file(
-                args.input, args.output, targets, force=args.force, allow_unsafe_pickle=args.allow_unsafe_pickle
-            )
-    except (CheckpointError, ConversionError, FileExistsError) as e:
-        return report_error("convert_backbone", e)
+    targets = [(path.name, load_config(path, args.opts)) for path in config_files]
+    arch = RESNETS[args.depth]
+    if args.init == "random":
+        source = f"random_{arch}_seed{args.seed}"
+        backbone, checks = convert_weights(initial_resnet_state(arch, args.seed), source, args.output, targets,
+                                           force=args.force)
+    else:
+        if args.init.startswith("imagenet-"):
+            check_torchvision_weights_file(args.input, arch, f"IMAGENET1K_{args.init[-2:].upper()}")
+        source = args.input
+        backbone, checks = convert_checkpoint_file(
+            args.input, args.output, targets, force=args.force, allow_unsafe_pickle=args.allow_unsafe_pickle
+        )
     print(f"Converted {describe(backbone, source)}")
     for check in checks:
         print(f"  verified {check.summary()}")

@@ -26,9 +26,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.caption_metrics import load_references
-from pretrain.checkpoint_io import CheckpointError
-from pretrain.config import ConfigError, load_config
-from pretrain.data import BadImageError
+from pretrain.config import load_config
 from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import (
     caption_eval_config,
@@ -38,10 +36,11 @@ from pretrain.downstream.caption_eval import (
     score_captions,
     word_grounding,
 )
+from pretrain.errors import OutputExistsError
 from pretrain.files import write_json_atomic
 from pretrain.tasks import build_dataset
 from pretrain.tokenizer import first_word_index
-from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, run_tool, tool_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,24 +59,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.output and Path(args.output).exists() and not args.force:
-            raise FileExistsError(f"{args.output}: already exists (pass --force to overwrite)")
-        cfg = caption_eval_config(load_config(args.config, args.opts))
-        model, tokenizer = load_captioning_model(cfg, args.checkpoint)
-        dataset = build_dataset(cfg, args.split, tokenizer)
-        references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")
-        device = args.device or select_device(0)
-        captions = decode_dataset(
-            model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA),
-            device, args.batch_size, args.num_workers,
-        )
-        scores = score_captions(captions, references)
-        scores.update(grounding_gap(model, dataset, device, args.batch_size, args.num_workers))
-        words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index(cfg.DATA), device,
-                               args.batch_size, args.num_workers)
-    except (ConfigError, CheckpointError, BadImageError, OSError, ValueError, KeyError) as err:
-        return report_error("eval_captioning", err)
+    if args.output and Path(args.output).exists() and not args.force:
+        raise OutputExistsError(f"{args.output}: already exists (pass --force to overwrite)")
+    cfg = caption_eval_config(load_config(args.config, args.opts))
+    model, tokenizer = load_captioning_model(cfg, args.checkpoint)
+    dataset = build_dataset(cfg, args.split, tokenizer)
+    references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")
+    device = args.device or select_device(0)
+    captions = decode_dataset(
+        model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA),
+        device, args.batch_size, args.num_workers,
+    )
+    scores = score_captions(captions, references)
+    scores.update(grounding_gap(model, dataset, device, args.batch_size, args.num_workers))
+    words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index(cfg.DATA), device,
+                           args.batch_size, args.num_workers)
     for name, value in scores.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     if args.words > 0:

@@ -22,7 +22,7 @@ import sys
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.data.shard_writer import read_coco_corpus, read_table_corpus, write_shards
-from virtex_d2.cli import report_error, run_tool, tool_parser
+from virtex_d2.cli import run_tool, tool_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,14 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     left_out: list[tuple[str, str]] = []
-    try:
-        if args.coco_captions:
-            images = read_coco_corpus(args.coco_captions)
-        else:
-            images = read_table_corpus(args.captions_csv, left_out)
-        report = write_shards(images, args.image_root, args.output, args.shard_size, args.force, left_out)
-    except (OSError, ValueError) as err:
-        return report_error("make_shards", err, 2)
+    if args.coco_captions:
+        images = read_coco_corpus(args.coco_captions)
+    else:
+        images = read_table_corpus(args.captions_csv, left_out)
+    report = write_shards(images, args.image_root, args.output, args.shard_size, args.force, left_out)
     for name, reason in report.left_out:
         print(f"make_shards: left out {name}: {reason}", file=sys.stderr)
     print(f"{report.num_samples} samples in {len(report.shards)} shard(s) under {args.output} "

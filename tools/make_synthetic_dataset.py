@@ -12,7 +12,7 @@ import sys
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.data.synthetic import make_synthetic_dataset
-from virtex_d2.cli import report_error, run_tool
+from virtex_d2.cli import run_tool
 
 
 def main(argv=None) -> int:
@@ -25,11 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing dataset under --root")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        manifest = make_synthetic_dataset(args.root, args.num_train, args.num_val, args.image_size,
-                                          args.seed, force=args.force)
-    except (FileExistsError, ValueError) as err:
-        return report_error("make_synthetic_dataset", err)
+    manifest = make_synthetic_dataset(args.root, args.num_train, args.num_val, args.image_size,
+                                      args.seed, force=args.force)
     print(json.dumps(manifest, indent=2))
     return 0
 

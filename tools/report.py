@@ -17,7 +17,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from virtex_d2.cli import report_error, run_tool
+from virtex_d2.cli import run_tool
 from virtex_d2.reports.downstream import read_run, write_report
 from virtex_d2.reports.pretraining import (
     PretrainingSummary,
@@ -49,16 +49,13 @@ def main(argv=None) -> int:
         parser.error("--captions and --caption-references go together")
     if args.captions and not args.pretrain_dir:
         parser.error("--captions needs --pretrain-dir")
-    try:
-        runs = [read_run(directory, label) for label, directory in map(parse_run, args.runs)]
-        summary = None
-        if args.pretrain_dir:
-            examples = (read_caption_examples(args.captions, args.caption_references, args.num_captions)
-                        if args.captions else [])
-            summary = PretrainingSummary(Path(args.pretrain_dir), read_curves(args.pretrain_dir), examples)
-        paths = write_report(runs, args.output, force=args.force, pretraining=summary)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        return report_error("report", e)
+    runs = [read_run(directory, label) for label, directory in map(parse_run, args.runs)]
+    summary = None
+    if args.pretrain_dir:
+        examples = (read_caption_examples(args.captions, args.caption_references, args.num_captions)
+                    if args.captions else [])
+        summary = PretrainingSummary(Path(args.pretrain_dir), read_curves(args.pretrain_dir), examples)
+    paths = write_report(runs, args.output, force=args.force, pretraining=summary)
     print((Path(args.output) / "report.md").read_text())
     print("Wrote " + ", ".join(str(p) for p in paths))
     return 0

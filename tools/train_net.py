@@ -45,15 +45,14 @@ from detectron2_ext.compat import (
     limit_cpu_threads,
     patch_cpu_ddp,
 )
-from detectron2_ext.config import default_init_name
+from detectron2_ext.config import check_world_size, default_init_name
 from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.progress import ProgressBarHook
 from detectron2_ext.voc_annotations import patch_voc_parse_rec
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
-from pretrain.data.checks import DatasetCheckError
-from virtex_d2.cli import report_error, run_tool
+from virtex_d2.cli import run_tool
 
 
 class Trainer(DefaultTrainer):
@@ -93,7 +92,9 @@ def check_datasets(args) -> list[str]:
     """The datasets the run trains and evaluates on (only evaluates, with --eval-only), checked
     once per machine before any training process starts; returns the warnings."""
     check_datasets_root()
-    return check_config_datasets(load_config(args.config_file, args.opts), eval_only=args.eval_only)
+    cfg = load_config(args.config_file, args.opts)  # values checked: a bad one names its key
+    check_world_size(cfg, args.num_gpus * args.num_machines)
+    return check_config_datasets(cfg, eval_only=args.eval_only)
 
 
 def main(args, dataset_warnings=()):
@@ -130,13 +131,7 @@ def cli() -> int:
     """Check the datasets once, then train (or only evaluate) in ``--num-gpus`` processes."""
     args = parse_args()
     print("Command Line Args:", args)
-    try:
-        warnings = check_datasets(args)
-    except DatasetCheckError as err:
-        print(err.listing, file=sys.stderr)
-        return report_error("train_net", ValueError(err.headline))
-    except RuntimeError as err:  # DETECTRON2_DATASETS
-        return report_error("train_net", err)
+    warnings = check_datasets(args)  # a DatasetCheckError: run_tool lists the problems, status 2
     launch(
         main,
         args.num_gpus,

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
-from pretrain.checkpoint_io import CheckpointError
-from pretrain.config import ConfigError, load_config
-from pretrain.data import BadImageError, load_rgb_image, read_caption_records
+from pretrain.config import load_config
+from pretrain.data import load_rgb_image, read_caption_records
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
 from pretrain.downstream.attention import (
@@ -32,8 +31,9 @@ from pretrain.downstream.attention import (
     write_html,
 )
 from pretrain.downstream.caption_eval import caption_eval_config, load_captioning_model
+from pretrain.errors import MissingInputError, OutputExistsError
 from pretrain.tokenizer import first_word_index
-from virtex_d2.cli import add_common_flags, report_error, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, run_tool, tool_parser
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -59,42 +59,39 @@ def collect_images(inputs: list[str], cfg, limit: int) -> list[Path]:
         if item.is_dir():
             images = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
-                raise FileNotFoundError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise MissingInputError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             found.extend(images)
         elif item.is_file():
             found.append(item)
         else:
-            raise FileNotFoundError(f"{item}: no such image file or folder")
+            raise MissingInputError(f"{item}: no such image file or folder")
     return found[:limit]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        output_dir = Path(args.output_dir)
-        if output_dir.is_dir() and any(output_dir.iterdir()) and not args.force:
-            raise FileExistsError(f"{output_dir}: not empty (pass --force to write into it)")
-        cfg = caption_eval_config(load_config(args.config, args.opts))
-        model, tokenizer = load_captioning_model(cfg, args.checkpoint)
-        device = args.device or select_device(0)
-        model.to(device)
-        transform = build_transform(cfg, "val")
-        rendered = []
-        for k, path in enumerate(collect_images(args.images, cfg, args.max_images)):
-            image = transform(load_rgb_image(path), "")[0]
-            [result] = caption_with_attention(
-                model, image.unsqueeze(0).to(device), tokenizer,
-                cfg.DATA.SOS_INDEX, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), args.layer,
-            )
-            rendered.append(render_image(f"{k:03d}_{path.stem}", denormalize(image), result, output_dir))
-            print(f"{path}: {result.caption}", flush=True)
-        page = write_html(
-            rendered, output_dir,
-            f"Checkpoint {args.checkpoint}, config {args.config}, decoder layer {args.layer}; "
-            "heat-maps are cross-attention probabilities averaged over heads.",
+    output_dir = Path(args.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.force:
+        raise OutputExistsError(f"{output_dir}: not empty (pass --force to write into it)")
+    cfg = caption_eval_config(load_config(args.config, args.opts))
+    model, tokenizer = load_captioning_model(cfg, args.checkpoint)
+    device = args.device or select_device(0)
+    model.to(device)
+    transform = build_transform(cfg, "val")
+    rendered = []
+    for k, path in enumerate(collect_images(args.images, cfg, args.max_images)):
+        image = transform(load_rgb_image(path), "")[0]
+        [result] = caption_with_attention(
+            model, image.unsqueeze(0).to(device), tokenizer,
+            cfg.DATA.SOS_INDEX, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), args.layer,
         )
-    except (ConfigError, CheckpointError, BadImageError, OSError, ValueError) as err:
-        return report_error("visualize_attention", err)
+        rendered.append(render_image(f"{k:03d}_{path.stem}", denormalize(image), result, output_dir))
+        print(f"{path}: {result.caption}", flush=True)
+    page = write_html(
+        rendered, output_dir,
+        f"Checkpoint {args.checkpoint}, config {args.config}, decoder layer {args.layer}; "
+        "heat-maps are cross-attention probabilities averaged over heads.",
+    )
     print(f"open {page.resolve().as_uri()} in a browser")
     return 0
 

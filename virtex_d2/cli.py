@@ -4,23 +4,29 @@ Every evaluation tool reads a pretraining config and a checkpoint and takes the 
 them; they are declared here once so that they read and behave the same in every tool.
 
 Bad input (a missing or malformed file, a config key or value that does not fit, an existing
-output without ``--force``) ends a tool with one line, ``<tool>: error: <what and what to do>``,
-and exit status 2, as argparse does for bad flags: :func:`run_tool`. A traceback is shown only
-with ``--debug`` on the command line or ``VIRTEX_D2_DEBUG=1`` in the environment; errors that
-are not about the input (bugs) always show theirs.
+output without ``--force``, defective dataset files: every :class:`~pretrain.errors.InputError`)
+ends a tool with one line, ``<tool>: error: <what and what to do>``, and exit status 2, as
+argparse does for bad flags: :func:`run_tool`. A traceback is shown only with ``--debug`` on the
+command line or ``VIRTEX_D2_DEBUG=1`` in the environment. Anything else is a bug or a fault of
+the machine and ends with its traceback and exit status 1; a full disk (or quota) is told in one
+line naming the file, since its traceback says nothing more.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
 
+from pretrain.errors import InputError
+
 #: Exit status for bad input (argparse's own for bad flags).
 BAD_INPUT_STATUS = 2
-#: What bad input raises: every error class of the project that names a file, key or value
-#: derives from one of these (ConfigError, CheckpointError, DatasetLayoutError, BadImageError, ...).
-BAD_INPUT_ERRORS = (OSError, ValueError, KeyError)
+#: Exit status for everything else: bugs, and faults of the machine such as a full disk.
+FAILURE_STATUS = 1
+#: OSError numbers that mean the storage is full: told in one line, naming the file.
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DEBUG_FLAG = "--debug"
 DEBUG_VARIABLE = "VIRTEX_D2_DEBUG"
 
@@ -61,15 +67,28 @@ def add_common_flags(
 def report_error(tool: str, error: BaseException, status: int = BAD_INPUT_STATUS) -> int:
     """Print ``tool: error: <message>`` on one line to stderr; returns the exit status to use.
 
-    In debug mode (:func:`debug_requested`) the error is raised again instead, traceback and all.
+    An :class:`~pretrain.errors.InputError` with ``details`` (a dataset check's list of
+    problems) has them printed first. In debug mode (:func:`debug_requested`) the error is
+    raised again instead, traceback and all.
     """
     if debug_requested([]):
         raise error
-    if isinstance(error, OSError) and error.filename and error.strerror and str(error).startswith("[Errno"):
+    if isinstance(error, InputError):
+        if error.details:
+            print(error.details, file=sys.stderr)
+        error = error.headline
+    elif isinstance(error, OSError) and error.filename and error.strerror and str(error).startswith("[Errno"):
         error = f"{error.filename}: {error.strerror}"  # Python's own wording: "[Errno 20] Not a ...: 'path'"
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"{tool}: error: {message}", file=sys.stderr)
     return status
+
+
+def full_disk_message(error: OSError) -> str:
+    """What a full disk stopped and where: the file when the error names one."""
+    where = error.filename or "the output (the error names no file)"
+    detail = " ".join(str(error).split())
+    return f"no space left on device while writing {where} ({detail}); free space there or choose another output"
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -78,10 +97,12 @@ def debug_requested(argv: list[str]) -> bool:
 
 
 def run_tool(tool: str, main: Callable[[], int | None]) -> int:
-    """Run a tool's ``main()`` on ``sys.argv``; bad input becomes one line and exit status 2.
+    """Run a tool's ``main()`` on ``sys.argv``: bad input becomes one line and exit status 2.
 
-    ``--debug`` is taken out of ``sys.argv`` before ``main`` parses it, and lets the traceback
-    of bad input through.
+    Only :class:`~pretrain.errors.InputError` counts as bad input. A full disk is one line and
+    exit status 1. Any other exception (a ``KeyError`` from a bug, a shape mismatch in torch)
+    propagates, so Python prints its traceback and exits with status 1. ``--debug`` is taken out
+    of ``sys.argv`` before ``main`` parses it and lets every traceback through.
     """
     debug = debug_requested(sys.argv)
     if debug:  # also for the tool's own handlers, and for the tools it runs (the demo's stages)
@@ -89,7 +110,11 @@ def run_tool(tool: str, main: Callable[[], int | None]) -> int:
     sys.argv[:] = [arg for arg in sys.argv if arg != DEBUG_FLAG]
     try:
         return main() or 0
-    except BAD_INPUT_ERRORS as err:
+    except InputError as err:
         if debug:
             raise
         return report_error(tool, err)
+    except OSError as err:
+        if debug or err.errno not in FULL_DISK_ERRNOS:
+            raise
+        return report_error(tool, RuntimeError(full_disk_message(err)), FAILURE_STATUS)

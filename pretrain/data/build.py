@@ -15,6 +15,7 @@ from pretrain.data.masked_lm import MaskedLmDataset, MaskedLmSamples
 from pretrain.data.multilabel import MultiLabelClassificationDataset
 from pretrain.data.shards import build_shard_dataset
 from pretrain.data.transforms import build_transform
+from pretrain.errors import BadValueError
 from pretrain.tokenizer import SentencePieceBPETokenizer
 
 FORMATS = ("coco", "webdataset")
@@ -23,7 +24,7 @@ FORMATS = ("coco", "webdataset")
 def _from_shards(cfg) -> bool:
     """Whether ``DATA.FORMAT`` asks for shards; ``ValueError`` for an unknown format."""
     if cfg.DATA.FORMAT not in FORMATS:
-        raise ValueError(f"DATA.FORMAT must be one of {', '.join(FORMATS)}, got '{cfg.DATA.FORMAT}'")
+        raise BadValueError(f"DATA.FORMAT must be one of {', '.join(FORMATS)}, got '{cfg.DATA.FORMAT}'")
     return cfg.DATA.FORMAT == "webdataset"
 
 
@@ -69,7 +70,7 @@ def build_multilabel_dataset(cfg, split: str, tokenizer: SentencePieceBPETokeniz
         return build_shard_dataset(cfg, split, samples, num_classes=cfg.DATA.VOCAB_SIZE)
     dataset = MultiLabelClassificationDataset(cfg.DATA.ROOT, split, tokenizer, **_common(cfg, split))
     if dataset.num_classes != cfg.DATA.VOCAB_SIZE:
-        raise ValueError(
+        raise BadValueError(
             f"{cfg.DATA.ROOT}: instances file lists {dataset.num_classes} categories but DATA.VOCAB_SIZE "
             f"is {cfg.DATA.VOCAB_SIZE} (it sets the classifier size)"
         )

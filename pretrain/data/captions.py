@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, get_worker_info
 from pretrain.data.dataset_root import load_json
 from pretrain.data.images import BadImageError, load_rgb_image
 from pretrain.data.packed import PackedList
+from pretrain.errors import BadValueError, MissingInputError
 from pretrain.tokenizer import SentencePieceBPETokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ _SKIP_COUNTER_SLOTS = 1024  # one per process (main + workers), so increments ne
 def require(path: str | os.PathLike, condition: bool, where: str, problem: str) -> None:
     """Raise ``ValueError("{path}: {where} {problem}")`` unless ``condition`` holds."""
     if not condition:
-        raise ValueError(f"{path}: {where} {problem}")
+        raise BadValueError(f"{path}: {where} {problem}")
 
 
 @dataclass(frozen=True)
@@ -164,14 +165,14 @@ class CocoCaptionsDataset(Dataset):
             records = selected
         records = self._drop_missing_images(records)
         if not records:
-            raise ValueError(f"{self.captions_json}: no usable images in {self.image_dir}")
+            raise BadValueError(f"{self.captions_json}: no usable images in {self.image_dir}")
         self._records = PackedList(records)
         self.image_ids = np.array([record.image_id for record in records], dtype=np.int64)
 
     def _drop_missing_images(self, records: list[ImageRecord]) -> list[ImageRecord]:
         """Check every listed image exists (one directory listing); fail or skip the missing."""
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"{self.image_dir}: image folder not found")
+            raise MissingInputError(f"{self.image_dir}: image folder not found")
         present = set(os.listdir(self.image_dir))
         missing = [
             record for record in records

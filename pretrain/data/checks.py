@@ -2,9 +2,10 @@
 
 A defect in the data (a missing image, a truncated JPEG, a malformed captions file) otherwise
 surfaces hours into a run, one at a time. The checks here collect problems into a
-:class:`CheckReport` and raise one :class:`DatasetCheckError` listing them; warnings (defaults
-applied, images that ``DATA.SKIP_BAD_IMAGES`` will skip) are returned for the caller to log.
-The detectron2 datasets' checks (``detectron2_ext.dataset_checks``) use the same report and error.
+:class:`~pretrain.errors.CheckReport` and raise one :class:`~pretrain.errors.DatasetCheckError`
+listing them; warnings (defaults applied, images that ``DATA.SKIP_BAD_IMAGES`` will skip) are
+returned for the caller to log. The detectron2 datasets' checks (``detectron2_ext.dataset_checks``)
+use the same report and error, which is why both live in the neutral :mod:`pretrain.errors`.
 
 Pretraining data (:func:`check_pretraining_data`): for ``train`` (and ``val`` when
 ``ENGINE.VAL_PERIOD`` validates) the captions file ``DATA.ROOT/annotations/captions_{split}
@@ -37,64 +38,19 @@ from pretrain.data.captions import read_caption_records
 from pretrain.data.dataset_root import DatasetLayoutError
 from pretrain.data.images import BadImageError, load_rgb_image
 from pretrain.distributed import all_gather_objects
+from pretrain.errors import BadValueError, CheckReport, DatasetCheckError
 
 logger = logging.getLogger(__name__)
 
 CHECK_IMAGES_MODES = ("sample", "all", "none")
 SAMPLE_SIZE = 1000  # images decoded per split by DATA.CHECK_IMAGES "sample" (all of a smaller split)
-SHOWN_PROBLEMS = 10  # problems listed in a DatasetCheckError's message
-KEPT_PROBLEMS = 1000  # problems kept in memory; beyond this only counted
 _SKIP_HINT = "or set DATA.SKIP_BAD_IMAGES True to skip missing and unreadable images"
-
-
-class DatasetCheckError(ValueError):
-    """Dataset files that would fail a later stage; lists up to :data:`SHOWN_PROBLEMS` problems.
-
-    ``problems`` holds the problems found (the first :data:`KEPT_PROBLEMS`), one line each,
-    naming the file, the key or field, and what to do; ``total`` counts all of them.
-    """
-
-    def __init__(self, problems: Sequence[str], total: int | None = None):
-        self.problems = list(problems)
-        self.total = max(total or 0, len(self.problems))
-        self.headline = (f"{self.total} problem{'s' if self.total != 1 else ''} in the dataset files"
-                         " (nothing was run)")
-        super().__init__("\n".join([self.headline + ":", self.listing]))
-
-    @property
-    def listing(self) -> str:
-        """Up to :data:`SHOWN_PROBLEMS` problems, one indented line each, and how many more."""
-        shown = self.problems[:SHOWN_PROBLEMS]
-        more = [f"... and {self.total - len(shown)} more"] if self.total > len(shown) else []
-        return "\n".join(f"  {line}" for line in [*shown, *more])
-
-
-class CheckReport:
-    """What the checks found: problems (errors) and warnings, in the order found."""
-
-    def __init__(self):
-        self.problems: list[str] = []
-        self.total = 0
-        self.warnings: list[str] = []
-
-    def problem(self, text: str) -> None:
-        """One defect that stops the run: ``"<file>: <key or field>: <what>; <what to do>"``."""
-        self.total += 1
-        if len(self.problems) < KEPT_PROBLEMS:
-            self.problems.append(text)
-
-    def warn(self, text: str) -> None:
-        self.warnings.append(text)
-
-    def raise_if_problems(self) -> None:
-        if self.total:
-            raise DatasetCheckError(self.problems, self.total)
 
 
 def sample_indices(count: int, mode: str, seed: int = 0) -> list[int]:
     """Indices of the ``count`` images to decode under ``DATA.CHECK_IMAGES`` ``mode`` (sorted)."""
     if mode not in CHECK_IMAGES_MODES:
-        raise ValueError(f"DATA.CHECK_IMAGES is {mode!r}; choose one of {', '.join(CHECK_IMAGES_MODES)}")
+        raise BadValueError(f"DATA.CHECK_IMAGES is {mode!r}; choose one of {', '.join(CHECK_IMAGES_MODES)}")
     if mode == "none":
         return []
     if mode == "all" or count <= SAMPLE_SIZE:

@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from pretrain.errors import InputError
+
 # Files each layout needs, relative to the dataset root.
 REQUIRED_FILES = {
     "coco_captions": ["coco/annotations/captions_train2017.json", "coco/annotations/captions_val2017.json"],
@@ -27,7 +29,7 @@ REQUIRED_FOLDERS = {
 _JSON_KEYS = ("images", "annotations")
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(InputError, FileNotFoundError):
     """A dataset root that lacks a file or holds a malformed one."""
 
 

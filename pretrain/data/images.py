@@ -6,8 +6,10 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from pretrain.errors import InputError
 
-class BadImageError(OSError):
+
+class BadImageError(InputError, OSError):
     """An image file that is missing, truncated or not an image."""
 
 

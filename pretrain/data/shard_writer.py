@@ -28,6 +28,7 @@ import webdataset as wds
 
 from pretrain.data.captions import read_caption_records
 from pretrain.data.images import BadImageError, load_rgb_image
+from pretrain.errors import BadValueError, MissingInputError, OutputExistsError
 from pretrain.files import atomic_write, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,12 @@ def _table_rows(path: Path) -> list[dict]:
             columns = reader.fieldnames or []
             rows = list(reader)
     else:
-        raise ValueError(f"{path}: not a .csv, .tsv or .parquet file")
+        raise BadValueError(f"{path}: not a .csv, .tsv or .parquet file")
     missing = [c for c in TABLE_COLUMNS if c not in columns]
     if missing:
-        raise ValueError(f"{path}: needs columns {', '.join(TABLE_COLUMNS)}; missing {', '.join(missing)} (has {', '.join(map(str, columns))})")
+        raise BadValueError(f"{path}: needs columns {', '.join(TABLE_COLUMNS)}; missing {', '.join(missing)} (has {', '.join(map(str, columns))})")
+    if not rows:
+        raise BadValueError(f"{path}: the table has a header but no rows; add one row per image and caption")
     return rows
 
 
@@ -85,7 +88,7 @@ def read_table_corpus(path: str | os.PathLike, left_out: list[tuple[str, str]]) 
     image or caption are appended to ``left_out`` as ``("{path}:{row}", reason)``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: caption table not found")
+        raise MissingInputError(f"{path}: caption table not found")
     captions: dict[str, list[str]] = {}
     for number, row in enumerate(_table_rows(path), start=2 if path.suffix.lower() != ".parquet" else 1):
         image, caption = row.get("image"), row.get("caption")
@@ -135,14 +138,14 @@ def write_shards(
     atomically; the report is also saved as ``make_shards.json`` next to ``shards.txt``.
     """
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+        raise BadValueError(f"--shard-size must be at least 1, got {shard_size}")
     image_root, output_dir = Path(image_root), Path(output_dir)
     if not image_root.is_dir():
-        raise FileNotFoundError(f"{image_root}: image folder not found")
+        raise MissingInputError(f"{image_root}: image folder not found")
     output_dir.mkdir(parents=True, exist_ok=True)
     existing = sorted(output_dir.glob("*.tar"))
     if existing and not force:
-        raise FileExistsError(f"{existing[0]}: {output_dir} already holds shards (pass --force to replace them)")
+        raise OutputExistsError(f"{existing[0]}: {output_dir} already holds shards (pass --force to replace them)")
     for old in existing:
         old.unlink()
     report = ShardReport(left_out=list(left_out or []))
@@ -173,7 +176,7 @@ def write_shards(
     if pending:
         flush()
     if not report.num_samples:
-        raise ValueError(f"{image_root}: none of the images could be read ({len(report.left_out)} left out)")
+        raise BadValueError(f"{image_root}: none of the images could be read ({len(report.left_out)} left out)")
     write_text_atomic(output_dir / "shards.txt", "".join(f"{p.name}\n" for p in report.shards))
     write_json_atomic(output_dir / "make_shards.json", {
         "samples": report.num_samples,

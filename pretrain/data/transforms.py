@@ -36,6 +36,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from pretrain.errors import BadValueError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -131,8 +133,8 @@ def make_transform(names: Sequence[str], size: int, source: str = "transform lis
     parsed = [(name, *name.partition("@")[::2]) for name in names]
     unknown = [name for name, base, own_size in parsed if base not in TRANSFORMS or not (own_size or "0").isdigit()]
     if unknown:
-        raise ValueError(f"{source}: unknown image transform(s) {unknown}; known: {sorted(TRANSFORMS)}, "
-                         "each optionally with @<size>")
+        raise BadValueError(f"{source}: unknown image transform(s) {unknown}; known: {sorted(TRANSFORMS)}, "
+                            "each optionally with @<size>")
     return CaptionCompose([TRANSFORMS[base](int(own_size) if own_size else size) for _, base, own_size in parsed])
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.errors import BadValueError
 from pretrain.files import write_text_atomic
 from pretrain.tokenizer import SentencePieceBPETokenizer, group_pieces, strip_special
 
@@ -105,7 +106,7 @@ def caption_with_attention(
     memory = head.project_visual(visual)
     num_layers = len(head.transformer.layers)
     if not -num_layers <= layer < num_layers:
-        raise ValueError(f"layer {layer} does not exist: the decoder has {num_layers} layer(s)")
+        raise BadValueError(f"layer {layer} does not exist: the decoder has {num_layers} layer(s)")
     results = []
     for b in range(images.size(0)):
         ids = strip_special(tokens[b].tolist(), eos_index, first_word_index)

@@ -28,6 +28,7 @@ from pretrain.caption_metrics import caption_metrics, scorer_inputs
 from pretrain.checkpoint_io import load_model_weights
 from pretrain.data.collate import collate_fn
 from pretrain.distributed import make_batch_mover
+from pretrain.errors import BadValueError
 from pretrain.tasks import build_model
 from pretrain.tokenizer import (
     WORD_START,
@@ -64,7 +65,7 @@ def load_captioning_model(cfg, checkpoint: str | Path) -> tuple[nn.Module, Sente
     tokenizer.check_against_config(cfg.DATA)
     model = build_model(cfg)
     if not hasattr(model, "decode_features"):
-        raise ValueError(f"MODEL.NAME '{cfg.MODEL.NAME}' does not generate captions")
+        raise BadValueError(f"MODEL.NAME '{cfg.MODEL.NAME}' does not generate captions")
     load_model_weights(model, checkpoint)
     return model.eval(), tokenizer
 
@@ -127,7 +128,7 @@ def grounding_gap(
         shuffled += float(model({**batch, "image": batch["image"].roll(1, 0)})["loss"])
         batches += 1
     if batches == 0:
-        raise ValueError("the grounding gap needs a split with at least 2 images")
+        raise BadValueError("the grounding gap needs a split with at least 2 images")
     return {"loss_matched_images": matched / batches, "loss_shuffled_images": shuffled / batches,
             "grounding_gap": (shuffled - matched) / batches}
 
@@ -188,7 +189,7 @@ def word_grounding(
                 entry[1] += sum(own[positions[i]] for i in group)
                 entry[2] += sum(other[positions[i]] for i in group)
     if not totals:
-        raise ValueError("word grounding needs a split with at least 2 images")
+        raise BadValueError("word grounding needs a split with at least 2 images")
     words = [WordGrounding(word, int(n), own / n, other / n) for word, (n, own, other) in totals.items()]
     return sorted(words, key=lambda w: (-w.count, w.word))
 
@@ -248,7 +249,7 @@ def score_captions(predictions: dict[int, str], references: dict[int, list[str]]
     "unavailable:" when they cannot be computed here.
     """
     if not predictions:
-        raise ValueError("no captions to score")
+        raise BadValueError("no captions to score")
     scores: dict[str, float | str] = dict(caption_metrics(predictions, references))
     for name in ("METEOR", "SPICE"):
         scores[name] = _java_metric(name, predictions, references)

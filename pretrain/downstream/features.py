@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pretrain.checkpoint_io import CheckpointError, load_model_state
 from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.errors import BadValueError
 from pretrain.models.factory import build_visual_backbone
 from pretrain.models.visual_backbones import TorchvisionVisualBackbone
 
@@ -55,7 +56,7 @@ def eval_transform(resize: int = 256, crop: int = 224) -> v2.Compose:
     """Shorter side to ``resize``, central ``crop`` x ``crop``, ImageNet normalisation (the
     official evaluation transform: 256 then 224)."""
     if crop > resize:
-        raise ValueError(f"crop size {crop} is larger than the resize {resize}")
+        raise BadValueError(f"crop size {crop} is larger than the resize {resize}")
     return v2.Compose([
         v2.ToImage(),
         v2.Resize(resize, antialias=True),
@@ -102,7 +103,7 @@ def extract_features(
     ``l2_normalize`` scales each feature vector to unit length, as the VOC07 SVM protocol does.
     """
     if len(dataset) == 0:
-        raise ValueError(f"{desc}: no images to extract features from")
+        raise BadValueError(f"{desc}: no images to extract features from")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     backbone = backbone.to(device).eval()
     features = []

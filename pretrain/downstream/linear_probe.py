@@ -36,6 +36,7 @@ from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.distributed import DistContext, all_reduce_sum
 from pretrain.downstream.features import eval_transform, pooled_features
+from pretrain.errors import BadValueError, MissingInputError
 from pretrain.files import write_json_atomic
 from pretrain.schedule import lr_multiplier
 
@@ -76,11 +77,11 @@ def image_folder(root: str | os.PathLike, split: str, transform: v2.Transform) -
     """``root/split`` as an ImageFolder dataset; errors name the folder that is missing or empty."""
     folder = Path(root) / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: split folder not found (expected {folder}/<class>/<image>)")
+        raise MissingInputError(f"{folder}: split folder not found (expected {folder}/<class>/<image>)")
     try:
         dataset = ImageFolder(str(folder), transform=transform, loader=load_rgb_image)
     except FileNotFoundError as err:  # no class folders, or no image in any of them
-        raise ValueError(f"{folder}: empty split ({err})") from None
+        raise BadValueError(f"{folder}: empty split ({err})") from None
     return dataset
 
 
@@ -146,7 +147,7 @@ def train_linear_probe(
     ``output_dir``.
     """
     if settings.batch_size % ctx.world_size:
-        raise ValueError(f"batch size {settings.batch_size} is not divisible by the {ctx.world_size} ranks")
+        raise BadValueError(f"batch size {settings.batch_size} is not divisible by the {ctx.world_size} ranks")
     output_dir = Path(output_dir)
     probe.to(ctx.device).train()
     head = DistributedDataParallel(probe.fc) if ctx.is_distributed else probe.fc
@@ -162,7 +163,7 @@ def train_linear_probe(
     per_rank = settings.batch_size // ctx.world_size
     loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=settings.num_workers, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"the training split has fewer images than one batch of {settings.batch_size}")
+        raise BadValueError(f"the training split has fewer images than one batch of {settings.batch_size}")
 
     writer = None
     if ctx.is_main:
@@ -212,7 +213,7 @@ def build_datasets(root: str | os.PathLike, settings: ProbeSettings) -> tuple[Im
     train_set = image_folder(root, "train", train_transform(settings.crop, settings.min_crop_scale))
     val_set = image_folder(root, "val", eval_transform(settings.resize, settings.crop))
     if train_set.classes != val_set.classes:
-        raise ValueError(
+        raise BadValueError(
             f"{Path(root) / 'val'}: class folders differ from the train split's "
             f"({len(val_set.classes)} vs {len(train_set.classes)} classes)"
         )

@@ -43,6 +43,7 @@ from torch import nn
 
 from pretrain.data.voc_classes import VOC_CLASSES
 from pretrain.downstream.features import ImageFiles, eval_transform, extract_features
+from pretrain.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ CV_FOLDS = 3
 SVM_MAX_ITER = 2000
 
 
-class VocLayoutError(ValueError):
+class VocLayoutError(InputError, ValueError):
     """A VOC split or label file that is missing, empty or malformed."""
 
 

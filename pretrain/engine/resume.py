@@ -20,6 +20,7 @@ logger = logging.getLogger("pretrain.engine")
 
 
 def restore(training: Training, state: dict) -> int:
+from pretrain.errors import OutputExistsError
     """Load a checkpoint into the run's objects and this rank's RNG; returns its iteration."""
     ctx, seed = training.ctx, training.cfg.RANDOM_SEED
     training.model.load_state_dict(state["model"])
@@ -86,7 +87,7 @@ def start_or_resume(training: Training, manager: CheckpointManager, output_dir: 
     """
     if not resume:
         if list_checkpoints(output_dir):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{output_dir} already holds checkpoints; pass --resume to continue that run or choose "
                 "another output directory"
             )

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.distributed import DistContext, make_batch_mover
 from pretrain.engine.optim import build_optimizer, inner_optimizer
+from pretrain.config_checks import check_world_size
 from pretrain.engine.step import forward_backward, optimizer_step
 from pretrain.precision import autocast_dtype, make_autocast
 from pretrain.schedule import build_lr_scheduler
@@ -59,14 +60,12 @@ class Training:
         }
 
 
-def check_batch_split(cfg: CfgNode, world_size: int) -> None:
-    """``ValueError`` unless ``OPTIM.BATCH_SIZE`` splits evenly into ranks × accumulation steps."""
-    accum = cfg.ENGINE.GRAD_ACCUM_STEPS
-    if cfg.OPTIM.BATCH_SIZE % (world_size * accum):
-        raise ValueError(
-            f"OPTIM.BATCH_SIZE {cfg.OPTIM.BATCH_SIZE} does not split evenly into {world_size} rank(s) × "
-            f"ENGINE.GRAD_ACCUM_STEPS {accum}"
-        )
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (torch.compile wraps the error that stopped it)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def build_training(
@@ -82,7 +81,7 @@ def build_training(
     ``dtype``, ``channels_last`` and ``compile_model`` default to the config (``AMP``/``AMP_DTYPE``,
     ``ENGINE.CHANNELS_LAST``, ``ENGINE.COMPILE``); the benchmark overrides them.
     """
-    check_batch_split(cfg, ctx.world_size)
+    check_world_size(cfg, ctx.world_size)
     channels_last = cfg.ENGINE.CHANNELS_LAST if channels_last is None else channels_last
     compile_model = cfg.ENGINE.COMPILE if compile_model is None else compile_model
     if dtype == "config":

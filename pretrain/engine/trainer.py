@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from pretrain.caption_metrics import load_references
 from pretrain.checkpoint_io import checkpoint_path
+from pretrain.config_checks import check_world_size
 from pretrain.data import collate_fn
 from pretrain.data.checks import check_pretraining_data
 from pretrain.distributed import (
@@ -267,6 +268,7 @@ def run_pretraining(cfg: CfgNode, output_dir: str | Path, resume: bool = False) 
         validation = None
         if val_set is not None:
             # From shards there is no COCO captions file to score against: val loss only.
+        check_world_size(cfg, ctx.world_size)  # a config value that only the world size can refuse
             annotations = Path(cfg.DATA.ROOT) / "annotations" / "captions_val2017.json" if cfg.DATA.FORMAT == "coco" else None
             validation = Validation(val_set, tokenizer.decode, annotations)
         return train(cfg, output_dir, ctx, model, train_set, collate_fn, resume, validation)

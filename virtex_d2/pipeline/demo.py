@@ -21,6 +21,7 @@ from pretrain.checkpoint_io import (
 )
 from pretrain.config import config_differences, load_config
 from pretrain.data.synthetic import check_sizes, is_complete
+from pretrain.errors import BadValueError
 from virtex_d2.pipeline.stages import SideBySide, Stage
 from virtex_d2.reports.pretraining import read_caption_examples
 
@@ -54,7 +55,7 @@ class DemoSettings:
         check_sizes(self.num_train, self.num_val)
         for name in ("pretrain_iters", "finetune_iters", "image_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise BadValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
     @property
     def vocab_prefix(self) -> Path:
@@ -104,9 +105,13 @@ def _dataset_complete(s: DemoSettings) -> bool:
 
 
 def _pretrain_overrides(s: DemoSettings) -> list[str]:
+    """The demo's keys over the pretraining config; a run shorter than the config's warm-up
+    warms up for all of it (a warm-up longer than the run is refused as a config value)."""
+    warmup = load_config(str(s.pretrain_config)).OPTIM.WARMUP_STEPS
     return [
         "DATA.ROOT", str(s.data_root / "coco"), "DATA.TOKENIZER_MODEL", f"{s.vocab_prefix}.model",
         "OPTIM.NUM_ITERATIONS", str(s.pretrain_iters), "RANDOM_SEED", str(s.seed),
+        *(["OPTIM.WARMUP_STEPS", str(s.pretrain_iters)] if s.pretrain_iters < warmup else []),
     ]
 
 

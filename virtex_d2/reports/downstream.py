@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from detectron2_ext.evaluation import RESULTS_FILE
+from pretrain.errors import BadValueError, MissingInputError, OutputExistsError
 from pretrain.files import write_json_atomic, write_text_atomic
 from virtex_d2.reports import pretraining as pretraining_report
 from virtex_d2.reports.plots import save_line_plot
@@ -48,7 +49,7 @@ def read_run(directory, label: str | None = None) -> Run:
     directory = Path(directory)
     files = sorted(directory.glob(f"inference/*/{RESULTS_FILE}"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no inference/*/{RESULTS_FILE}; has tools/train_net.py evaluated it?")
+        raise MissingInputError(f"{directory}: no inference/*/{RESULTS_FILE}; has tools/train_net.py evaluated it?")
     evaluations = {}
     for path in files:
         record = json.loads(path.read_text())
@@ -74,7 +75,7 @@ def build_report(runs) -> dict:
     for run in runs:
         for dataset, results in run.evaluations.items():
             if (run.label, dataset) in seen:
-                raise ValueError(f"two runs labelled '{run.label}' evaluate {dataset}; label them LABEL=DIR")
+                raise BadValueError(f"two runs labelled '{run.label}' evaluate {dataset}; label them LABEL=DIR")
             seen.add((run.label, dataset))
             for task, metrics in results.items():
                 if task in TASKS:
@@ -153,7 +154,7 @@ def write_report(runs, output_dir, force: bool = False, pretraining=None) -> lis
     paths = [output_dir / name for name in (*OUTPUT_FILES, *frequency_plots, *pretraining_files)]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
-        raise FileExistsError(f"report files exist ({', '.join(existing)}); pass --force to overwrite them")
+        raise OutputExistsError(f"report files exist ({', '.join(existing)}); pass --force to overwrite them")
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(report)
     if pretraining is not None:

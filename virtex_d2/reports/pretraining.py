@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.errors import BadValueError, MissingInputError
 from virtex_d2.reports.plots import save_line_plot
 
 CURVES_FILE = "pretraining_loss.png"
@@ -40,7 +41,7 @@ def read_curves(run_dir) -> dict:
 
     events = Path(run_dir) / "tensorboard"
     if not any(events.glob("events.out.tfevents.*")):
-        raise FileNotFoundError(f"{events}: no TensorBoard events; is {run_dir} a tools/pretrain.py output directory?")
+        raise MissingInputError(f"{events}: no TensorBoard events; is {run_dir} a tools/pretrain.py output directory?")
     accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {
@@ -61,8 +62,8 @@ def read_caption_examples(captions_file, references_file, limit: int) -> list:
         references.setdefault(file_of_id[annotation["image_id"]], []).append(annotation["caption"].strip())
     missing = [item["image"] for item in generated if item["image"] not in references]
     if missing:
-        raise ValueError(f"{references_file}: no reference captions for {', '.join(missing[:3])} "
-                         f"(from {captions_file}); are they from the same split?")
+        raise BadValueError(f"{references_file}: no reference captions for {', '.join(missing[:3])} "
+                            f"(from {captions_file}); are they from the same split?")
     return [CaptionExample(item["image"], item["caption"], references[item["image"]]) for item in generated[:limit]]
 
 

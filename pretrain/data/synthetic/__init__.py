@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pretrain.errors import BadValueError, OutputExistsError
 from pretrain.files import write_json_atomic
 
 from .annotations import object_annotation
@@ -74,7 +75,7 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed manifest ({err}); regenerate with --force") from None
+        raise BadValueError(f"{path}: malformed manifest ({err}); regenerate with --force") from None
 
 
 def is_complete(root: str | os.PathLike, num_train: int = 1000, num_val: int = 100,
@@ -88,8 +89,8 @@ def is_complete(root: str | os.PathLike, num_train: int = 1000, num_val: int = 1
 def check_sizes(num_train: int, num_val: int) -> None:
     """``ValueError`` unless there are enough images for every split file of every format."""
     if num_train < 8 or num_val < 2:
-        raise ValueError(f"need at least 8 training and 2 validation images (got {num_train}, {num_val}): "
-                         "VOC split files must list two or more images")
+        raise BadValueError(f"need at least 8 training and 2 validation images (got {num_train}, {num_val}): "
+                            "VOC split files must list two or more images")
 
 
 def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_val: int = 100,
@@ -102,8 +103,10 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
     """
     check_sizes(num_train, num_val)
     if image_size < 64:
-        raise ValueError(f"image_size must be at least 64 pixels (got {image_size})")
+        raise BadValueError(f"image_size must be at least 64 pixels (got {image_size})")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise BadValueError(f"{root}: not a folder; give a folder (new or holding the built-in dataset) as the root")
     if not force and is_complete(root, num_train, num_val, image_size, seed):
         logger.info("built-in dataset at %s is complete; keeping it", root)
         return read_manifest(root)
@@ -117,8 +120,8 @@ def make_synthetic_dataset(root: str | os.PathLike, num_train: int = 1000, num_v
             what = f"a built-in dataset of format version {written_by} (this version writes {FORMAT_VERSION})"
         else:
             what = "a built-in dataset with other parameters"
-        raise FileExistsError(f"{root} already holds {what} ({', '.join(p.name for p in in_the_way)}); "
-                              "pass force=True (--force) to replace it")
+        raise OutputExistsError(f"{root} already holds {what} ({', '.join(p.name for p in in_the_way)}); "
+                                "pass force=True (--force) to replace it")
     for path in in_the_way:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
