@@ -15,9 +15,9 @@ from fvcore.common.config import CfgNode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain.config_checks import check_world_size
 from pretrain.distributed import DistContext, make_batch_mover
 from pretrain.engine.optim import build_optimizer, inner_optimizer
-from pretrain.config_checks import check_world_size
 from pretrain.engine.step import forward_backward, optimizer_step
 from pretrain.precision import autocast_dtype, make_autocast
 from pretrain.schedule import build_lr_scheduler
@@ -58,14 +58,6 @@ class Training:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-
-
-def _root_cause(error: BaseException) -> str:
-    """``Type: first line`` of the innermost cause (torch.compile wraps the error that stopped it)."""
-    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
-        error = inner
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def build_training(

@@ -256,6 +256,7 @@ def run_pretraining(cfg: CfgNode, output_dir: str | Path, resume: bool = False) 
     ensure_writable_directory(output_dir)  # before any process group, data or model is built
     ctx = init_distributed()
     try:
+        check_world_size(cfg, ctx.world_size)  # a config value that only the world size can refuse
         setup_logging(output_dir, ctx.rank)
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         torch.backends.cudnn.deterministic = cfg.CUDNN_DETERMINISTIC
@@ -268,7 +269,6 @@ def run_pretraining(cfg: CfgNode, output_dir: str | Path, resume: bool = False) 
         validation = None
         if val_set is not None:
             # From shards there is no COCO captions file to score against: val loss only.
-        check_world_size(cfg, ctx.world_size)  # a config value that only the world size can refuse
             annotations = Path(cfg.DATA.ROOT) / "annotations" / "captions_val2017.json" if cfg.DATA.FORMAT == "coco" else None
             validation = Validation(val_set, tokenizer.decode, annotations)
         return train(cfg, output_dir, ctx, model, train_set, collate_fn, resume, validation)
