@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 
 from pretrain.checkpoint_io import read_checkpoint, save_checkpoint
+from pretrain.errors import OutputExistsError
 
 from .convert import (
     ConversionError,
     ConvertedBackbone,
-from pretrain.errors import OutputExistsError
     convert_resnet_state_dict,
     to_detectron2_checkpoint,
 )

@@ -15,12 +15,12 @@ from pretrain.config import config_differences
 from pretrain.distributed import seed_everything, set_rng_state
 from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.setup import Training
+from pretrain.errors import OutputExistsError
 
 logger = logging.getLogger("pretrain.engine")
 
 
 def restore(training: Training, state: dict) -> int:
-from pretrain.errors import OutputExistsError
     """Load a checkpoint into the run's objects and this rank's RNG; returns its iteration."""
     ctx, seed = training.ctx, training.cfg.RANDOM_SEED
     training.model.load_state_dict(state["model"])
