@@ -8,8 +8,10 @@ route described in the README.
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "torch>=2.4,<2.15",
-    "torchvision>=0.19,<0.30",
+    # 2.10: the first torch whose torch.load(weights_only=True) has no published bypass
+    # (CVE-2025-32434 < 2.6, CVE-2026-24747 < 2.10); pretrain/checkpoint_io.py refuses older ones.
+    "torch>=2.10,<2.15",
+    "torchvision>=0.25,<0.30",  # the torchvision of torch 2.10
     "numpy>=1.24,<3",
     "Pillow>=10,<14",
     "PyYAML>=6,<7",

@@ -9,6 +9,12 @@ explicitly (``--allow-unsafe-pickle`` on the command line). Every error is a
 :class:`CheckpointError` whose message starts with the file's path. Files are written with
 :func:`save_checkpoint`, atomically (:mod:`pretrain.files`).
 
+``weights_only=True`` is only as safe as torch's own unpickler, which had published bypasses:
+CVE-2025-32434 (GHSA-53q9-r3pm-6pq6: code execution, torch < 2.6.0) and CVE-2026-24747
+(GHSA-63cw-57p8-fm3p: memory corruption to code execution, torch < 2.10.0). On a torch older
+than :data:`SAFE_TORCH` (setup.py's floor) nothing is read: :class:`UnsafeTorchError` says
+which torch is installed and what to upgrade.
+
 Training runs name their checkpoints ``checkpoint_{iteration}.pth`` (:func:`checkpoint_path`).
 """
 from __future__ import annotations
@@ -29,6 +35,9 @@ from pretrain.files import atomic_write
 logger = logging.getLogger(__name__)
 
 UNSAFE_OPT_IN_FLAG = "--allow-unsafe-pickle"
+#: The oldest torch (major, minor) whose weights_only unpickler has no published bypass.
+SAFE_TORCH = (2, 10)
+SAFE_TORCH_PINS = "torch>=2.10 torchvision>=0.25"
 TRAINING_CHECKPOINT_KEYS = ("model", "iteration")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
 
@@ -39,6 +48,27 @@ class CheckpointError(InputError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that could only be read by running arbitrary pickled code."""
+
+
+class UnsafeTorchError(InputError, RuntimeError):
+    """The installed torch cannot be trusted to read checkpoints as data only.
+
+    Not a :class:`CheckpointError`: nothing is wrong with any file, so a resume must not set
+    files aside as damaged because of it.
+    """
+
+
+def check_torch_is_safe(version: str | None = None) -> None:
+    """Raise :class:`UnsafeTorchError` unless torch ``version`` (default: the installed one) is
+    at least :data:`SAFE_TORCH`, naming the version and the upgrade."""
+    version = str(version or torch.__version__)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or (int(match.group(1)), int(match.group(2))) < SAFE_TORCH:
+        raise UnsafeTorchError(
+            f"torch {version} is installed, whose torch.load(weights_only=True) can be made to run code "
+            f"hidden in a checkpoint (CVE-2025-32434, CVE-2026-24747); no checkpoint is read with it: "
+            f"upgrade with pip install '{SAFE_TORCH_PINS.split()[0]}' '{SAFE_TORCH_PINS.split()[1]}'"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +120,10 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
     ``allow_unsafe_pickle=True`` retries a refused file with full unpickling (logged); only for
     files from a trusted source. Raises :class:`UnsafeCheckpointError` for a refused file and
     :class:`CheckpointError` for a missing, empty, corrupt or truncated one; an ``OSError`` while
-    reading is raised as it is (the file's bytes were not judged).
+    reading is raised as it is (the file's bytes were not judged). On a torch older than
+    :data:`SAFE_TORCH` it raises :class:`UnsafeTorchError` before opening the file.
     """
+    check_torch_is_safe()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
