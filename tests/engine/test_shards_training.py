@@ -1,16 +1,19 @@
 """Pretraining from WebDataset shards end to end: ranks × workers read every sample of an epoch
 once, uneven shards across ranks do not hang DDP, SIGKILL + --resume continues the stream
-exactly, and too many bad samples stop the run with a list of them.
+exactly, too many bad samples stop the run with a list of them, and a shard cut short in the
+middle of the corpus costs its tail, not the run (nor the resume).
 
 The shards are the built-in dataset's 16 training images written by tools/make_shards.py.
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -91,7 +94,8 @@ def test_ddp_on_uneven_shards_trains_and_validates_without_hanging(shard_overrid
              "ENGINE.VAL_PERIOD", "4", "OPTIM.NUM_ITERATIONS", "12", "ENGINE.CHECKPOINT_PERIOD", "12")
     state = read_training_checkpoint(tmp_path / "checkpoint_12.pth")
     data = state["data"]
-    assert (data["world_size"], data["num_workers"], data["num_shards"]) == (2, 0, 6)
+    layout = data["layout"]
+    assert (layout["world_size"], layout["num_workers"], layout["num_shards"], layout["open_shards"]) == (2, 0, 6, 4)
     assert [rank["read"] for rank in data["ranks"]] == [24, 24] and [r["batches"] for r in data["ranks"]] == [12, 12]
     assert list(data["ranks"][0]["positions"]) == [0] and list(data["ranks"][1]["positions"]) == [1]
     events = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -130,8 +134,9 @@ def test_sigkill_then_resume_continues_the_stream_exactly(shard_overrides, shard
 def test_resume_with_another_worker_count_restarts_the_epoch_with_a_warning(shard_overrides, shard_reference_run, tmp_path):
     (tmp_path / "checkpoint_6.pth").write_bytes((shard_reference_run / "checkpoint_6.pth").read_bytes())
     result = run_pretrain(tmp_path, [*shard_overrides, *RESUME_OVERRIDES[2:], "DATA.NUM_WORKERS", "0"], resume=True)
-    assert "every reader restarts epoch 1 from its beginning" in result.stderr
-    assert read_training_checkpoint(tmp_path / "checkpoint_8.pth")["data"]["num_workers"] == 0
+    assert "the checkpoint's stream layout differs (num_workers 2 -> 0): every reader restarts epoch" in result.stderr
+    assert "shards they had finished are left out" in result.stderr
+    assert read_training_checkpoint(tmp_path / "checkpoint_8.pth")["data"]["layout"]["num_workers"] == 0
 
 
 def test_too_many_bad_samples_stop_the_run_and_name_them(shard_overrides, tmp_path):
@@ -152,8 +157,61 @@ def test_too_many_bad_samples_stop_the_run_and_name_them(shard_overrides, tmp_pa
     assert result.returncode == 2, result.stderr[-3000:]  # a fault of the input
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("pretrain: error: ") and "samples read on this rank were bad, more than DATA.MAX_BAD_FRACTION 0.1" in error
-    assert f"{damaged / '00000.tar'} 000000001: unreadable image" in error
+    named = re.findall(rf"{re.escape(str(damaged))}/\d+\.tar (\d+): unreadable image", error)
+    assert named and all(int(key) % 4 == 1 for key in named), error  # the damaged ones, by shard and key
     assert "skipping bad sample" in result.stderr  # each was logged when skipped
+
+
+def copy_shards(listing: Path, output: Path, cut: dict[str, float]) -> Path:
+    """The shards of ``listing`` copied to ``output``, those named in ``cut`` truncated to that
+    fraction of their members' bytes (as an interrupted download leaves them; a tiny tar's
+    bytes are mostly the zero padding after its members); returns the new list."""
+    output.mkdir()
+    names = listing.read_text().split()
+    for name in names:
+        data = (listing.parent / name).read_bytes()
+        with tarfile.open(listing.parent / name) as tar:
+            last = tar.getmembers()[-1]
+        size = last.offset_data + last.size if name in cut else len(data)
+        (output / name).write_bytes(data[: int(size * cut.get(name, 1.0))])
+    (output / "shards.txt").write_text("".join(f"{name}\n" for name in names))
+    return output / "shards.txt"
+
+
+def test_a_cut_shard_mid_corpus_costs_its_tail_not_the_run_and_resume_continues(shard_overrides, synthetic_root,
+                                                                              tmp_path):
+    """16 shards of one image, the eighth cut to 60 % of its bytes: training runs and logs the
+    shard and the byte where reading failed; a --resume (which reads the same shard again)
+    continues to the end; the checkpoint names the shard."""
+    listing = copy_shards(make_shards(synthetic_root, tmp_path / "whole", shard_size=1), tmp_path / "cut",
+                          {"00007.tar": 0.6})
+    overrides = [*shard_overrides, "DATA.SHARDS", str(listing), "OPTIM.NUM_ITERATIONS", "9", "ENGINE.CHECKPOINT_PERIOD", "3"]
+    first = run_pretrain(tmp_path / "run", [*overrides, "OPTIM.NUM_ITERATIONS", "6"])  # 24 samples: > 1 epoch
+    cut = tmp_path / "cut" / "00007.tar"
+    assert re.search(rf"skipping the rest of shard {re.escape(str(cut))}: unreadable from byte \d+ \(member \d\) on: "
+                     r".*\(0 samples read before the fault\)", first.stderr)
+    data = read_training_checkpoint(tmp_path / "run" / "checkpoint_6.pth")["data"]
+    assert [fault[0] for fault in data["ranks"][0]["bad_shards"]] == [str(cut)]
+    assert len(data["ranks"][0]["shards_read"]) == 16
+    resumed = run_pretrain(tmp_path / "run", overrides, resume=True)
+    assert "layout differs" not in resumed.stderr
+    assert read_training_checkpoint(tmp_path / "run" / "checkpoint_9.pth")["data"]["ranks"][0]["read"] == 36
+
+
+def test_too_many_cut_shards_stop_the_run_and_name_them(shard_overrides, tmp_path):
+    """3 of the 6 shards cut: more than DATA.MAX_BAD_SHARD_FRACTION 0.1 of them; exit status 2."""
+    listing = Path(shard_overrides[shard_overrides.index("DATA.SHARDS") + 1])
+    cut = copy_shards(listing, tmp_path / "cut", {"00000.tar": 0.5, "00002.tar": 0.5, "00004.tar": 0.5})
+    result = subprocess.run(pretrain_command(tmp_path / "run", [*shard_overrides, "DATA.SHARDS", str(cut)]),
+                            env=subprocess_env(), check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    # Judged once all 6 shards were opened; by then 2 or 3 of the cuts were reached.
+    found = re.fullmatch(r"pretrain: error: ([23]) of the 6 shards read on this rank have an unreadable tail, more "
+                         r"than DATA.MAX_BAD_SHARD_FRACTION 0.1: (.*)", error)
+    assert found, error
+    named = re.findall(rf"{re.escape(str(tmp_path / 'cut'))}/(\d+.tar): unreadable from byte \d+ \(member \d+\)", error)
+    assert len(named) == int(found[1]) and set(named) <= {"00000.tar", "00002.tar", "00004.tar"}, error
 
 
 def test_missing_shards_are_a_one_line_input_error(shard_overrides, tmp_path):
