@@ -15,6 +15,7 @@ from detectron2.config import get_cfg
 
 from pretrain.config import ConfigError
 
+from .vit_config import add_vitdet_config
 
 # Norms that run in several processes without CUDA (torch's SyncBatchNorm does not).
 CPU_SYNC_NORMS = ("naiveSyncBN", "naiveSyncBN_N", "BN", "FrozenBN", "GN")
@@ -29,6 +30,7 @@ def add_virtex_config(cfg):
     # Norm that replaces "SyncBN" when several processes train without CUDA: torch's
     # SyncBatchNorm only runs on GPUs, detectron2's naiveSyncBN also runs over gloo.
     cfg.VIRTEX.CPU_SYNC_NORM = "naiveSyncBN"
+    add_vitdet_config(cfg)  # MODEL.VIT, MODEL.SFP, the AdamW and LSJ keys of ViTDet
 
 
 def load_config(config_file, opts=()):

@@ -1,5 +1,9 @@
 """Checkpoint -> detectron2 backbone weights, verified: the library side of tools/convert_backbone.py.
 
+A ResNet becomes detectron2 ResNet weights (:mod:`.convert`, :mod:`.verify`); a ViT (found by its
+``patch_embed.proj.weight``) becomes exact ``backbone.net.*`` keys of ViTDet's ``ViT``
+(:mod:`.vit_convert`, :mod:`.vit_verify`).
+
 The output is a ``.pth`` of tensors that ``torch.load(weights_only=True)`` reads and that
 detectron2's ``DetectionCheckpointer`` accepts as ``MODEL.WEIGHTS``. detectron2 also reads
 ``.pkl`` files, but only with plain pickle (arbitrary code on load), so that format is refused.
@@ -18,9 +22,18 @@ from .convert import (
     ConversionError,
     ConvertedBackbone,
     convert_resnet_state_dict,
+    extract_state_dict,
     to_detectron2_checkpoint,
 )
 from .verify import verify_target
+from .vit_convert import (
+    ConvertedViT,
+    convert_vit_state_dict,
+    describe_vit,
+    find_vit_prefix,
+    to_detectron2_vit_checkpoint,
+)
+from .vit_verify import verify_vit_target
 
 
 def check_output_path(output, force: bool) -> Path:
@@ -49,6 +62,14 @@ def convert_checkpoint_file(input_path, output_path, targets, force=False, allow
     return convert_weights(read_checkpoint(input_path, allow_unsafe_pickle), str(input_path), output_path, targets, force)
 
 
+def holds_vit(state) -> bool:
+    """Whether a loaded checkpoint (any accepted layout) holds a ViT rather than a ResNet."""
+    try:
+        return find_vit_prefix(extract_state_dict(state)) is not None
+    except ConversionError:  # several ViTs: convert_weights names them
+        return True
+
+
 def convert_weights(state, source: str, output_path, targets, force=False):
     """:func:`convert_checkpoint_file` for weights already in memory (``source`` names them in
     errors and in the output's ``__author__``), e.g. a freshly initialised ResNet."""
@@ -56,13 +77,20 @@ def convert_weights(state, source: str, output_path, targets, force=False):
     if not targets:
         raise ConversionError("no target config to verify the converted weights against")
     try:
-        backbone: ConvertedBackbone = convert_resnet_state_dict(state)
+        state_dict = extract_state_dict(state)
+        vit_prefix = find_vit_prefix(state_dict)
+        if vit_prefix is None:
+            backbone: ConvertedBackbone | ConvertedViT = convert_resnet_state_dict(state)
+            checkpoint, verify = to_detectron2_checkpoint(backbone, Path(source).name), verify_target
+        else:
+            backbone = convert_vit_state_dict(state_dict, vit_prefix)
+            checkpoint, verify = to_detectron2_vit_checkpoint(backbone, Path(source).name), verify_vit_target
     except ConversionError as e:
         raise ConversionError(f"{source}: {e}") from None
     staging = output.with_name(f".{output.name}.unverified")
-    save_checkpoint(to_detectron2_checkpoint(backbone, Path(source).name), staging, force=True)
+    save_checkpoint(checkpoint, staging, force=True)
     try:
-        checks = [verify_target(cfg, backbone, staging, name) for name, cfg in targets]
+        checks = [verify(cfg, backbone, staging, name) for name, cfg in targets]
         if output.exists() and not force:  # appeared while we were verifying
             raise OutputExistsError(f"{output}: already exists; pass --force to overwrite it")
         os.replace(staging, output)
@@ -71,8 +99,10 @@ def convert_weights(state, source: str, output_path, targets, force=False):
     return backbone, checks
 
 
-def describe(backbone: ConvertedBackbone, source) -> str:
+def describe(backbone: ConvertedBackbone | ConvertedViT, source) -> str:
     """One-line summary of what a conversion took from the source checkpoint."""
+    if isinstance(backbone, ConvertedViT):
+        return describe_vit(backbone, source)
     norms = sum(1 for k in backbone.state_dict if k.endswith(".norm.running_mean"))
     prefix = f"'{backbone.source_prefix}*'" if backbone.source_prefix else "top-level keys"
     text = (

@@ -18,6 +18,7 @@ from detectron2.modeling.backbone import ResNet
 
 from .checkpoint import SafeDetectionCheckpointer
 from .convert import ConversionError, ConvertedBackbone
+from .vit_config import VITDET_BACKBONE
 
 # What torchvision ResNets expect: RGB input normalised by the ImageNet mean/std (0-255 scale).
 TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -43,6 +44,11 @@ class TargetCheck:
 
 def check_config(cfg, backbone: ConvertedBackbone, name: str) -> list:
     """Raise ConversionError where the config cannot use these weights; return warnings."""
+    if cfg.MODEL.BACKBONE.NAME == VITDET_BACKBONE:
+        raise ConversionError(
+            f"{name}: the checkpoint holds a ResNet-{backbone.depth} but this config builds a ViT "
+            f"(MODEL.BACKBONE.NAME {VITDET_BACKBONE}); use a ResNet config"
+        )
     resnets = cfg.MODEL.RESNETS
     if resnets.DEPTH != backbone.depth:
         raise ConversionError(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert the ResNet of a checkpoint into detectron2 weights for SyncBN fine-tuning.
+"""Convert the ResNet or ViT of a checkpoint into detectron2 weights for fine-tuning.
 
 Accepts a checkpoint of ours, one from the official VirTex model zoo, or a torchvision ResNet
 state dict, and writes ``{"model": ..., "__author__": ..., "matching_heuristics": True}`` as a
@@ -22,6 +22,18 @@ The paper's baselines, made as the official code makes them:
     python tools/convert_backbone.py --init imagenet-v1 --input resnet50-0676ba61.pth --output imagenet_r50.pth
 
 (``imagenet-v2`` takes torchvision's newer IMAGENET1K_V2 file, which the paper did not use.)
+
+A ViT (a checkpoint of ours with ``MODEL.VISUAL.NAME timm::vit_*``, or a timm-format state dict
+such as MAE's ``mae_pretrain_vit_base.pth``, DeiT or AugReg) becomes exact ``backbone.net.*``
+keys of ViTDet's ``ViT``, verified by default against the ViTDet-B COCO config; for another
+width, verify against a config of that width:
+
+    python tools/convert_backbone.py --input mae_pretrain_vit_base.pth --output mae_vitb.pth
+    python tools/convert_backbone.py --input outputs/vit_t/checkpoint_600.pth --output vit_t_d2.pth \
+        --config-file configs/detectron2/builtin/lvis_segm_ViTDet_T_builtin.yaml
+    # random init: the pretraining ViT (no class token, no LayerScale) at its image size, seeded
+    python tools/convert_backbone.py --init random --vit vit_tiny_patch16_224 --image-size 128 \
+        --output random_vit_t.pth --config-file configs/detectron2/builtin/lvis_segm_ViTDet_T_builtin.yaml
 """
 import argparse
 import sys
@@ -30,16 +42,18 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from detectron2_ext import load_config
-from detectron2_ext.transfer import convert_checkpoint_file, convert_weights, describe
-from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
+from detectron2_ext.transfer import check_output_path, convert_weights, describe, holds_vit
+from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG, read_checkpoint
 from pretrain.models.visual_backbones import (
     check_torchvision_weights_file,
     initial_resnet_state,
 )
+from pretrain.models.vit import SUPPORTED_VITS, initial_vit_state
 from virtex_d2.cli import run_tool
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 DEFAULT_TARGETS = [CONFIG_DIR / "coco_segm_default_init_2x.yaml", CONFIG_DIR / "voc_det_default_init_24k.yaml"]
+DEFAULT_VIT_TARGETS = [CONFIG_DIR / "vitdet" / "coco_mask_rcnn_vitdet_b_100ep.yaml"]
 
 
 INITS = ("checkpoint", "random", "imagenet-v1", "imagenet-v2")
@@ -56,10 +70,14 @@ def parse_args(argv=None):
     parser.add_argument("--depth", type=int, default=50, choices=sorted(RESNETS),
                         help="ResNet depth for --init random / imagenet-* (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --init random (default: 0)")
+    parser.add_argument("--vit", choices=SUPPORTED_VITS, default=None,
+                        help="--init random: a timm ViT of this architecture instead of a ResNet")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="--init random --vit: the image size its position embeddings are for (default: 224)")
     parser.add_argument("--output", required=True, help="detectron2 weights to write (.pth)")
     parser.add_argument("--config-file", action="append", default=None, metavar="FILE",
-                        help="target detectron2 config to verify against (repeatable; "
-                             "default: the COCO R50-FPN and VOC R50-C4 configs)")
+                        help="target detectron2 config to verify against (repeatable; default: the "
+                             "COCO R50-FPN and VOC R50-C4 configs, for a ViT the COCO ViTDet-B config)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     parser.add_argument(UNSAFE_OPT_IN_FLAG, action="store_true",
                         help="load an input that needs arbitrary unpickling (only for trusted files)")
@@ -68,25 +86,27 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.input is None) != (args.init == "random"):
         parser.error("--input is required, except with --init random (which takes none)")
+    if args.vit and args.init != "random":
+        parser.error("--vit only chooses the architecture of --init random")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config_files = [Path(p) for p in args.config_file] if args.config_file else DEFAULT_TARGETS
-    targets = [(path.name, load_config(path, args.opts)) for path in config_files]
-    arch = RESNETS[args.depth]
+    check_output_path(args.output, args.force)  # before reading a large input
+    arch = args.vit or RESNETS[args.depth]
     if args.init == "random":
         source = f"random_{arch}_seed{args.seed}"
-        backbone, checks = convert_weights(initial_resnet_state(arch, args.seed), source, args.output, targets,
-                                           force=args.force)
+        state = initial_vit_state(arch, args.image_size, args.seed) if args.vit else initial_resnet_state(arch, args.seed)
     else:
         if args.init.startswith("imagenet-"):
             check_torchvision_weights_file(args.input, arch, f"IMAGENET1K_{args.init[-2:].upper()}")
         source = args.input
-        backbone, checks = convert_checkpoint_file(
-            args.input, args.output, targets, force=args.force, allow_unsafe_pickle=args.allow_unsafe_pickle
-        )
+        state = read_checkpoint(args.input, args.allow_unsafe_pickle)
+    defaults = DEFAULT_VIT_TARGETS if holds_vit(state) else DEFAULT_TARGETS
+    config_files = [Path(p) for p in args.config_file] if args.config_file else defaults
+    targets = [(path.name, load_config(path, args.opts)) for path in config_files]
+    backbone, checks = convert_weights(state, str(source), args.output, targets, force=args.force)
     print(f"Converted {describe(backbone, source)}")
     for check in checks:
         print(f"  verified {check.summary()}")

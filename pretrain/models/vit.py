@@ -128,3 +128,13 @@ class TimmViTBackbone(nn.Module):
         height, width = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         tokens = self.vit.forward_features(images)  # (B, h*w, D), row-major over the grid
         return tokens.transpose(1, 2).unflatten(2, (height, width))
+
+
+def initial_vit_state(arch: str, image_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """The weights a randomly initialised pretraining ViT starts from: timm's ``arch`` as
+    :class:`TimmViTBackbone` builds it (no class token, no LayerScale) for ``image_size`` px,
+    under ``torch.manual_seed(seed)``; the random-init baseline that tools/convert_backbone.py
+    converts, as for ResNets."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_timm_vit(arch, image_size).state_dict()

@@ -1,0 +1,155 @@
+"""ViT conversion: our encoder and a MAE-format timm state dict become exact ``backbone.net.*``
+keys of detectron2's ViT; detectron2's ViT then gives our encoder's tokens (before its final
+norm) at the pretraining resolution; every ViT key loads into ViTDet (only rel-pos tables new);
+and what cannot be placed (LayerScale, odd shapes, the wrong backbone kind or pretraining size)
+is refused naming the key or file."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectron2_ext import load_config
+from detectron2_ext.convert import ConversionError
+from detectron2_ext.transfer import convert_weights
+from detectron2_ext.vit_backbone import build_vit
+from detectron2_ext.vit_convert import convert_vit_state_dict
+from detectron2_ext.vit_verify import check_backbone_run
+from pretrain.config import ConfigError
+from pretrain.models.vit import TimmViTBackbone, import_timm, initial_vit_state
+
+REPO = Path(__file__).resolve().parents[2]
+VITDET_B = REPO / "configs" / "detectron2" / "vitdet" / "coco_mask_rcnn_vitdet_b_100ep.yaml"
+BUILTIN_T = REPO / "configs" / "detectron2" / "builtin" / "lvis_segm_ViTDet_T_builtin.yaml"
+# The ViTDet-B model at MAE-layout test width: 64 wide, 2 blocks (block 0 windowed, block 1 global).
+NARROW = ["MODEL.VIT.EMBED_DIM", "64", "MODEL.VIT.DEPTH", "2", "MODEL.VIT.NUM_HEADS", "2",
+          "MODEL.VIT.WINDOW_BLOCK_INDEXES", "[0]", "MODEL.VIT.IMG_SIZE", "256", "MODEL.VIT.WINDOW_SIZE", "8",
+          "MODEL.SFP.SQUARE_PAD", "256", "INPUT.LSJ.IMAGE_SIZE", "256", "INPUT.MAX_SIZE_TEST", "256"]
+
+
+def mae_format_state_dict(seed: int = 0) -> dict:
+    """A state dict in the layout of MAE's released encoders (mae_pretrain_vit_base.pth's
+    ``model``): cls_token, pos_embed with the class slot, patch_embed, blocks and the final norm,
+    no head; random weights at width 64 and depth 2."""
+    timm = import_timm()
+    torch.manual_seed(seed)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0, global_pool="token"
+    )
+    state = vit.state_dict()
+    torch.nn.init.normal_(state["cls_token"], std=0.02)  # timm starts it near 0; any value will do
+    assert {"cls_token", "norm.weight", "norm.bias"} <= set(state) and not any(k.startswith("head") for k in state)
+    assert state["pos_embed"].shape == (1, 197, 64)
+    return state
+
+
+def test_detectron2_vit_gives_our_encoders_tokens_before_the_final_norm():
+    torch.manual_seed(0)
+    ours = TimmViTBackbone("vit_tiny_patch16_224", 192, image_size=64).eval()
+    checkpoint = {"model": {**{f"visual.vit.{k}": v for k, v in ours.vit.state_dict().items()},
+                            "textual.output.weight": torch.zeros(3, 3)}}
+    converted = convert_vit_state_dict(checkpoint["model"], "visual.vit.")
+    assert (converted.patch_size, converted.pretrain_img_size, converted.pretrain_use_cls_token) == (16, 64, False)
+    assert (converted.embed_dim, converted.depth, converted.mlp_ratio, converted.qkv_bias) == (192, 12, 4.0, True)
+    assert converted.dropped_keys == ["visual.vit.norm.weight", "visual.vit.norm.bias"] and converted.ignored_keys == 1
+    assert all(k.startswith("backbone.net.") for k in converted.state_dict)
+
+    cfg = load_config(BUILTIN_T, ["MODEL.VIT.IMG_SIZE", "64", "MODEL.VIT.PRETRAIN_IMG_SIZE", "64",
+                                  "MODEL.VIT.WINDOW_BLOCK_INDEXES", "[]", "MODEL.VIT.DROP_PATH_RATE", "0.0"])
+    vit = build_vit(cfg).eval()
+    result = vit.load_state_dict({k[len("backbone.net."):]: v for k, v in converted.state_dict.items()}, strict=False)
+    assert not result.unexpected_keys and all("rel_pos" in k for k in result.missing_keys) and result.missing_keys
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = ours.vit.blocks(ours.vit._pos_embed(ours.vit.patch_embed(images)))  # (B, 16, D), before norm
+        theirs = vit(images)["last_feat"]  # (B, D, 4, 4)
+    torch.testing.assert_close(theirs.flatten(2).transpose(1, 2), tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_mae_format_weights_convert_and_load_with_every_vit_key_placed(tmp_path):
+    state = mae_format_state_dict()
+    target = load_config(VITDET_B, NARROW)
+    backbone, [check] = convert_weights({"model": state}, "mae_pretrain_vit_base.pth", tmp_path / "mae.pth",
+                                        [("vitdet_b", target)])
+    assert backbone.had_class_token and backbone.pretrain_use_cls_token and backbone.pretrain_img_size == 224
+    assert backbone.dropped_keys == ["cls_token", "norm.weight", "norm.bias"]
+    assert check.loaded == len(state) - 3  # all but cls_token and norm.{weight,bias}
+    assert check.untouched == ["4 relative-position tables (zero-initialised)"]  # h and w of 2 blocks
+    written = torch.load(tmp_path / "mae.pth", weights_only=True)
+    assert written["matching_heuristics"] is False
+    assert written["conversion"]["pretrain_use_cls_token"] is True and written["conversion"]["backbone"] == "vit"
+    assert set(written["model"]) == {f"backbone.net.{k}" for k in state if k not in ("cls_token", "norm.weight", "norm.bias")}
+    for key, value in written["model"].items():
+        assert torch.equal(value, state[key[len("backbone.net."):]])
+
+
+def test_random_init_vit_baseline_is_seeded_and_loads_into_the_builtin_config(tmp_path):
+    state = initial_vit_state("vit_tiny_patch16_224", 128, seed=3)
+    assert torch.equal(state["pos_embed"], initial_vit_state("vit_tiny_patch16_224", 128, seed=3)["pos_embed"])
+    assert not torch.equal(state["pos_embed"], initial_vit_state("vit_tiny_patch16_224", 128, seed=4)["pos_embed"])
+    backbone, [check] = convert_weights(state, "random_vit_tiny_patch16_224_seed3", tmp_path / "r.pth",
+                                        [("builtin", load_config(BUILTIN_T))])
+    assert backbone.pretrain_img_size == 128 and not backbone.had_class_token
+    assert check.loaded == len(state) - 2  # all but the final norm
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("blocks.1.ls1.gamma", torch.ones(64), "'blocks.1.ls1.gamma' is a LayerScale weight"),
+    ("dist_token", torch.zeros(1, 1, 64), "'dist_token' has no place in detectron2's ViT"),
+    ("pos_embed", torch.zeros(1, 198, 64), r"'pos_embed' has shape \(1, 198, 64\)"),
+    ("blocks.0.attn.proj.weight", torch.zeros(64, 32), r"'blocks.0.attn.proj.weight' has shape \(64, 32\)"),
+    ("blocks.1.attn.q_norm.weight", torch.ones(32), "'blocks.1.attn.q_norm.weight' has no place"),
+])
+def test_what_cannot_be_placed_is_refused_naming_the_key(tmp_path, key, value, message):
+    state = {**mae_format_state_dict(), key: value}
+    with pytest.raises(ConversionError, match=message):
+        convert_weights(state, "bad.pth", tmp_path / "out.pth", [("vitdet_b", load_config(VITDET_B, NARROW))])
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_config_that_contradicts_the_weights_is_refused_naming_the_key(tmp_path):
+    state = mae_format_state_dict()
+    for opts, message in [
+        (["MODEL.VIT.PRETRAIN_IMG_SIZE", "384"], "MODEL.VIT.PRETRAIN_IMG_SIZE is 384; the weights need 224"),
+        (["MODEL.VIT.PATCH_SIZE", "32"], "MODEL.VIT.PATCH_SIZE is 32; the weights need 16"),
+        (["MODEL.VIT.PRETRAIN_USE_CLS_TOKEN", "False"], "PRETRAIN_USE_CLS_TOKEN is False; the weights need True"),
+    ]:
+        with pytest.raises(ConversionError, match=message):
+            convert_weights(state, "mae.pth", tmp_path / "out.pth", [("vitdet_b", load_config(VITDET_B, NARROW + opts))])
+    resnet_target = load_config(REPO / "configs" / "detectron2" / "coco_segm_default_init_2x.yaml")
+    with pytest.raises(ConversionError, match="holds a ViT but this config builds MODEL.BACKBONE.NAME build_resnet_fpn_backbone"):
+        convert_weights(state, "mae.pth", tmp_path / "out.pth", [("r50", resnet_target)])
+
+
+def test_a_run_refuses_weights_of_the_other_kind_or_size_before_training(tmp_path):
+    vit_file = tmp_path / "vit.pth"
+    convert_weights(initial_vit_state("vit_tiny_patch16_224", 128, 0), "random", vit_file, [("t", load_config(BUILTIN_T))])
+    check_backbone_run(load_config(BUILTIN_T, ["MODEL.WEIGHTS", str(vit_file)]))  # fits
+    with pytest.raises(ConversionError, match=r"vit.pth: MODEL.VIT.PRETRAIN_IMG_SIZE is 224; the weights need 128"):
+        check_backbone_run(load_config(BUILTIN_T, ["MODEL.WEIGHTS", str(vit_file), "MODEL.VIT.PRETRAIN_IMG_SIZE", "224"]))
+    r18 = REPO / "configs" / "detectron2" / "builtin" / "lvis_segm_R_18_FPN_builtin.yaml"
+    with pytest.raises(ConversionError, match=r"vit.pth: holds a ViT backbone, but MODEL.BACKBONE.NAME build_resnet_fpn"):
+        check_backbone_run(load_config(r18, ["MODEL.WEIGHTS", str(vit_file)]))
+    resnet_file = tmp_path / "r.pth"
+    torch.save({"model": {}, "conversion": {"backbone": "resnet", "depth": 18, "block": "basic"}}, resnet_file)
+    with pytest.raises(ConversionError, match=r"r.pth: holds a ResNet-18 backbone, but MODEL.BACKBONE.NAME build_vitdet"):
+        check_backbone_run(load_config(BUILTIN_T, ["MODEL.WEIGHTS", str(resnet_file)]))
+    with pytest.raises(ConfigError, match="MODEL.VIT.WINDOW_SIZE 6 does not divide the 16 x 16 patch grid"):
+        check_backbone_run(load_config(BUILTIN_T, ["MODEL.VIT.WINDOW_SIZE", "6"]))
+
+
+def test_convert_tool_names_layerscale_in_one_line_and_exits_2(tmp_path):
+    state = {**mae_format_state_dict(), "blocks.0.ls2.gamma": torch.ones(64)}
+    torch.save({"model": state}, tmp_path / "deit3.pth")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_backbone.py"), "--input", str(tmp_path / "deit3.pth"),
+         "--output", str(tmp_path / "out.pth")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "deit3.pth" in lines[0] and "'blocks.0.ls2.gamma' is a LayerScale weight" in lines[0]
+    assert not (tmp_path / "out.pth").exists()
