@@ -12,7 +12,12 @@ from pathlib import Path
 
 from pretrain.checkpoint_io import checkpoint_path, list_checkpoints
 from pretrain.config import config_differences
-from pretrain.distributed import seed_everything, set_rng_state
+from pretrain.distributed import (
+    DistContext,
+    all_gather_objects,
+    seed_everything,
+    set_rng_state,
+)
 from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.setup import Training
 from pretrain.errors import OutputExistsError

@@ -36,6 +36,7 @@ from pretrain.distributed import (
     shutdown_distributed,
 )
 from pretrain.engine.checkpoint import CheckpointManager
+from pretrain.engine.compile import CompileDecision, decide_compile
 from pretrain.engine.monitor import TrainingMonitor, setup_logging
 from pretrain.engine.resume import start_or_resume
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
@@ -90,7 +91,11 @@ def train(
     if start >= cfg.OPTIM.NUM_ITERATIONS:
         logger.info("nothing to do: the run already reached iteration %d", start)
         return checkpoint_path(output_dir, start) if start else None
-    loop = PretrainingLoop(training, manager, output_dir, train_set, collate_fn, start, validation)
+    compilation = decide_compile(cfg.ENGINE.COMPILE, ctx.device, cfg.OPTIM.NUM_ITERATIONS - start,
+                                 cfg.ENGINE.COMPILE_MIN_ITERATIONS)
+    if compilation.compile:
+        training.compile()
+    loop = PretrainingLoop(training, manager, output_dir, train_set, collate_fn, start, validation, compilation)
     return loop.run()
 
 
@@ -106,10 +111,12 @@ class PretrainingLoop:
         collate_fn: Callable,
         start: int,
         validation: Validation | None,
+        compilation: CompileDecision,
     ):
         self.training, self.cfg, self.ctx = training, training.cfg, training.ctx
         self.manager, self.output_dir = manager, output_dir
         self.collate_fn, self.start, self.validation = collate_fn, start, validation
+        self.compilation = compilation
         self.num_iterations = self.cfg.OPTIM.NUM_ITERATIONS
         self.loader = self._train_loader(train_set)
         self.last_saved = checkpoint_path(output_dir, start) if start else None
@@ -146,9 +153,11 @@ class PretrainingLoop:
         cfg, training = self.cfg, self.training
         stop = StopSignal()
         logger.info(
-            "training iterations %d..%d: %d rank(s) × %d images on %s, precision %s, allocator %s",
+            "training iterations %d..%d: %d rank(s) × %d images on %s, precision %s, allocator %s, torch.compile %s "
+            "(%s)",
             self.start + 1, self.num_iterations, self.ctx.world_size, cfg.OPTIM.BATCH_SIZE // self.ctx.world_size,
             self.ctx.device, training.dtype or torch.float32, allocator_in_use(),
+            "on" if self.compilation.compile else "off", self.compilation.reason,
         )
         try:
             batches = iter(self.loader)
@@ -158,6 +167,8 @@ class PretrainingLoop:
                 data_time = time.perf_counter() - tick
                 losses, grad_norm, stop_agreed = self._step(iteration, batch, stop.received)
                 step_time = time.perf_counter() - tick
+                if iteration == self.start + 1 and training.compiled:
+                    logger.info("torch.compile: the first step took %.1f s, compilation included", step_time)
                 self._log(iteration, losses, grad_norm, step_time, data_time)
                 finished = iteration == self.num_iterations
                 if stop_agreed or finished or iteration % cfg.ENGINE.CHECKPOINT_PERIOD == 0:
