@@ -3,10 +3,14 @@
 COCO uses ``COCOEvaluator`` (its fast C++ implementation only when detectron2's compiled ops
 exist), LVIS ``LVISEvaluator`` and VOC ``PascalVOCDetectionEvaluator``. Each is wrapped so that
 the dict it returns is also written, unchanged, to ``<output_folder>/evaluation.json``: the
-reports read those numbers instead of recomputing anything.
+reports read those numbers instead of recomputing anything. The VOC evaluator computes its
+results inside :func:`~detectron2_ext.voc_annotations.evaluator_reads_with_defaults`, so the
+VOC devkit's defaults apply to our evaluation only, not to the rest of the process.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from detectron2.data import MetadataCatalog
@@ -21,6 +25,7 @@ from detectron2.utils import comm
 from pretrain.files import write_json_atomic
 
 from .compat import patch_lvis_numpy
+from .voc_annotations import evaluator_reads_with_defaults
 
 RESULTS_FILE = "evaluation.json"
 
@@ -35,12 +40,17 @@ def has_compiled_ops() -> bool:
 
 
 class SavedResultsEvaluator(DatasetEvaluator):
-    """Delegates to an evaluator and writes its results to a JSON file on the main process."""
+    """Delegates to an evaluator and writes its results to a JSON file on the main process.
 
-    def __init__(self, evaluator: DatasetEvaluator, dataset_name: str, path):
+    ``context``: what the inner evaluator's ``evaluate`` runs inside (e.g. the VOC reader's defaults).
+    """
+
+    def __init__(self, evaluator: DatasetEvaluator, dataset_name: str, path,
+                 context: Callable[[], AbstractContextManager] = nullcontext):
         self.evaluator = evaluator
         self.dataset_name = dataset_name
         self.path = Path(path)
+        self.context = context
 
     def reset(self):
         self.evaluator.reset()
@@ -49,7 +59,8 @@ class SavedResultsEvaluator(DatasetEvaluator):
         self.evaluator.process(inputs, outputs)
 
     def evaluate(self):
-        results = self.evaluator.evaluate()
+        with self.context():
+            results = self.evaluator.evaluate()
         if comm.is_main_process() and results:
             record = {"dataset": self.dataset_name, "evaluator": type(self.evaluator).__name__, "results": results}
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +71,7 @@ class SavedResultsEvaluator(DatasetEvaluator):
 def build_evaluator(dataset_name: str, output_folder) -> SavedResultsEvaluator:
     """The evaluator for a registered dataset, by its ``evaluator_type`` metadata."""
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    context = nullcontext
     if evaluator_type == "coco":
         evaluator = COCOEvaluator(dataset_name, output_dir=str(output_folder), use_fast_impl=has_compiled_ops())
     elif evaluator_type == "lvis":
@@ -67,6 +79,7 @@ def build_evaluator(dataset_name: str, output_folder) -> SavedResultsEvaluator:
         evaluator = LVISEvaluator(dataset_name, output_dir=str(output_folder))
     elif evaluator_type == "pascal_voc":
         evaluator = PascalVOCDetectionEvaluator(dataset_name)
+        context = evaluator_reads_with_defaults
     else:
         raise NotImplementedError(f"no evaluator for dataset '{dataset_name}' (evaluator_type {evaluator_type!r})")
-    return SavedResultsEvaluator(evaluator, dataset_name, Path(output_folder) / RESULTS_FILE)
+    return SavedResultsEvaluator(evaluator, dataset_name, Path(output_folder) / RESULTS_FILE, context)

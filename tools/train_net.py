@@ -50,7 +50,6 @@ from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.progress import ProgressBarHook
-from detectron2_ext.voc_annotations import patch_voc_parse_rec
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from virtex_d2.cli import run_tool
 
@@ -100,7 +99,6 @@ def check_datasets(args) -> list[str]:
 def main(args, dataset_warnings=()):
     cfg = setup(args)
     patch_cpu_ddp()
-    patch_voc_parse_rec()
     limit_cpu_threads()
     logger = logging.getLogger("detectron2_ext")
     for warning in dataset_warnings:

@@ -67,7 +67,13 @@ def test_cpu_configs_keep_model_and_data(name):
     assert cpu.SOLVER.IMS_PER_BATCH == 2 and cpu.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 64
 
 
-def test_multiprocess_cpu_uses_naive_syncbn_also_in_the_extra_norm():
+@pytest.fixture
+def without_cuda(monkeypatch):
+    """The CPU-only machine these adaptations are for, also on a machine with a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_multiprocess_cpu_uses_naive_syncbn_also_in_the_extra_norm(without_cuda):
     cfg = load_config(CONFIGS / "voc_det_default_init_24k.yaml")
     adapt_config_to_devices(cfg, world_size=2)
     assert cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.RESNETS.NORM == "naiveSyncBN"
@@ -84,7 +90,7 @@ def test_multiprocess_cpu_uses_naive_syncbn_also_in_the_extra_norm():
     assert isinstance(build_model(frozen).roi_heads.res5.norm, FrozenBatchNorm2d)
 
 
-def test_cpu_ddp_patch_passes_no_device_ids(monkeypatch, caplog):
+def test_cpu_ddp_patch_passes_no_device_ids(without_cuda, monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(d2_defaults, "create_ddp_model", lambda model, **kw: calls.append(kw) or model)
     with caplog.at_level(logging.INFO, logger="detectron2_ext.compat"):
@@ -92,6 +98,17 @@ def test_cpu_ddp_patch_passes_no_device_ids(monkeypatch, caplog):
     d2_defaults.create_ddp_model(torch.nn.Linear(1, 1), broadcast_buffers=False)
     assert calls == [{"device_ids": None, "broadcast_buffers": False}]
     assert "device_ids=None" in caplog.text
+
+
+def test_with_cuda_the_config_and_ddp_are_left_alone(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config(CONFIGS / "voc_det_default_init_24k.yaml")
+    adapt_config_to_devices(cfg, world_size=2)
+    assert (cfg.MODEL.DEVICE, cfg.MODEL.RESNETS.NORM) == ("cuda", "SyncBN")
+    original = d2_defaults.create_ddp_model
+    monkeypatch.setattr(d2_defaults, "create_ddp_model", original)  # restored after, whatever happens
+    patch_cpu_ddp()
+    assert d2_defaults.create_ddp_model is original
 
 
 def test_lvis_numpy_shim_is_visible(monkeypatch, caplog):

@@ -30,12 +30,12 @@ from detectron2_ext.dataset_checks import (
     image_size,
 )
 from detectron2_ext.voc_annotations import (
+    evaluator_reads_with_defaults,
     parse_rec,
-    patch_voc_parse_rec,
     read_voc_annotation,
 )
-from pretrain.data.checks import CheckReport, DatasetCheckError
 from pretrain.data.voc_classes import VOC_CLASSES
+from pretrain.errors import CheckReport, DatasetCheckError
 
 REPO = Path(__file__).resolve().parents[2]
 VOC_CPU_CONFIG = REPO / "configs" / "detectron2" / "cpu" / "voc_det_default_init_cpu.yaml"
@@ -138,12 +138,62 @@ def test_parse_rec_matches_detectron2_on_complete_files(voc):
         assert parse_rec(path) == D2_PARSE_REC(path)
 
 
-def test_patched_evaluator_scores_files_without_optional_fields(voc, monkeypatch, tmp_path):
-    """detectron2's voc_eval, with the patch, on test files lacking the optional fields and with
-    fractional corners: detections equal to the ground truth score AP 1 for every class."""
-    monkeypatch.setattr(pascal_voc_evaluation, "parse_rec", pascal_voc_evaluation.parse_rec)  # restored after
-    patch_voc_parse_rec()
-    assert pascal_voc_evaluation.parse_rec is parse_rec
+def set_size(width: str | None):
+    """Remove ``<size>`` (None) or write its width."""
+    def edit(root: ET.Element) -> None:
+        if width is None:
+            root.remove(root.find("size"))
+        else:
+            root.find("size").find("width").text = width
+    return edit
+
+
+def move_box(dx: int, invert: bool = False):
+    """Shift the first object's box right by ``dx`` pixels (past the image), or swap its x corners."""
+    def edit(root: ET.Element) -> None:
+        box = root.find("object").find("bndbox")
+        xmin, xmax = int(box.find("xmin").text), int(box.find("xmax").text)
+        box.find("xmin").text, box.find("xmax").text = (str(xmax), str(xmin)) if invert else (str(xmin + dx), str(xmax + dx))
+    return edit
+
+
+@pytest.mark.parametrize("edit", [set_size(None), set_size("ten"), move_box(10_000), move_box(0, invert=True)],
+                         ids=["no size", "bad size", "box past the image", "inverted box"])
+def test_the_evaluator_reader_accepts_what_detectron2_accepts(voc, edit):
+    """The dataset check reports these before training; detectron2's evaluator never reads the
+    size or judges the box, so neither does ours: both readers return the same objects."""
+    path, _ = first_object(voc, "test")
+    edit_xml(path, edit)
+    assert read_voc_annotation(path).problems  # the dataset check still says so
+    assert parse_rec(str(path)) == D2_PARSE_REC(str(path))
+
+
+def test_the_replacement_is_scoped_to_our_evaluation():
+    original = pascal_voc_evaluation.parse_rec
+    with evaluator_reads_with_defaults():
+        assert pascal_voc_evaluation.parse_rec is parse_rec
+    assert pascal_voc_evaluation.parse_rec is original
+    with pytest.raises(KeyError), evaluator_reads_with_defaults():
+        raise KeyError("an evaluator's bug")
+    assert pascal_voc_evaluation.parse_rec is original
+
+
+def test_a_detectron2_that_no_longer_calls_parse_rec_fails_loudly(monkeypatch):
+    def voc_eval(detpath, annopath, imagesetfile, classname, ovthresh=0.5, use_07_metric=False):
+        return read_annotations(annopath)  # some other reader: replacing parse_rec would do nothing
+
+    read_annotations = None
+    monkeypatch.setattr(pascal_voc_evaluation, "voc_eval", voc_eval)
+    original = pascal_voc_evaluation.parse_rec
+    with pytest.raises(RuntimeError, match=r"voc_eval no longer calls the module's parse_rec"), \
+            evaluator_reads_with_defaults():
+        pass
+    assert pascal_voc_evaluation.parse_rec is original
+
+
+def test_patched_evaluator_scores_files_without_optional_fields(voc, tmp_path):
+    """detectron2's voc_eval, inside our context, on test files lacking the optional fields and
+    with fractional corners: detections equal to the ground truth score AP 1 for every class."""
     ids = split_ids(voc, "test")
     for voc_id in ids:
         edit_xml(voc / "Annotations" / f"{voc_id}.xml", strip_optional_and_use_fractions)
@@ -154,9 +204,10 @@ def test_patched_evaluator_scores_files_without_optional_fields(voc, monkeypatch
         lines = [f"{voc_id} 0.9 {' '.join(map(str, o.bbox))}" for voc_id, objects in truth.items()
                  for o in objects if o.name == name]
         (tmp_path / f"{name}.txt").write_text("\n".join(lines))
-        _, _, ap = pascal_voc_evaluation.voc_eval(
-            str(tmp_path / "{}.txt"), str(voc / "Annotations" / "{}.xml"), str(voc / "ImageSets/Main/test.txt"),
-            name, ovthresh=0.5, use_07_metric=True)
+        with evaluator_reads_with_defaults():
+            _, _, ap = pascal_voc_evaluation.voc_eval(
+                str(tmp_path / "{}.txt"), str(voc / "Annotations" / "{}.xml"), str(voc / "ImageSets/Main/test.txt"),
+                name, ovthresh=0.5, use_07_metric=True)
         assert ap == pytest.approx(1.0), name
 
 
