@@ -176,7 +176,7 @@ def read_shard(
     """
     keep = _wanted(extensions)
     given = 0
-    attempts = retries + 1 if is_remote(url) else 1
+    attempts = max(0, retries) + 1 if is_remote(url) else 1
     for attempt in range(attempts):
         at = _Progress()
         with closing(_samples_once(url, keep, at)) as samples:

@@ -79,7 +79,7 @@ from pretrain.data.stream_progress import (
     TooManyBadShardsError,
 )
 from pretrain.distributed import seeded_rng
-from pretrain.errors import InputError
+from pretrain.errors import BadValueError, InputError
 
 __all__ = [  # the stream's types live in the modules it is built from; users import them from here
     "BadSample", "ShardDataset", "ShardError", "ShardFault", "StreamCollate", "StreamMeta", "StreamPosition",
@@ -265,8 +265,9 @@ class ShardDataset(IterableDataset):
         retry_delay: float = RETRY_DELAY,
     ):
         check_caption_field(caption_field)
-        if open_shards < 1:
-            raise ValueError(f"DATA.OPEN_SHARDS must be at least 1, got {open_shards}")
+        if open_shards < 1 or retries < 0:
+            raise BadValueError(f"DATA.OPEN_SHARDS must be at least 1 (got {open_shards}) and DATA.SHARD_RETRIES at "
+                                f"least 0 (got {retries})")
         self.shards = list(shards)
         self.samples = samples
         self.seed = seed

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from pretrain.data.shard_reader import ShardFault
 from pretrain.data.stream_layout import StreamPosition
-from pretrain.errors import InputError
+from pretrain.errors import BadValueError, InputError
 
 _BAD_EXAMPLES_KEPT = 100  # bad samples a checkpoint remembers (the count is always kept)
 
@@ -62,7 +62,7 @@ class StreamMeta(NamedTuple):
 
 def _check_fraction(key: str, value: float) -> float:
     if not 0 <= value <= 1:
-        raise ValueError(f"{key} must be in [0, 1], got {value}")
+        raise BadValueError(f"{key} must be in [0, 1], got {value}")
     return value
 
 
