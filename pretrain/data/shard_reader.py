@@ -23,8 +23,8 @@ import logging
 import tarfile
 import time
 import zlib
-from contextlib import closing
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from typing import Any, NamedTuple
 
 from webdataset.gopen import gopen
@@ -102,30 +102,29 @@ def _members(stream, url: str, keep: Callable[[str], bool], at: _Progress) -> It
     a fault sets ``at.cut`` and ends them."""
     last_prefix = None
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo)
-        while True:
-            at.offset = tar.offset
-            info = tar.next()
-            if info is None:
-                break
-            name, at.offset = info.name, info.offset
-            if info.isreg() and keep(name):
-                prefix = base_plus_ext(name)[0]
-                try:
-                    data = tar.extractfile(info).read()
-                except READ_ERRORS as err:
-                    at.stop(f"{name}: {_reason(err)}", keep_last=prefix != last_prefix)
-                    return
-                yield {"fname": name, "data": data, "__url__": url}
-                last_prefix = prefix
-            at.member += 1
-            tar.members = []  # a shard can hold 10,000 samples: keep no member list
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo) as tar:
+            while True:
+                at.offset = tar.offset
+                info = tar.next()
+                if info is None:
+                    break
+                name, at.offset = info.name, info.offset
+                if info.isreg() and keep(name):
+                    prefix = base_plus_ext(name)[0]
+                    try:
+                        data = tar.extractfile(info).read()
+                    except READ_ERRORS as err:
+                        at.stop(f"{name}: {_reason(err)}", keep_last=prefix != last_prefix)
+                        return
+                    yield {"fname": name, "data": data, "__url__": url}
+                    last_prefix = prefix
+                at.member += 1
+                tar.members = []  # a shard can hold 10,000 samples: keep no member list
+            end = getattr(tar, "header_error", None)
+            if not isinstance(end, tarfile.EOFHeaderError):
+                at.stop(_END_REASONS.get(type(end), _reason(end)), offset=tar.offset)
     except READ_ERRORS as err:
         at.stop(_reason(err))
-        return
-    end = getattr(tar, "header_error", None)
-    if not isinstance(end, tarfile.EOFHeaderError):
-        at.stop(_END_REASONS.get(type(end), _reason(end)), offset=tar.offset)
 
 
 def _wanted(extensions: Sequence[str] | None) -> Callable[[str], bool]:
