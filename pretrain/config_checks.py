@@ -82,6 +82,9 @@ RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
     "DATA.FORMAT": (*_choice(FORMATS), "dataset format"),
     "DATA.CHECK_IMAGES": (*_choice(CHECK_IMAGES_MODES), "images decoded by the data check"),
     "DATA.SHUFFLE_BUFFER": (*_integer(1), "shard shuffle buffer in samples"),
+    "DATA.CAPTION_FIELD": ((lambda value: value == "txt" or (isinstance(value, str) and len(value) > 5
+                                                               and value.startswith("json:"))),
+                           "'txt' or 'json:FIELD'", "where a shard sample's captions are"),
     "DATA.MAX_BAD_FRACTION": (*_number(0, 1), "bad samples tolerated per rank"),
     "DATA.MASKED_LM.MASK_PROPORTION": (*_number(0, 1, low_open=True), "tokens chosen for masking"),
     "DATA.MASKED_LM.MASK_PROBABILITY": (*_number(0, 1), "chosen token -> [MASK]"),

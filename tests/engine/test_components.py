@@ -16,10 +16,12 @@ from pretrain.checkpoint_io import (
     list_checkpoints,
     read_training_checkpoint,
 )
+from pretrain.config import ConfigError
 from pretrain.distributed import get_rng_state, seed_everything, set_rng_state
 from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.optim import Lookahead, build_optimizer, build_param_groups
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
+from pretrain.errors import BadValueError
 from pretrain.schedule import build_lr_scheduler, lr_multiplier
 from pretrain.tokenizer import strip_special
 from tests.engine.conftest import REPO
@@ -205,7 +207,7 @@ def test_caption_metrics():
     assert perfect["BLEU-4"] > 0.9 and perfect["CIDEr-D"] > poor["CIDEr-D"] >= 0
     assert text_for_scoring("A Dog, running!") == "a dog running"
     assert strip_special([1, 5, 0, 6, 2, 7], eos_index=2, first_word_index=4) == [5, 6]
-    with pytest.raises(KeyError, match="no reference"):
+    with pytest.raises(BadValueError, match="no reference"):  # bad input (a references file), not a bug
         caption_metrics({3: "x"}, refs)
 
 
@@ -215,7 +217,7 @@ def test_indivisible_batch_is_a_clear_error(tmp_path):
 
     cfg = standin_config(**{"OPTIM.BATCH_SIZE": 6, "ENGINE.GRAD_ACCUM_STEPS": 4})
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="OPTIM.BATCH_SIZE 6 does not split evenly into 1 rank"):
+    with pytest.raises(ConfigError, match=r"OPTIM.BATCH_SIZE is 6; must be divisible by 1 rank\(s\) x ENGINE.GRAD_ACCUM_STEPS 4"):
         train(cfg, tmp_path, ctx, StandInModel(), StandInDataset(), collate_fn=list)
 
 
