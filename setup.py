@@ -34,6 +34,9 @@ INSTALL_REQUIRES = [
     # ViT backbones (MODEL.VISUAL.NAME timm::<vit>); detectron2's ViT imports it too. <2: its
     # timm.models.layers shim, which detectron2's ViT imports, may go in a major release.
     "timm>=1.0,<2",
+    # ViTDet's large-scale jitter crops polygon masks (detectron2's FixedSizeCrop -> fvcore's
+    # CropTransform.apply_polygons), which needs shapely.
+    "shapely>=2,<3",
 ]
 
 EXTRAS_REQUIRE = {

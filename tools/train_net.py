@@ -50,6 +50,8 @@ from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.progress import ProgressBarHook
+from detectron2_ext.vit_training import build_adamw_optimizer, build_lsj_train_loader, disable_amp_without_cuda
+from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from virtex_d2.cli import run_tool
 
@@ -71,6 +73,18 @@ class Trainer(DefaultTrainer):
         return [*super().build_hooks(), ProgressBarHook()]
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        if cfg.SOLVER.OPTIMIZER == "ADAMW":  # ViTDet: AdamW with layer-wise lr decay
+            return build_adamw_optimizer(cfg, model)
+        return super().build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.INPUT.LSJ.ENABLED:  # ViTDet: large-scale jitter
+            return build_lsj_train_loader(cfg)
+        return super().build_train_loader(cfg)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
 
@@ -82,6 +96,7 @@ def setup(args):
     adapt_config_to_devices(cfg, comm.get_world_size())
     if not cfg.VIRTEX.INIT_NAME:
         cfg.VIRTEX.INIT_NAME = default_init_name(cfg.MODEL.WEIGHTS)
+    disable_amp_without_cuda(cfg)  # detectron2's AMP trainer asserts CUDA
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -130,6 +145,8 @@ def cli() -> int:
     args = parse_args()
     print("Command Line Args:", args)
     warnings = check_datasets(args)  # a DatasetCheckError: run_tool lists the problems, status 2
+    # optimiser, ViTDet keys, MODEL.WEIGHTS of the right backbone kind and shape
+    check_backbone_run(load_config(args.config_file, args.opts), args.allow_unsafe_pickle)
     launch(
         main,
         args.num_gpus,
