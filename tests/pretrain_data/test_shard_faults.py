@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,54 @@ def test_a_local_cut_shard_is_not_retried_and_a_remote_one_is(tmp_path, caplog):
     got, (fault,) = keys(broken, retries=3, retry_delay=0.01)
     assert attempts.read_text().count("x") == 4 and fault.shard == broken
     assert got == [str(i) for i in range(len(got))] and len(got) < 6
+
+
+class _DroppingServer(ThreadingHTTPServer):
+    """Serves one file over HTTP; the first ``drops`` requests get the full Content-Length but
+    only the first 60 % of the bytes, then the connection closes (a download cut mid-way)."""
+
+    def __init__(self, path: Path, drops: int):
+        self.data, self.drops, self.requests = path.read_bytes(), drops, 0
+        super().__init__(("127.0.0.1", 0), _DroppingHandler)
+
+
+class _DroppingHandler(BaseHTTPRequestHandler):
+    def do_GET(self):  # http.server calls it by this name
+        server = self.server
+        server.requests += 1
+        body = server.data if server.requests > server.drops else server.data[: len(server.data) * 6 // 10]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(server.data)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("drops", [1, 9])
+def test_a_url_shard_whose_download_is_cut_is_fetched_again(tmp_path, caplog, drops):
+    """A real URL through webdataset's gopen (curl) from a local HTTP server: a download cut
+    once is fetched again and gives every sample once; one cut every time gives up after
+    1 + 3 requests with the samples before the cut."""
+    (full,) = source_order_shards(tmp_path, [6])
+    server = _DroppingServer(full, drops)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/00000.tar"
+        with caplog.at_level(logging.WARNING, logger="pretrain.data.shards"):
+            got, faults = keys(url, retries=3, retry_delay=0.01)
+    finally:
+        server.shutdown()
+        server.server_close()
+    if drops == 1:
+        assert got == [str(i) for i in range(6)] and faults == [] and server.requests == 2
+        assert f"reading shard {url} failed" in caplog.text and "retry 1 of 3" in caplog.text
+    else:
+        (fault,) = faults
+        assert server.requests == 4 and fault.shard == url
+        assert got == [str(i) for i in range(len(got))] and 0 < len(got) < 6
 
 
 # --- the stream around a cut shard -------------------------------------------------------------------
