@@ -8,6 +8,7 @@ Shards here are written in source order: shard ``s`` holds the samples with ids
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import tarfile
@@ -92,6 +93,20 @@ def test_garbage_after_some_members_ends_the_shard_there(tmp_path):
     assert got == ["0", "1"] and (fault.offset, fault.member) == (listing[6].offset, 6)
     assert "not a tar header" in fault.reason
     assert keys(full) == ([str(i) for i in range(6)], [])  # the intact shard: every sample, no fault
+
+
+def test_a_cut_gzipped_shard_gives_the_samples_before_the_cut(tmp_path):
+    """A ``.tar.gz`` (webdataset reads it through tarfile's stream decompression) cut at 60 %
+    of its compressed bytes: offsets are in the uncompressed tar."""
+    (full,) = source_order_shards(tmp_path, [6])
+    listing = members(full)
+    packed = gzip.compress(full.read_bytes())
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(packed[: len(packed) * 6 // 10])
+    got, (fault,) = keys(cut)
+    assert 0 < len(got) < 6 and got == [str(i) for i in range(len(got))]
+    assert fault.member in (2 * len(got), 2 * len(got) + 1)  # in the next sample's .jpg or, cut in its .txt
+    assert fault.offset == listing[fault.member].offset and "unexpected end of data" in fault.reason
 
 
 def test_a_local_cut_shard_is_not_retried_and_a_remote_one_is(tmp_path, caplog):
