@@ -67,8 +67,9 @@ def _restart(saved: dict[str, Any], layout: dict[str, Any], ctx: DistContext, wo
     else:
         finished = {}
         again = "the shard list is another (or the checkpoint predates layouts): that epoch is read whole"
+    shown = {key: tuple(str(v)[:12] if key == "shard_list" else v for v in pair) for key, pair in changed.items()}
     logger.warning("the checkpoint's stream layout differs (%s): every reader restarts epoch %d; %s",
-                   ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()), epoch, again)
+                   ", ".join(f"{key} {old} -> {new}" for key, (old, new) in shown.items()), epoch, again)
     per_rank = max(1, workers)
     readers = range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
     mine = saved["ranks"][ctx.rank] if ctx.rank < len(saved["ranks"]) else {}
