@@ -1,8 +1,10 @@
 """ViTDet's training recipe for detectron2's yacs ``DefaultTrainer``: the AdamW optimiser with
 layer-wise lr decay, the large-scale-jitter data loader, and AMP only where it can run.
 
-``tools/train_net.py`` calls these from its ``Trainer`` when ``SOLVER.OPTIMIZER`` is ``ADAMW``
-and ``INPUT.LSJ.ENABLED`` is true; other configs keep detectron2's SGD and resize augmentation.
+``tools/train_net.py`` (its ``Trainer``) and ``tools/benchmark.py finetune`` build their optimizer
+and train loader with :func:`build_recipe_optimizer` and :func:`build_recipe_train_loader`:
+ViTDet's when ``SOLVER.OPTIMIZER`` is ``ADAMW`` and ``INPUT.LSJ.ENABLED`` is true, otherwise
+detectron2's SGD and resize augmentation, exactly as ``DefaultTrainer`` builds them.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.modeling.backbone.vit import ViT, get_vit_lr_decay_rate
+from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from pretrain.config import ConfigError
@@ -84,6 +87,17 @@ def build_lsj_train_loader(cfg):
     """detectron2's train loader with the LSJ mapper; boxes are recomputed from the cropped masks."""
     mapper = DatasetMapper(cfg, is_train=True, augmentations=lsj_augmentations(cfg), recompute_boxes=cfg.MODEL.MASK_ON)
     return build_detection_train_loader(cfg, mapper=mapper)
+
+
+def build_recipe_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The config's optimiser: ViTDet's AdamW (``SOLVER.OPTIMIZER ADAMW``) or detectron2's SGD."""
+    check_solver_config(cfg)
+    return build_adamw_optimizer(cfg, model) if cfg.SOLVER.OPTIMIZER == "ADAMW" else build_optimizer(cfg, model)
+
+
+def build_recipe_train_loader(cfg):
+    """The config's train loader: large-scale jitter (``INPUT.LSJ.ENABLED``) or detectron2's default."""
+    return build_lsj_train_loader(cfg) if cfg.INPUT.LSJ.ENABLED else build_detection_train_loader(cfg)
 
 
 def disable_amp_without_cuda(cfg) -> bool:

@@ -9,6 +9,9 @@
         --batch-size 32 --workers 4
     DETECTRON2_DATASETS=datasets/builtin python tools/benchmark.py finetune \\
         --config configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml --threads 1 --iters 10 --warmup 5
+    python tools/benchmark.py pretrain --config configs/vit/bicaptioning_ViT_B_16_L1_H768.yaml --batch-size 8
+    DETECTRON2_DATASETS=datasets/builtin python tools/benchmark.py finetune \\
+        --config configs/detectron2/builtin/lvis_segm_ViTDet_T_builtin.yaml --threads 1 --iters 10 --warmup 5
 
 ``pretrain`` times full training steps (forward, backward, clipping, optimizer, schedule: the
 functions of the training loop) on a synthetic batch like the official baseline's (N(0,1) images,
@@ -26,7 +29,9 @@ through the training loop's sampler, or with ``--format webdataset`` through its
 (peak memory: the main process and, separately, the largest worker). ``finetune`` times
 detectron2 training steps of a transfer config as ``tools/train_net.py`` runs them (its data loader, model and optimizer, data loading
 included; random init, since the weights do not change the cost) on the dataset the config
-trains on. Results go to the terminal and, with ``--json``, to a file.
+trains on, with the config's recipe (ViTDet's AdamW and large-scale jitter for the ViTDet configs;
+AMP only with CUDA). A ViT pretraining config (``MODEL.VISUAL.NAME timm::...``) is timed like any
+other, at ``--image-size``. Results go to the terminal and, with ``--json``, to a file.
 """
 from __future__ import annotations
 
@@ -270,24 +275,28 @@ def bench_data(args, cfg) -> dict:
 
 
 def bench_finetune(args) -> dict:
-    from detectron2.data import build_detection_train_loader
     from detectron2.engine import SimpleTrainer
     from detectron2.modeling import build_model
-    from detectron2.solver import build_optimizer
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
     from detectron2_ext import load_config
     from detectron2_ext.compat import adapt_config_to_devices
     from detectron2_ext.datasets import check_dataset_files, check_datasets_root
+    from detectron2_ext.vit_training import (
+        build_recipe_optimizer,
+        build_recipe_train_loader,
+        disable_amp_without_cuda,
+    )
 
     cfg = load_config(args.config, [*args.overrides, "MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", str(args.batch_size)])
     adapt_config_to_devices(cfg, world_size=1)
+    disable_amp_without_cuda(cfg)
     check_datasets_root()
     check_dataset_files(cfg.DATASETS.TRAIN)
     seed_all_rng(max(cfg.SEED, 0))  # the same images in the same order on every run
     model = build_model(cfg)
-    trainer = SimpleTrainer(model, build_detection_train_loader(cfg), build_optimizer(cfg, model))
+    trainer = SimpleTrainer(model, build_recipe_train_loader(cfg), build_recipe_optimizer(cfg, model))
 
     def step():
         trainer.run_step()

@@ -8,6 +8,9 @@ complete stages are skipped on a re-run, interrupted ones resume, --force redoes
 Uses a GPU when there is one.
 
     python tools/demo.py [--force] [--pretrain-iters N] [--finetune-iters N] [--seed S]
+
+``--backbone vit`` runs the same stages with a ViT-Ti/16 pretrained by bicaptioning and
+fine-tuned through ViTDet (outputs/demo_vit unless --output-dir says otherwise).
 """
 import argparse
 import os
@@ -39,8 +42,12 @@ def parse_args(argv=None) -> DemoSettings:
                         help=f"Mask R-CNN iterations per initialisation (default: {defaults.finetune_iters})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of pretraining and fine-tuning")
     parser.add_argument("--num-captions", type=int, default=defaults.num_captions, help="example captions to show")
+    parser.add_argument("--backbone", choices=("resnet", "vit"), default=defaults.backbone,
+                        help="resnet: ResNet-18 and FPN Mask R-CNN (default); vit: ViT-Ti/16 and ViTDet Mask R-CNN")
     parser.add_argument("--force", action="store_true", help="redo every stage, replacing its outputs")
     args = parser.parse_args(argv)
+    if args.backbone == "vit" and args.output_dir == defaults.output_dir:
+        args.output_dir = defaults.output_dir.with_name(defaults.output_dir.name + "_vit")  # keep the ResNet run
     settings = DemoSettings(checkout=CHECKOUT, **{k: v for k, v in vars(args).items() if k != "force"})
     return settings, args.force
 

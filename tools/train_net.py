@@ -50,7 +50,7 @@ from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.progress import ProgressBarHook
-from detectron2_ext.vit_training import build_adamw_optimizer, build_lsj_train_loader, disable_amp_without_cuda
+from detectron2_ext.vit_training import build_recipe_optimizer, build_recipe_train_loader, disable_amp_without_cuda
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from virtex_d2.cli import run_tool
@@ -74,15 +74,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        if cfg.SOLVER.OPTIMIZER == "ADAMW":  # ViTDet: AdamW with layer-wise lr decay
-            return build_adamw_optimizer(cfg, model)
-        return super().build_optimizer(cfg, model)
+        return build_recipe_optimizer(cfg, model)  # SGD, or ViTDet's AdamW with layer-wise lr decay
 
     @classmethod
     def build_train_loader(cls, cfg):
-        if cfg.INPUT.LSJ.ENABLED:  # ViTDet: large-scale jitter
-            return build_lsj_train_loader(cfg)
-        return super().build_train_loader(cfg)
+        return build_recipe_train_loader(cfg)  # detectron2's, or ViTDet's large-scale jitter
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

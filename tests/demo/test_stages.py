@@ -133,3 +133,20 @@ def test_outputs_made_otherwise_stop_the_run_unless_forced(tmp_path):
     assert done.read_text() == "made with other settings"
     assert run_stages([stage], force=True, echo=lambda _: None)[0].status == "ran"
     assert done.read_text() == "done"
+
+
+def test_vit_backbone_runs_the_same_stages_with_the_vit_configs(tmp_path):
+    from pathlib import Path
+
+    from pretrain.errors import BadValueError
+    from virtex_d2.pipeline.demo import DemoSettings, build_stages
+
+    REPO = Path(__file__).resolve().parents[2]
+    resnet, vit = (DemoSettings(checkout=REPO, output_dir=tmp_path, backbone=b) for b in ("resnet", "vit"))
+    assert [getattr(st, "name", None) for st in build_stages(vit)] == [getattr(st, "name", None) for st in build_stages(resnet)]
+    commands = {st.name: " ".join(map(str, st.command)) for st in build_stages(vit) if hasattr(st, "command")}
+    assert "configs/builtin/bicaptioning_ViT_T_16_L1_H192.yaml" in commands["pretrain"]
+    assert "lvis_segm_ViTDet_T_builtin.yaml" in commands["convert"] and "virtex_ViT_T_16.pth" in commands["convert"]
+    assert vit.finetune_config.name == "lvis_segm_ViTDet_T_builtin.yaml"
+    with pytest.raises(BadValueError, match="--backbone must be one of resnet, vit"):
+        DemoSettings(backbone="swin")

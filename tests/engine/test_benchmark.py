@@ -62,3 +62,14 @@ def test_finetune_mode_times_the_demo_transfer_config(tmp_path, synthetic_root):
     assert result["mode"] == "finetune" and result["device"] == "cpu" and result["threads"] == 1
     # A Mask R-CNN loss at initialisation: the five detectron2 losses, 1203-way classification among them.
     assert math.isfinite(result["first_loss"]) and result["first_loss"] > 1
+
+
+def test_vitdet_steps_are_timed_with_the_vitdet_recipe(tmp_path, synthetic_root):
+    """The demo's ViTDet config, with its AdamW and LSJ loader, AMP asked for and off on CPU
+    (ViT pretraining configs go through the pretrain mode like any other)."""
+    vitdet = REPO / "configs" / "detectron2" / "builtin" / "lvis_segm_ViTDet_T_builtin.yaml"
+    result = run_benchmark(tmp_path, "finetune", "--threads", "1", config=vitdet, overrides=(
+        "MODEL.VIT.IMG_SIZE", "128", "MODEL.SFP.SQUARE_PAD", "128", "INPUT.LSJ.IMAGE_SIZE", "128",
+        "INPUT.MAX_SIZE_TEST", "128", "MODEL.VIT.WINDOW_SIZE", "4", "SOLVER.AMP.ENABLED", "True"))
+    assert_step_times(result, batch_size=2)
+    assert math.isfinite(result["first_loss"]) and result["first_loss"] > 1

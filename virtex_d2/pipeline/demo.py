@@ -2,7 +2,8 @@
 
 Data -> vocabulary -> bicaptioning pretraining -> captions -> backbone conversion -> LVIS
 Mask R-CNN fine-tuning from VirTex and from random initialisation (same schedule and seed)
--> report. Each stage is one of the project's own command-line tools, so a user can re-run any
+-> report. ``backbone`` chooses the ResNet-18 path (FPN Mask R-CNN) or the ViT-Ti/16 one
+(ViTDet Mask R-CNN); the stages are the same. Each stage is one of the project's own command-line tools, so a user can re-run any
 of them by hand with the command the demo prints.
 """
 from __future__ import annotations
@@ -27,6 +28,12 @@ from virtex_d2.reports.pretraining import read_caption_examples
 
 PRETRAIN_CONFIG = "configs/builtin/bicaptioning_R_18_L1_H256.yaml"
 FINETUNE_CONFIG = "configs/detectron2/builtin/lvis_segm_R_18_FPN_builtin.yaml"
+#: --backbone -> (pretraining config, fine-tuning config, name of the converted weights)
+BACKBONES = {
+    "resnet": (PRETRAIN_CONFIG, FINETUNE_CONFIG, "virtex_R_18.pth"),
+    "vit": ("configs/builtin/bicaptioning_ViT_T_16_L1_H192.yaml",
+            "configs/detectron2/builtin/lvis_segm_ViTDet_T_builtin.yaml", "virtex_ViT_T_16.pth"),
+}
 VOCAB_SIZE = 256
 LVIS_VAL = "lvis_v1_val"
 
@@ -49,9 +56,12 @@ class DemoSettings:
     finetune_iters: int = 300
     seed: int = 0
     num_captions: int = 6
+    backbone: str = "resnet"
 
     def __post_init__(self):
         """Settings no stage could run with are refused before the first stage starts."""
+        if self.backbone not in BACKBONES:
+            raise BadValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         check_sizes(self.num_train, self.num_val)
         for name in ("pretrain_iters", "finetune_iters", "image_size"):
             if getattr(self, name) < 1:
@@ -79,18 +89,18 @@ class DemoSettings:
 
     @property
     def weights(self) -> Path:
-        return self.output_dir / "virtex_R_18.pth"
+        return self.output_dir / BACKBONES[self.backbone][2]
 
     def finetune_dir(self, init: str) -> Path:
         return self.output_dir / f"lvis_{init}"
 
     @property
     def pretrain_config(self) -> Path:
-        return self.checkout / PRETRAIN_CONFIG
+        return self.checkout / BACKBONES[self.backbone][0]
 
     @property
     def finetune_config(self) -> Path:
-        return self.checkout / FINETUNE_CONFIG
+        return self.checkout / BACKBONES[self.backbone][1]
 
     def tool(self, name: str) -> list:
         """The command that runs ``tools/<name>`` with this interpreter."""
