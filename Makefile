@@ -15,9 +15,13 @@ $(STAMP): setup.py scripts/setup_env.sh scripts/apt_install.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 	touch $@
 
-# System packages the tests need beyond Python: headless Chromium opens the attention page.
+# System packages the tests need beyond Python: headless Chromium opens the attention page; a
+# one-node Slurm runs the `slurm` tests (tests/engine/test_cluster_launch.py). Where Slurm cannot
+# be installed (not root, no apt-get) those tests are skipped, saying why; as root with apt-get a
+# failure to start it stops here.
 test-deps:
 	bash scripts/apt_install.sh chromium sh -c 'command -v chromium || command -v chromium-browser'
+	bash scripts/slurm/local_cluster.sh start || { [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; }
 
 test: setup test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
