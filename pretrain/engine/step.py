@@ -71,21 +71,29 @@ def optimizer_step(
 
 
 class StopSignal:
-    """Remembers a SIGTERM (what schedulers send before preemption) until the loop acts on it."""
+    """Remembers a stop request until the loop acts on it: SIGTERM (what Slurm sends the tasks at a
+    preemption or at the end of a job) or SIGUSR1/SIGUSR2 (Slurm's ``--signal`` warning before the
+    time limit: scripts/slurm/pretrain.sbatch asks for USR1, submitit for USR2). Without a handler
+    the USR signals would end the process at once, losing the iteration and the checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.name = ""
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.received = True
+        self.name = self.name or signal.Signals(signum).name
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def agree_on_stopping(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """Whether any rank saw a non-finite loss, and whether any rank received SIGTERM.
+    """Whether any rank saw a non-finite loss, and whether any rank received a stop signal.
 
     All ranks take the same decision at the same iteration, so none is left waiting in a collective.
     """

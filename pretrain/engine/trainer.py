@@ -174,7 +174,8 @@ class PretrainingLoop:
                 if stop_agreed or finished or iteration % cfg.ENGINE.CHECKPOINT_PERIOD == 0:
                     self.last_saved = self.save(iteration)
                 if stop_agreed:
-                    logger.warning("SIGTERM received: saved %s and stopping; continue with --resume", self.last_saved)
+                    logger.warning("%s received: saved %s and stopping; continue with --resume", stop.name or "stop signal",
+                                   self.last_saved)
                     break
                 if self.validation is not None and cfg.ENGINE.VAL_PERIOD and (
                     finished or iteration % cfg.ENGINE.VAL_PERIOD == 0
