@@ -7,9 +7,10 @@ resumed from the newest checkpoint every time it starts.
         [KEY VALUE ...]
 
 One task per GPU runs ``tools/pretrain.py --resume`` as one rank (submitit exports RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Slurm sends USR2 --signal-delay seconds
-before --time runs out; rank 0 then stops training after its iteration (every rank saves a
-checkpoint) and submitit requeues the job, at most --max-requeues times. --local runs the same
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) on --cpus-per-task cores (the rank and its
+DATA.NUM_WORKERS loader workers; default 8). Slurm sends USR2 --signal-delay seconds before --time
+runs out; every rank stops after the same iteration, a checkpoint is written, and once rank 0's
+training process has ended submitit requeues the job, at most --max-requeues times. --local runs the same
 tasks on this machine (one node; --tasks-per-node without GPUs), e.g. to try a config.
 Job files and logs go to --log-dir (default: OUTPUT_DIR/submitit).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from virtex_d2.cli import report_error, run_tool, tool_parser
-from virtex_d2.pipeline.cluster import ClusterSettings, submit_pretraining
+from virtex_d2.cluster import DEFAULT_CPUS_PER_TASK, ClusterSettings, submit_pretraining
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,10 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (default: 8)")
     parser.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: one per GPU)")
+    parser.add_argument("--cpus-per-task", type=int, default=DEFAULT_CPUS_PER_TASK,
+                        help="cores per rank, for it and its DataLoader workers (default: %(default)s)")
     parser.add_argument("--partition", default=None, help="Slurm partition")
     parser.add_argument("--time", type=int, default=24 * 60, help="time limit of one job in minutes (default: 1440)")
-    parser.add_argument("--signal-delay", type=int, default=120,
-                        help="seconds before the time limit at which training stops and saves (default: 120)")
+    parser.add_argument("--signal-delay", type=int, default=300,
+                        help="seconds before the time limit at which training stops and saves: the iteration in "
+                             "flight plus the checkpoint write (default: 300, see docs/reliability.md)")
     parser.add_argument("--max-requeues", type=int, default=20, help="requeues at most (default: 20)")
     parser.add_argument("--log-dir", default=None, help="submitit's job files and logs (default: OUTPUT_DIR/submitit)")
     parser.add_argument("--local", action="store_true", help="run the tasks on this machine instead of Slurm")
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_error("submit_pretrain", ValueError(f"overrides must be KEY VALUE pairs: {args.overrides}"), 2)
     settings = ClusterSettings(
         folder=args.log_dir or str(Path(args.output_dir) / "submitit"), nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, partition=args.partition,
+        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
         time_min=args.time, signal_delay_s=args.signal_delay, max_requeues=args.max_requeues,
         cluster="local" if args.local else "slurm",
     )

@@ -4,22 +4,26 @@
 gpus_per_node``) runs ``tools/pretrain.py --resume`` as one rank of the ``torch.distributed``
 job, with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` taken
 from Slurm by submitit. Always passing ``--resume`` makes every start, first or requeued,
-continue from the newest usable checkpoint of the output folder.
+continue from the newest usable checkpoint of the output folder. Each task asks for
+``cpus_per_task`` cores (the rank and its DataLoader workers), also for its ``srun``, which in
+Slurm 22.05 does not inherit the value from the batch script.
 
-Interruptions:
+Interruptions (tried on a real one-node Slurm 22.05, ``tests/engine/test_cluster_launch.py``):
 
-* **Time limit or preemption signal** (Slurm's ``--signal=USR2@signal_delay_s``, which
-  submitit sets): submitit calls :meth:`PretrainingTask.checkpoint` on rank 0, which sends
-  SIGTERM to its training process and waits for it. SIGTERM on any rank stops every rank after
-  the same iteration with a checkpoint (``pretrain.engine.step``), so at most the iteration in
-  flight is lost; submitit then requeues the job.
-* **Preemption by SIGTERM** (``PreemptMode=REQUEUE``): the training processes receive it from
-  Slurm, save and exit; Slurm requeues the job, and the new start resumes.
+* **Time limit** (Slurm's ``--signal=USR2@signal_delay_s``, which submitit sets): Slurm sends USR2
+  to every process of the step, the training processes included, which stop after the same
+  iteration with a checkpoint (``pretrain.engine.step.StopSignal``; all ranks agree). On rank 0
+  submitit calls :meth:`PretrainingTask.checkpoint`, which also forwards the stop to its
+  training process and waits for it to exit (so the checkpoint is on disk) before submitit
+  requeues the job (``scontrol requeue``, which ends the step).
+* **Preemption**: with a grace time Slurm sends SIGTERM to the tasks; the training processes
+  save and exit, and Slurm requeues the job (PreemptMode=REQUEUE). submitit's own preemption
+  (SIGTERM then USR2, ``job._interrupt()``) saves the same way and requeues.
 * **A crash or SIGKILL**: the job fails; resubmitting it resumes from the newest checkpoint
   (at most ``ENGINE.CHECKPOINT_PERIOD`` iterations lost).
 
 The training runs in a child process (not in submitit's own process) so that submitit's signal
-handler can let it finish its iteration and save instead of exiting in the middle of it.
+handler can wait for it to finish its iteration and save instead of exiting in the middle of it.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import submitit
 logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 600  # how long rank 0 waits for its training process to save when signalled
+DEFAULT_CPUS_PER_TASK = 8  # one rank and its DataLoader workers (DATA.NUM_WORKERS, 2 by default), with room
 
 
 def _running(pid: int) -> bool:
@@ -74,12 +79,15 @@ class PretrainingTask(submitit.helpers.Checkpointable):
         """On the time-limit/preemption signal: stop training after this iteration (it saves a
         checkpoint), then have submitit requeue the same task, which resumes from it."""
         process = getattr(self, "_process", None)
-        if process is not None and process.poll() is None:
-            logger.warning("signalled: stopping the training process %d after its iteration", process.pid)
-            os.kill(process.pid, signal.SIGTERM)
+        if process is not None and _running(process.pid):
+            logger.warning("signalled: stopping the training process %d after its iteration and waiting for its "
+                           "checkpoint", process.pid)
+            os.kill(process.pid, signal.SIGTERM)  # Slurm's USR2 may not reach it (a site signalling only the task)
             deadline = time.monotonic() + _STOP_TIMEOUT_S
             while time.monotonic() < deadline and _running(process.pid):
                 time.sleep(0.5)
+            logger.warning("the training process %s; requeueing", "ended" if not _running(process.pid)
+                           else f"did not end within {_STOP_TIMEOUT_S} s")
         return submitit.helpers.DelayedSubmission(PretrainingTask(self.script, self.config, self.output_dir,
                                                                   list(self.overrides)))
 
@@ -96,9 +104,10 @@ class ClusterSettings:
     nodes: int = 1
     gpus_per_node: int = 8
     tasks_per_node: int | None = None  # default: one per GPU (set it for CPU-only tasks)
+    cpus_per_task: int = DEFAULT_CPUS_PER_TASK  # cores of one rank: itself and its DataLoader workers
     partition: str | None = None
     time_min: int = 24 * 60
-    signal_delay_s: int = 120  # the time-limit signal comes this long before the end
+    signal_delay_s: int = 300  # the time-limit signal comes this long before the end (docs/reliability.md)
     max_requeues: int = 20
     cluster: str = "slurm"
     slurm_extra: dict = field(default_factory=dict)  # more SlurmExecutor parameters (account, qos, ...)
@@ -120,8 +129,12 @@ def make_executor(settings: ClusterSettings) -> submitit.Executor:
     if settings.cluster != "slurm":
         raise ValueError(f"cluster must be 'slurm' or 'local', got '{settings.cluster}'")
     executor = submitit.SlurmExecutor(settings.folder, max_num_timeout=settings.max_requeues)
+    if settings.cpus_per_task < 1:
+        raise ValueError(f"cpus_per_task must be at least 1, got {settings.cpus_per_task}")
     executor.update_parameters(
-        nodes=settings.nodes, ntasks_per_node=settings.tasks, gpus_per_node=settings.gpus_per_node,
+        nodes=settings.nodes, ntasks_per_node=settings.tasks,
+        **({"gpus_per_node": settings.gpus_per_node} if settings.gpus_per_node else {}),  # no GRES asked on CPU
+        cpus_per_task=settings.cpus_per_task, srun_args=["--cpus-per-task", str(settings.cpus_per_task)],
         time=settings.time_min, signal_delay_s=settings.signal_delay_s, job_name="virtex-d2-pretrain",
         **({"partition": settings.partition} if settings.partition else {}), **settings.slurm_extra,
     )

@@ -1,9 +1,13 @@
-"""Cluster launch: tools/submit_pretrain.py's submitit job (with submitit's local executor on the
-CPU) and scripts/slurm/pretrain.sbatch (with stand-ins for srun and scontrol) stop at the
-time-limit signal with a checkpoint, requeue, and resume from the newest checkpoint."""
+"""Cluster launch on a real one-node Slurm (scripts/slurm/local_cluster.sh: slurmctld, slurmd,
+munge; real sbatch, srun, scontrol and torchrun): scripts/slurm/pretrain.sbatch and
+tools/submit_pretrain.py stop at the time-limit signal with a checkpoint written by the signal
+path alone (the periodic checkpoint is out of reach), requeue, resume from exactly that
+checkpoint; a preemption signal saves the same way; the requeued job finishes. Also
+tools/submit_pretrain.py's job under submitit's local executor (no Slurm)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,14 +19,17 @@ import pytest
 
 from pretrain.checkpoint_io import list_checkpoints, read_training_checkpoint
 from tests.engine.conftest import PRETRAIN, REPO, TINY_CONFIG, subprocess_env
-from virtex_d2.pipeline.cluster import (
-    ClusterSettings,
-    make_executor,
-    submit_pretraining,
-)
+from virtex_d2.cluster import ClusterSettings, make_executor, submit_pretraining
 
 SBATCH = REPO / "scripts" / "slurm" / "pretrain.sbatch"
+SUBMIT = REPO / "tools" / "submit_pretrain.py"
+LOCAL_CLUSTER = REPO / "scripts" / "slurm" / "local_cluster.sh"
+# tests/conftest.py lets a `slurm` test skip only with this reason; anything else is a failure.
+SLURM_UNAVAILABLE = "local Slurm unavailable"
 ITERATIONS = 30
+SLURM_ITERATIONS = 240  # at about 0.2 s each, the time-limit signal (<= 30 s after it is due) lands mid-run
+OUT_OF_REACH = ["ENGINE.CHECKPOINT_PERIOD", "100000", "ENGINE.LOG_PERIOD", "20"]
+LEAD_S = 120  # the time-limit signal's lead in the Slurm tests
 
 
 def wait_for(path: Path, process_alive, timeout: float = 240) -> None:
@@ -43,15 +50,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_and_resume_lines(output_dir: Path) -> tuple[int, int]:
-    """The iteration the first start stopped at (SIGTERM) and the one the next start resumed from."""
+def checkpoint_lines(output_dir: Path, marker: str) -> list[int]:
+    """The checkpoint iterations named on rank 0's log lines that contain ``marker``."""
     log = (output_dir / "log_rank0.txt").read_text()
-    stopped = [int(line.split("checkpoint_")[1].split(".pth")[0]) for line in log.splitlines()
-               if "SIGTERM received: saved" in line]
-    resumed = [int(line.split("checkpoint_")[1].split(".pth")[0]) for line in log.splitlines()
-               if "resumed from" in line]
-    assert len(stopped) == 1 and len(resumed) == 1, log[-3000:]
-    return stopped[0], resumed[0]
+    return [int(m.group(1)) for line in log.splitlines() if marker in line
+            for m in [re.search(r"checkpoint_(\d+)\.pth", line)] if m]
 
 
 def test_submitit_job_requeues_at_the_signal_and_resumes_from_the_newest_checkpoint(tiny_overrides, tmp_path, monkeypatch):
@@ -76,65 +79,175 @@ def test_submitit_job_requeues_at_the_signal_and_resumes_from_the_newest_checkpo
         assert time.monotonic() < deadline, "the job did not finish"
         time.sleep(0.5)
     assert job.results() == [str(output), str(output)]
-    stopped, resumed = stop_and_resume_lines(output)
-    assert 4 < stopped < ITERATIONS and resumed == stopped
+    stopped, resumed = checkpoint_lines(output, "received: saved"), checkpoint_lines(output, "resumed from")
+    assert len(stopped) == 1 and 4 < stopped[0] < ITERATIONS and resumed == stopped
     assert "Requeued job" in Path(job.paths.stdout).read_text()  # submitit logs there
     assert list_checkpoints(output)[-1][0] == ITERATIONS
     assert read_training_checkpoint(output / f"checkpoint_{ITERATIONS}.pth")["world_size"] == 2
 
 
-def test_slurm_executor_gets_nodes_gpus_partition_time_and_signal(tmp_path, monkeypatch):
-    """The sbatch file submitit would submit (built with a stand-in srun on PATH)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    settings = ClusterSettings(folder=str(tmp_path / "submitit"), nodes=4, gpus_per_node=8, partition="gpu",
-                               time_min=2880, signal_delay_s=150, max_requeues=7)
+# --- on a real Slurm -------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """A running one-node Slurm (started here if `make test-deps` has not); skips the test,
+    saying why, where none can be started (not root, no apt-get)."""
+    if subprocess.run(["bash", str(LOCAL_CLUSTER), "status"], check=False).returncode == 0:
+        return
+    started = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], check=False, capture_output=True, text=True,
+                             timeout=900)
+    if started.returncode != 0:
+        pytest.skip(f"{SLURM_UNAVAILABLE}: {' '.join((started.stderr or started.stdout).strip().splitlines()[-1:])}")
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s KEY=VALUE fields of a job."""
+    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=True, capture_output=True,
+                          text=True).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+
+ENDED = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def wait_until(what: str, predicate, job_id: str, timeout: float = 300) -> None:
+    """Poll ``predicate`` every second; fail at once if the job ends first, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        info = job_info(job_id)
+        assert info["JobState"] not in ENDED, f"the job ended before {what}: {info}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {info}"
+        time.sleep(1)
+
+
+def training_started(output: Path, starts: int):
+    """Whether rank 0 has entered the training loop for the ``starts``-th time (its stop-signal
+    handlers are installed by then)."""
+    log = output / "log_rank0.txt"
+    return lambda: log.exists() and log.read_text().count("training iterations") >= starts
+
+
+def seconds(runtime: str) -> int:
+    days, _, clock = runtime.rpartition("-")
+    h, m, s = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def bring_time_limit_near(job_id: str) -> None:
+    """Cut the running job's time limit so that fewer than LEAD_S seconds are left: Slurm's
+    time-limit check (every 30 s) then sends the --signal as it would before a real limit."""
+    elapsed = seconds(job_info(job_id)["RunTime"])
+    minutes = elapsed // 60 + 2  # 60 to 120 s left
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
+
+
+def release(job_id: str, restarts: int) -> None:
+    """Once the job is requeued (pending, ``restarts`` restarts), start it now (Slurm holds a
+    requeued job for about two minutes) with a time limit far away again."""
+    wait_until(f"requeue #{restarts}", lambda: job_info(job_id)["JobState"] == "PENDING"
+               and int(job_info(job_id)["Restarts"]) == restarts, job_id)
+    time.sleep(2)  # slurmd refuses a job credential issued in the second its last one was revoked
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10"], check=True)
+
+
+def slurm_env() -> dict[str, str]:
+    return {**subprocess_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def assert_stops_and_resumes(output: Path, signals: list[tuple[str, ...]]) -> None:
+    """Rank 0's log: one stop per interruption, naming one of its ``signals``, each saving the
+    only new checkpoint, each next start resuming from exactly that one; the run finished with
+    both ranks."""
+    stopped = checkpoint_lines(output, "received: saved")
+    names = [line.split(" received: saved")[0].rsplit(" ", 1)[-1]
+             for line in (output / "log_rank0.txt").read_text().splitlines() if " received: saved" in line]
+    assert len(names) == len(signals) and all(name in allowed for name, allowed in zip(names, signals)), names
+    assert checkpoint_lines(output, "resumed from") == stopped
+    assert stopped == sorted(set(stopped)) and 0 < stopped[0] and stopped[-1] < SLURM_ITERATIONS, stopped
+    assert [i for i, _ in list_checkpoints(output)] == [*stopped, SLURM_ITERATIONS]
+    final = read_training_checkpoint(output / f"checkpoint_{SLURM_ITERATIONS}.pth")
+    assert final["world_size"] == 2 and len(final["rng"]) == 2
+
+
+@pytest.mark.slurm
+def test_sbatch_template_on_slurm_saves_at_the_time_limit_and_at_preemption(slurm, tiny_overrides, tmp_path):
+    """scripts/slurm/pretrain.sbatch with torchrun, 2 CPU ranks on 2 cores. (1) Slurm's
+    B:USR1 before the time limit: the trap signals the step, both ranks stop after the same
+    iteration, the checkpoint is written, the job requeues itself. (2) After the release, the
+    tasks get SIGTERM (what Slurm sends them at a preemption with a grace time): they save and
+    the job ends; requeued as PreemptMode=REQUEUE does, (3) it resumes and finishes."""
+    output = tmp_path / "run"
+    env = {**slurm_env(), "PRETRAIN_CHECKOUT": str(REPO), "PRETRAIN_RANKS_PER_NODE": "2",
+           "PRETRAIN_PORT": str(free_port())}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--time=10", f"--signal=B:USR1@{LEAD_S}", "--cpus-per-task=2",
+         f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out", str(SBATCH), str(TINY_CONFIG), str(output),
+         *tiny_overrides, "OPTIM.NUM_ITERATIONS", str(SLURM_ITERATIONS), *OUT_OF_REACH],
+        check=True, env=env, capture_output=True, text=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    try:
+        wait_until("training", training_started(output, 1), job_id)
+        bring_time_limit_near(job_id)
+        release(job_id, 1)
+        wait_until("the resumed training", training_started(output, 2), job_id)
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+        wait_until("the end of the preempted start", lambda: job_info(job_id)["JobState"] in ENDED, job_id)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        release(job_id, 2)
+        wait_until("the end", lambda: job_info(job_id)["JobState"] in ENDED, job_id)
+        slurm_log = Path(f"{tmp_path}/slurm-{job_id}.out").read_text()
+        assert job_info(job_id)["JobState"] == "COMPLETED", slurm_log[-4000:]
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    assert slurm_log.count("time limit near") == 1, slurm_log[-4000:]
+    assert_stops_and_resumes(output, [("SIGUSR1",), ("SIGTERM",)])
+
+
+@pytest.mark.slurm
+def test_submit_pretrain_on_slurm_saves_at_the_time_limit_and_at_preemption(slurm, tiny_overrides, tmp_path):
+    """tools/submit_pretrain.py with submitit's SlurmExecutor, 2 tasks of 1 CPU. (1) Slurm's
+    USR2 before the time limit: both training processes stop after the same iteration, rank 0's
+    task waits for the checkpoint, then submitit requeues. (2) After the release, submitit's
+    preemption (SIGTERM, then USR2): saved and requeued again; (3) it resumes and finishes."""
+    output, logs = tmp_path / "run", tmp_path / "submitit"
+    submitted = subprocess.run(
+        [sys.executable, str(SUBMIT), "--config", str(TINY_CONFIG), "--output-dir", str(output), "--log-dir", str(logs),
+         "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+         "--signal-delay", str(LEAD_S), "--max-requeues", "3",
+         *tiny_overrides, "OPTIM.NUM_ITERATIONS", str(SLURM_ITERATIONS), *OUT_OF_REACH],
+        check=True, env=slurm_env(), capture_output=True, text=True, cwd=tmp_path)
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    try:
+        wait_until("training", training_started(output, 1), job_id)
+        bring_time_limit_near(job_id)
+        release(job_id, 1)
+        wait_until("the resumed training", training_started(output, 2), job_id)
+        for sig in ("TERM", "USR2"):  # submitit's own preemption (SlurmJob._interrupt)
+            subprocess.run(["scancel", f"--signal={sig}", job_id], check=True)
+        release(job_id, 2)
+        wait_until("the end", lambda: job_info(job_id)["JobState"] in ENDED, job_id)
+        task_logs = "\n".join(p.read_text() for p in sorted(logs.glob(f"{job_id}_*_log.*")))
+        assert job_info(job_id)["JobState"] == "COMPLETED", task_logs[-4000:]
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    assert task_logs.count("Requeued job") == 2, task_logs[-4000:]
+    # at the preemption both signals may be pending when Python runs its handlers (in signal order)
+    assert_stops_and_resumes(output, [("SIGUSR2",), ("SIGTERM", "SIGUSR2")])
+
+
+@pytest.mark.slurm
+def test_slurm_executor_asks_for_nodes_gpus_cpus_partition_time_and_signal(slurm, tmp_path):
+    """The sbatch file submitit would submit (submitit needs a real srun on PATH to build it)."""
+    settings = ClusterSettings(folder=str(tmp_path / "submitit"), nodes=4, gpus_per_node=8, cpus_per_task=12,
+                               partition="gpu", time_min=2880, signal_delay_s=150, max_requeues=7)
     executor = make_executor(settings)
     text = executor._make_submission_file_text("python -m submitit.core._submit X", "uid")
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --signal=USR2@150"):
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --partition=gpu", "#SBATCH --time=2880",
+                 "#SBATCH --signal=USR2@150", "--cpus-per-task 12"):
         assert line in text, text
     assert executor.max_num_timeout == 7
+    with pytest.raises(ValueError, match="cpus_per_task must be at least 1, got 0"):
+        make_executor(ClusterSettings(folder=str(tmp_path / "x"), cpus_per_task=0))
     with pytest.raises(ValueError, match="the local executor runs one node, not 2"):
         make_executor(ClusterSettings(folder=str(tmp_path / "x"), nodes=2, cluster="local"))
-
-
-def fake_slurm(tmp_path: Path) -> tuple[Path, Path]:
-    """``srun`` that runs its command here and ``scontrol`` that answers for one node and records
-    a requeue; returns the bin folder and the requeue record."""
-    bin_dir, record = tmp_path / "bin", tmp_path / "requeued.txt"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text(
-        f'#!/bin/bash\nif [[ $1 == show ]]; then echo localhost; else echo "$@" >> {record}; fi\n')
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
-    return bin_dir, record
-
-
-def test_sbatch_template_stops_requeues_and_resumes(tiny_overrides, tmp_path):
-    """The template on one 'node' with 2 CPU ranks: USR1 (its --signal) stops training with a
-    checkpoint and requeues the job; the requeued start resumes from it and finishes."""
-    bin_dir, record = fake_slurm(tmp_path)
-    env = {**subprocess_env(), "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2",
-           "PRETRAIN_CHECKOUT": str(REPO), "PRETRAIN_PORT": str(free_port())}
-    output = tmp_path / "run"
-    command = ["bash", str(SBATCH), str(TINY_CONFIG), str(output), *tiny_overrides,
-               "OPTIM.NUM_ITERATIONS", str(ITERATIONS), "ENGINE.CHECKPOINT_PERIOD", "4"]
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(output / "checkpoint_4.pth", lambda: job.poll() is None)
-    job.send_signal(signal.SIGUSR1)
-    out, _ = job.communicate(timeout=240)
-    assert job.returncode == 0, out[-3000:]
-    assert "time limit near" in out and record.read_text().split() == ["requeue", "4242"]
-    assert list_checkpoints(output)[-1][0] < ITERATIONS
-    env["SLURM_RESTART_COUNT"] = "1"
-    again = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    stopped, resumed = stop_and_resume_lines(output)
-    assert 4 <= stopped < ITERATIONS and resumed == stopped
-    assert list_checkpoints(output)[-1][0] == ITERATIONS
