@@ -75,7 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="auto = what training with the config uses (AMP, AMP_DTYPE): with AMP on, fp16 + GradScaler "
                             "on accelerators, bf16 on CPUs with native bf16, else fp32")
     train.add_argument("--no-channels-last", action="store_true", help="keep the CNN in contiguous layout")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--compile", nargs="?", const="true", default="auto", choices=("auto", "true", "false"),
+                       help="torch.compile the step: auto (default) decides as ENGINE.COMPILE would for a run of "
+                            "the config's OPTIM.NUM_ITERATIONS; --compile alone = true")
+    train.add_argument("--no-official", action="store_true",
+                       help="skip the official step at its best that is otherwise timed after ours in the same run")
     train.add_argument("--official-baseline", action="store_true",
                        help="official-equivalent step: contiguous, plain SGD, fp32 unless --precision is given")
     train.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
@@ -125,19 +129,89 @@ def timed(fn, iters: int, warmup: int, sync) -> list[float]:
     return times
 
 
-def bench_pretrain(args, cfg) -> dict:
+def matmul_peak_tflops(device, dtype, size: int = 2048, iters: int = 6) -> float:
+    """What this machine's matmul reaches in ``dtype`` with the threads given: the limit a
+    training step's share is measured against (a square ``size`` matmul, best of ``iters``)."""
     import torch
 
-    from pretrain.distributed import (
-        DistContext,
-        make_batch_mover,
-        seed_everything,
-        select_device,
-    )
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
+    best = min(timed(lambda: torch.mm(a, b), iters, 2, sync))
+    return 2 * size**3 / best / 1e12
+
+
+def step_flops(step) -> float:
+    """Matmul and convolution FLOPs of one call of ``step`` (forward and backward), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def official_step(cfg, device, dtype, batch):
+    """The official loop's step on a fresh model: plain SGD over one group, no schedule,
+    clipping or Lookahead, contiguous layout; fp32, or autocast to ``dtype``."""
+    import torch
+
+    from pretrain.distributed import seed_everything
+    from pretrain.engine.step import forward_backward
+    from pretrain.precision import make_autocast
+    from pretrain.tasks import build_model
+
+    seed_everything(cfg.RANDOM_SEED)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.OPTIM.LR, momentum=cfg.OPTIM.SGD_MOMENTUM,
+                                weight_decay=cfg.OPTIM.WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = make_autocast(device, dtype)
+    losses = []
+
+    def step():
+        losses.append(float(forward_backward(model, batch, scaler, autocast)["loss"]))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, losses
+
+
+def our_step(cfg, device, dtype, channels_last, compile_model, batch, batch_size):
+    """The training loop's own step (its set-up, precision and layout) on a fresh model, and
+    the FLOPs of one eager step of it."""
+    from pretrain.distributed import DistContext, seed_everything
     from pretrain.engine.setup import build_training
     from pretrain.engine.step import forward_backward
-    from pretrain.precision import autocast_dtype, make_autocast
     from pretrain.tasks import build_model
+
+    seed_everything(cfg.RANDOM_SEED)
+    cfg.defrost()
+    cfg.ENGINE.GRAD_ACCUM_STEPS = 1
+    cfg.OPTIM.BATCH_SIZE = batch_size
+    training = build_training(cfg, DistContext(rank=0, local_rank=0, world_size=1, device=device), build_model(cfg),
+                              dtype=dtype, channels_last=channels_last)
+    flops = step_flops(lambda: forward_backward(training.eager_model, batch, training.scaler, training.autocast))
+    training.optimizer.zero_grad(set_to_none=True)
+    if compile_model:
+        training.compile()
+    losses = []
+
+    def step():
+        losses.append(float(training.forward_backward(batch)["loss"]))
+        training.optimizer_step()
+
+    return step, losses, flops, training
+
+
+def bench_pretrain(args, cfg) -> dict:
+    """Our step (or, with ``--official-baseline``, only the official one) and, in the same run,
+    the official step at its best: bf16 autocast where the CPU computes bf16 natively (else
+    fp32), with this process's allocator; ``speedup_vs_official_best`` compares the two."""
+    import torch
+
+    from pretrain.distributed import make_batch_mover, select_device
+    from pretrain.engine.compile import decide_compile
+    from pretrain.precision import autocast_dtype, cpu_has_native_bf16
 
     device = select_device(0, force_cpu=args.cpu)
     baseline = args.official_baseline
@@ -150,50 +224,56 @@ def bench_pretrain(args, cfg) -> dict:
         synthetic_batch(args.batch_size, args.image_size, cfg.DATA.VOCAB_SIZE, cfg.DATA.MAX_CAPTION_LENGTH,
                         torch.Generator().manual_seed(cfg.RANDOM_SEED))
     )
-    seed_everything(cfg.RANDOM_SEED)
-    model = build_model(cfg)
-    losses = []
-    if baseline:  # the official loop: plain SGD, fp32, no schedule, clipping or channels-last
-        model.to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.OPTIM.LR, momentum=cfg.OPTIM.SGD_MOMENTUM,
-                                    weight_decay=cfg.OPTIM.WEIGHT_DECAY)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        autocast = make_autocast(device, None)
-
-        def step():
-            losses.append(float(forward_backward(model, batch, scaler, autocast)["loss"]))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:  # the training loop's own set-up, with the precision and layout asked for
-        ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
-        cfg.defrost()
-        cfg.ENGINE.GRAD_ACCUM_STEPS = 1
-        cfg.OPTIM.BATCH_SIZE = args.batch_size
-        training = build_training(cfg, ctx, model, dtype=dtype, channels_last=channels_last,
-                                  compile_model=bool(args.compile))
-
-        def step():
-            losses.append(float(training.forward_backward(batch)["loss"]))
-            training.optimizer_step()
-
     sync = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
-    times = timed(step, args.iters, args.warmup, sync)
+    # A benchmark stands for a long training run: "auto" decides as for the config's full length.
+    compilation = decide_compile("false" if baseline else args.compile, device, cfg.OPTIM.NUM_ITERATIONS,
+                                 cfg.ENGINE.COMPILE_MIN_ITERATIONS)
+    if baseline:
+        step, losses = official_step(cfg, device, dtype, batch)
+        flops = step_flops(step)
+    else:
+        step, losses, flops, training = our_step(cfg, device, dtype, channels_last, compilation.compile, batch,
+                                                 args.batch_size)
+    start = time.perf_counter()
+    step()  # the first warm-up step, which holds the compilation when compiled
+    sync()
+    first_step_s = time.perf_counter() - start
+    times = timed(step, args.iters, max(args.warmup - 1, 0), sync)
     median = statistics.median(times)
+    peak = matmul_peak_tflops(device, dtype or torch.float32)
     result = {
         "mode": "pretrain",
         "official_baseline": baseline,
         "precision": str(dtype or torch.float32).replace("torch.", ""),
         "channels_last": channels_last,
-        "compile": bool(args.compile and not baseline),
+        "compile": compilation.compile,
+        "compile_reason": compilation.reason,
         "step_s_median": median,
         "step_s_min": min(times),
         "step_s_all": times,
         "images_per_s": args.batch_size / median,
         "peak_rss_gib": peak_rss_gib(),
         "first_loss": losses[0],
+        "tflop_per_step": flops / 1e12,
+        "matmul_peak_tflops": peak,
+        "matmul_share": flops / median / 1e12 / peak,
     }
+    if compilation.compile:
+        result["compile_s"] = first_step_s - median
+        result["compiled_at_the_end"] = training.compiled
     if device.type != "cpu":
         result["peak_device_memory_gib"] = torch.accelerator.max_memory_allocated() / 2**30
+    if not (baseline or args.no_official):
+        del step, training
+        best = (torch.bfloat16 if cpu_has_native_bf16() else None) if device.type == "cpu" else torch.float16
+        official, _ = official_step(cfg, device, best, make_batch_mover(device, False)(batch))
+        official_times = timed(official, args.iters, args.warmup, sync)
+        result["official_best"] = {
+            "precision": str(best or torch.float32).replace("torch.", ""),
+            "step_s_median": statistics.median(official_times),
+            "step_s_all": official_times,
+        }
+        result["speedup_vs_official_best"] = statistics.median(official_times) / median
     return result
 
 

@@ -34,6 +34,23 @@ def test_pretrain_mode_reports_step_time_throughput_and_memory(tmp_path):
     result = run_benchmark(tmp_path, "pretrain", "--batch-size", "2", "--image-size", "64")
     assert_step_times(result, batch_size=2)
     assert result["precision"] in ("float32", "bfloat16") and result["channels_last"]
+    # The tiny config's 8 iterations would not repay a compilation: auto leaves the step eager.
+    assert not result["compile"] and "8 iterations left, fewer than" in result["compile_reason"]
+    # The official step at its best is timed in the same run, and the speed-up is the ratio of medians.
+    official = result["official_best"]
+    assert len(official["step_s_all"]) == 2 and official["precision"] in ("float32", "bfloat16")
+    assert result["speedup_vs_official_best"] == official["step_s_median"] / result["step_s_median"]
+    # The share of the matmul limit: the step's counted FLOPs over its time, against a measured matmul.
+    assert result["tflop_per_step"] > 0 and result["matmul_peak_tflops"] > 0
+    assert math.isclose(result["matmul_share"], result["tflop_per_step"] / result["step_s_median"]
+                        / result["matmul_peak_tflops"])
+
+
+def test_pretrain_mode_compiled_reports_the_compilation_time(tmp_path):
+    result = run_benchmark(tmp_path, "pretrain", "--batch-size", "2", "--image-size", "64", "--compile",
+                           "--no-official")
+    assert result["compile"] and result["compile_reason"] == "ENGINE.COMPILE True"
+    assert result["compiled_at_the_end"] and result["compile_s"] > 0 and "official_best" not in result
 
 
 def test_pretrain_mode_runs_the_precision_the_config_trains_in(tmp_path):
