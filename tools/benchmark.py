@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
     modes.choices["decoder"].add_argument("--visual-tokens", type=int, default=49,
                                           help="decoder memory length (default 49: 7x7 features of 224 px)")
+    modes.choices["finetune"].add_argument("--compile", action="store_true",
+                                           help="torch.compile the detectron2 model (to see whether it pays)")
     modes.choices["data"].add_argument("--workers", type=int, default=None, help="DataLoader workers (default: config)")
     modes.choices["data"].add_argument("--format", choices=("coco", "webdataset"), default=None,
                                        help="DATA.FORMAT: the COCO folder or the shards of DATA.SHARDS (default: config)")
@@ -355,6 +357,7 @@ def bench_data(args, cfg) -> dict:
 
 
 def bench_finetune(args) -> dict:
+    import torch
     from detectron2.engine import SimpleTrainer
     from detectron2.modeling import build_model
     from detectron2.utils.env import seed_all_rng
@@ -376,7 +379,8 @@ def bench_finetune(args) -> dict:
     check_dataset_files(cfg.DATASETS.TRAIN)
     seed_all_rng(max(cfg.SEED, 0))  # the same images in the same order on every run
     model = build_model(cfg)
-    trainer = SimpleTrainer(model, build_recipe_train_loader(cfg), build_recipe_optimizer(cfg, model))
+    trained = torch.compile(model) if args.compile else model
+    trainer = SimpleTrainer(trained, build_recipe_train_loader(cfg), build_recipe_optimizer(cfg, model))
 
     def step():
         trainer.run_step()
@@ -389,6 +393,7 @@ def bench_finetune(args) -> dict:
     return {
         "mode": "finetune",
         "device": cfg.MODEL.DEVICE,
+        "compile": args.compile,
         "step_s_median": median,
         "step_s_min": min(times),
         "step_s_all": times,
