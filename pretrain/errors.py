@@ -51,6 +51,11 @@ class OutputExistsError(InputError, FileExistsError):
     """An output that already exists and would be overwritten without ``--force``."""
 
 
+class OutputNotWritableError(InputError, OSError):
+    """An output folder the user named where no file can be written (a file in the way,
+    permissions, a read-only mount), found before any compute is spent."""
+
+
 class DatasetCheckError(InputError, ValueError):
     """Dataset files that would fail a later stage; lists up to :data:`SHOWN_PROBLEMS` problems.
 

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from pretrain.errors import OutputNotWritableError
+
 
 def _fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable (it lives in the directory's own entry)."""
@@ -81,7 +83,7 @@ def ensure_writable_directory(directory: str | os.PathLike) -> Path:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as err:
-        raise OSError(
+        raise OutputNotWritableError(
             err.errno, f"{directory}: cannot write files there ({err.strerror}); choose another output "
             "directory or fix its permissions"
         ) from None

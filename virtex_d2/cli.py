@@ -85,10 +85,10 @@ def report_error(tool: str, error: BaseException, status: int = BAD_INPUT_STATUS
 
 
 def full_disk_message(error: OSError) -> str:
-    """What a full disk stopped and where: the file when the error names one."""
-    where = error.filename or "the output (the error names no file)"
-    detail = " ".join(str(error).split())
-    return f"no space left on device while writing {where} ({detail}); free space there or choose another output"
+    """What a full disk stopped and where: the file, named by the error's filename or, as the
+    project's writers do, at the start of its message."""
+    where = f"{error.filename}: " if error.filename else ""
+    return f"disk full while writing {where}{error.strerror or error}; free space there or choose another output"
 
 
 def debug_requested(argv: list[str]) -> bool:
