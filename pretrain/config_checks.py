@@ -120,6 +120,7 @@ def value_problems(cfg: CfgNode) -> list[str]:
             problems.append(_describe(key, value, allowed, purpose))
     if problems:  # the relations below assume each key is in range
         return problems
+    problems += name_problems(cfg)
     optim, decoder = cfg.OPTIM, cfg.MODEL.DECODER
     if optim.WARMUP_STEPS > optim.NUM_ITERATIONS:
         problems.append(_describe("OPTIM.WARMUP_STEPS", optim.WARMUP_STEPS,
@@ -135,6 +136,25 @@ def value_problems(cfg: CfgNode) -> list[str]:
         problems.append(_describe("MODEL.DECODER.MAX_DECODING_STEPS", decoder.MAX_DECODING_STEPS,
                                   f"<= DATA.MAX_CAPTION_LENGTH ({cfg.DATA.MAX_CAPTION_LENGTH})",
                                   "the decoder has that many learned positions"))
+    return problems
+
+
+def name_problems(cfg: CfgNode) -> list[str]:
+    """The visual and textual model names, read by the same parsers the model builders use."""
+    from pretrain.models.textual_heads import parse_textual_name
+    from pretrain.models.visual_backbones import parse_visual_name
+    from pretrain.models.vit import is_vit_name, parse_vit_name
+
+    problems = []
+    visual, textual = cfg.MODEL.VISUAL.NAME, cfg.MODEL.TEXTUAL.NAME
+    parsers = [(parse_vit_name if is_vit_name(visual) else parse_visual_name, visual)]
+    if textual != "none":  # the linear head of the classification tasks
+        parsers.append((parse_textual_name, textual))
+    for parse, name in parsers:
+        try:
+            parse(name)
+        except ValueError as err:  # their messages name the key, the value and the accepted forms
+            problems.append(str(err))
     return problems
 
 

@@ -39,6 +39,8 @@ BAD_VALUES = [
     (["ENGINE.VAL_PERIOD", "-5"], "ENGINE.VAL_PERIOD is -5; must be an integer >= 0"),
     (["OPTIM.LR_DECAY_NAME", "exp"], "OPTIM.LR_DECAY_NAME is 'exp'; must be one of none, linear, cosine, multistep"),
     (["OPTIM.OPTIMIZER_NAME", "adam"], "OPTIM.OPTIMIZER_NAME is 'adam'; must be one of sgd, adamw"),
+    (["MODEL.VISUAL.NAME", "torchvision::resnet7"], "MODEL.VISUAL.NAME 'torchvision::resnet7' is not supported"),
+    (["MODEL.TEXTUAL.NAME", "transdec_postnorm::L1_H256"], "MODEL.TEXTUAL.NAME 'transdec_postnorm::L1_H256' is not of"),
 ]
 
 
@@ -98,6 +100,7 @@ def run(tool: str, *args) -> subprocess.CompletedProcess:
     ("DATA.IMAGE_CROP_SIZE", "0"),  # was "height and width must be > 0"
     ("OPTIM.LR", "-0.1"),  # was torch's "Invalid learning rate"
     ("MODEL.DECODER.BEAM_SIZE", "0"),  # was a message naming no key
+    ("MODEL.VISUAL.NAME", "torchvision::resnet7"),  # was a traceback once the data were checked
 ])
 def test_pretrain_refuses_a_bad_value_before_reading_any_data(tmp_path, key, value):
     """DATA.ROOT and the tokenizer do not exist: had anything been read, the error would name them."""
@@ -107,7 +110,7 @@ def test_pretrain_refuses_a_bad_value_before_reading_any_data(tmp_path, key, val
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pretrain: error: ") and f"{key} is {value}" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("pretrain: error: ") and key in lines[0] and value in lines[0], lines
     assert not output.exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fvcore.common.config import CfgNode
 
 from pretrain.config import ConfigError
+from pretrain.errors import BadValueError
 
 from .captioning import CaptioningModel
 from .classification import MultiLabelClassificationModel, TokenClassificationModel
@@ -74,7 +75,7 @@ def build_decoder(cfg: CfgNode) -> BeamSearch | NucleusSampling:
     """
     decoder = cfg.MODEL.DECODER
     if decoder.MAX_DECODING_STEPS > cfg.DATA.MAX_CAPTION_LENGTH:
-        raise ValueError(
+        raise BadValueError(
             f"MODEL.DECODER.MAX_DECODING_STEPS ({decoder.MAX_DECODING_STEPS}) exceeds the "
             f"{cfg.DATA.MAX_CAPTION_LENGTH} learned positions (DATA.MAX_CAPTION_LENGTH)"
         )
@@ -92,7 +93,7 @@ def build_decoder(cfg: CfgNode) -> BeamSearch | NucleusSampling:
         "nucleus_sampling_ours": (NucleusSampling, nucleus, ours),
     }
     if decoder.NAME not in variants:
-        raise ValueError(
+        raise BadValueError(
             f"MODEL.DECODER.NAME '{decoder.NAME}' is unknown; use one of "
             + ", ".join(f"'{name}'" for name in variants)
         )
@@ -140,7 +141,7 @@ def build_masked_lm(cfg: CfgNode) -> MaskedLMModel:
 
 def _linear_head(cfg: CfgNode, num_classes: int) -> LinearTextualHead:
     if cfg.MODEL.TEXTUAL.NAME != "none":
-        raise ValueError(
+        raise BadValueError(
             f"MODEL.NAME '{cfg.MODEL.NAME}' uses a linear head: set MODEL.TEXTUAL.NAME to 'none', "
             f"not '{cfg.MODEL.TEXTUAL.NAME}'"
         )

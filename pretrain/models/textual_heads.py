@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pretrain.errors import BadValueError
+
 from .embedding import WordAndPositionalEmbedding
 from .packed_decoder import PackedLayout, packed_causal_decode
 
@@ -34,14 +36,14 @@ def parse_textual_name(name: str) -> TransformerSpec:
     """Parse ``transdec_{postnorm,prenorm}::L1_H2048_A32_F8192``; raise ``ValueError`` if malformed."""
     match = _TRANSDEC_NAME.match(name)
     if match is None:
-        raise ValueError(
+        raise BadValueError(
             f"MODEL.TEXTUAL.NAME '{name}' is not of the form "
             "'transdec_postnorm::L<layers>_H<hidden>_A<heads>_F<feedforward>' (or transdec_prenorm)"
         )
     norm, layers, hidden, heads, ffn = match.groups()
     spec = TransformerSpec(int(layers), int(hidden), int(heads), int(ffn), norm == "prenorm")
     if spec.hidden_size % spec.attention_heads:
-        raise ValueError(f"MODEL.TEXTUAL.NAME '{name}': H={hidden} is not divisible by A={heads}")
+        raise BadValueError(f"MODEL.TEXTUAL.NAME '{name}': H={hidden} is not divisible by A={heads}")
     return spec
 
 

@@ -12,6 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
+from pretrain.errors import BadValueError
+
 #: torchvision constructors accepted after the ``torchvision::`` prefix of MODEL.VISUAL.NAME.
 SUPPORTED_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
 
@@ -20,7 +22,7 @@ def parse_visual_name(name: str) -> str:
     """``"torchvision::resnet50"`` -> ``"resnet50"``; anything else raises ``ValueError``."""
     prefix, sep, arch = name.partition("::")
     if prefix != "torchvision" or not sep or arch not in SUPPORTED_RESNETS:
-        raise ValueError(
+        raise BadValueError(
             f"MODEL.VISUAL.NAME '{name}' is not supported; use 'torchvision::<arch>' with "
             f"<arch> one of {', '.join(SUPPORTED_RESNETS)} (or 'timm::<vit>', see pretrain.models.vit)"
         )
@@ -50,14 +52,14 @@ def check_torchvision_weights_file(path: str, arch: str, weights: str) -> None:
     try:
         url = torchvision.models.get_model_weights(arch)[weights].url
     except KeyError:
-        raise ValueError(f"torchvision has no {weights} weights for {arch}") from None
+        raise BadValueError(f"torchvision has no {weights} weights for {arch}") from None
     expected = url.rsplit("-", 1)[-1].split(".")[0]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     if not digest.hexdigest().startswith(expected):
-        raise ValueError(
+        raise BadValueError(
             f"{path}: not torchvision's {weights} weights of {arch} (expected the file {url.rsplit('/', 1)[-1]}, "
             f"whose SHA-256 begins with {expected}; this file's begins with {digest.hexdigest()[:8]})"
         )
@@ -95,14 +97,14 @@ class TorchvisionVisualBackbone(nn.Module):
         if arch not in SUPPORTED_RESNETS:
             raise ValueError(f"unsupported ResNet '{arch}'; choose one of {SUPPORTED_RESNETS}")
         if pretrained_weights not in IMAGENET_WEIGHTS:
-            raise ValueError(
+            raise BadValueError(
                 f"MODEL.VISUAL.PRETRAINED_WEIGHTS '{pretrained_weights}' is not one of {', '.join(IMAGENET_WEIGHTS)}"
             )
         constructor = getattr(torchvision.models, arch)
         self.cnn = constructor(weights=pretrained_weights if pretrained else None, zero_init_residual=zero_init_residual)
         channels = self.cnn.fc.in_features
         if channels != visual_feature_size:
-            raise ValueError(
+            raise BadValueError(
                 f"MODEL.VISUAL.FEATURE_SIZE is {visual_feature_size} but {arch} produces "
                 f"{channels} channels"
             )

@@ -8,6 +8,7 @@ detections) so the module fits in a few minutes on 2 shared cores.
 """
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -38,10 +39,15 @@ def free_port() -> int:
 
 
 def train_net(config: str, output_dir: Path, *opts, launcher=()):
-    """Run tools/train_net.py to completion; returns the output directory."""
+    """Run tools/train_net.py to completion; returns the output directory.
+
+    The GPUs are hidden: these runs test the CPU path (device, SyncBN, DDP adaptations) and
+    assert its effects, also on a machine that has a GPU.
+    """
     command = [sys.executable, str(REPO / "tools" / "train_net.py"), *launcher,
                "--config-file", str(CPU_CONFIGS / config), *SMALL, *map(str, opts), "OUTPUT_DIR", str(output_dir)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return output_dir
 
