@@ -173,9 +173,10 @@ def assert_stops_and_resumes(output: Path, signals: list[tuple[str, ...]]) -> No
 def test_sbatch_template_on_slurm_saves_at_the_time_limit_and_at_preemption(slurm, tiny_overrides, tmp_path):
     """scripts/slurm/pretrain.sbatch with torchrun, 2 CPU ranks on 2 cores. (1) Slurm's
     B:USR1 before the time limit: the trap signals the step, both ranks stop after the same
-    iteration, the checkpoint is written, the job requeues itself. (2) After the release, the
-    tasks get SIGTERM (what Slurm sends them at a preemption with a grace time): they save and
-    the job ends; requeued as PreemptMode=REQUEUE does, (3) it resumes and finishes."""
+    iteration, the checkpoint is written, the job requeues itself. (2) After the release,
+    ``scontrol requeue`` of the running job (a preemption with PreemptMode=REQUEUE): every
+    process, srun included, gets SIGTERM and KillWait (30 s) before SIGKILL; the ranks save
+    within it. (3) Released again, it resumes and finishes."""
     output = tmp_path / "run"
     env = {**slurm_env(), "PRETRAIN_CHECKOUT": str(REPO), "PRETRAIN_RANKS_PER_NODE": "2",
            "PRETRAIN_PORT": str(free_port())}
@@ -190,9 +191,7 @@ def test_sbatch_template_on_slurm_saves_at_the_time_limit_and_at_preemption(slur
         bring_time_limit_near(job_id)
         release(job_id, 1)
         wait_until("the resumed training", training_started(output, 2), job_id)
-        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
-        wait_until("the end of the preempted start", lambda: job_info(job_id)["JobState"] in ENDED, job_id)
-        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)  # what PreemptMode=REQUEUE does
         release(job_id, 2)
         wait_until("the end", lambda: job_info(job_id)["JobState"] in ENDED, job_id)
         slurm_log = Path(f"{tmp_path}/slurm-{job_id}.out").read_text()
