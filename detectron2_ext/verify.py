@@ -121,6 +121,34 @@ def _quiet_checkpoint_logs():
             lg.setLevel(level)
 
 
+def load_exactly(model, key_map: dict, converted: dict, weights_path, what: str, unplaced=frozenset()) -> None:
+    """Load ``weights_path`` into ``model`` through detectron2's checkpointer and require every
+    model key of ``key_map`` (model key -> converted key) to receive its converted tensor exactly.
+
+    Before loading, the converted keys must match the map: none missing, none without a place
+    (``unplaced`` lists those the model legitimately cannot hold), no shape mismatch.
+    ConversionError starts with ``what`` (e.g. ``"coco.yaml: backbone"``).
+    """
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(mk for mk, ck in key_map.items() if ck not in converted)
+    unexpected = sorted(set(converted) - set(key_map.values()) - set(unplaced))
+    wrong_shape = [f"{ck}: {tuple(converted[ck].shape)} in the weights, {shapes[mk]} in the model"
+                   for mk, ck in key_map.items() if ck in converted and tuple(converted[ck].shape) != shapes[mk]]
+    problems = [(missing, "missing from the weights"), (unexpected, "not in the model"), (wrong_shape, "of the wrong shape")]
+    errors = [f"{len(keys)} {kind} (e.g. {keys[:3]})" for keys, kind in problems if keys]
+    if errors:
+        raise ConversionError(f"{what} weights do not fit {type(model).__name__}: " + "; ".join(errors))
+    with _quiet_checkpoint_logs():
+        SafeDetectionCheckpointer(model).load(str(weights_path))
+    state = model.state_dict()
+    misplaced = [mk for mk, ck in key_map.items() if not torch.equal(state[mk], converted[ck].to(state[mk].dtype))]
+    if misplaced:
+        raise ConversionError(
+            f"{what}: DetectionCheckpointer did not load {len(misplaced)} tensors from the converted file "
+            f"(e.g. {misplaced[:3]})"
+        )
+
+
 def verify_target(cfg, backbone: ConvertedBackbone, weights_path, name: str) -> TargetCheck:
     """Build ``cfg``'s model on CPU, load ``weights_path`` through the checkpointer, check it."""
     warnings = check_config(cfg, backbone, name)
@@ -129,25 +157,6 @@ def verify_target(cfg, backbone: ConvertedBackbone, weights_path, name: str) -> 
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     key_map, frozen_counters = backbone_key_map(model)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    converted = backbone.state_dict
-    missing = sorted(mk for mk, ck in key_map.items() if ck not in converted)
-    unexpected = sorted(set(converted) - set(key_map.values()) - frozen_counters)
-    wrong_shape = [f"{ck}: {tuple(converted[ck].shape)} in the weights, {shapes[mk]} in the model"
-                   for mk, ck in key_map.items() if ck in converted and tuple(converted[ck].shape) != shapes[mk]]
-    problems = [(missing, "missing from the weights"), (unexpected, "not in the model"), (wrong_shape, "of the wrong shape")]
-    errors = [f"{len(keys)} {what} (e.g. {keys[:3]})" for keys, what in problems if keys]
-    if errors:
-        raise ConversionError(f"{name}: backbone weights do not fit {cfg.MODEL.META_ARCHITECTURE}: " + "; ".join(errors))
-
-    with _quiet_checkpoint_logs():
-        SafeDetectionCheckpointer(model).load(str(weights_path))
-    state = model.state_dict()
-    misplaced = [mk for mk, ck in key_map.items() if not torch.equal(state[mk], converted[ck].to(state[mk].dtype))]
-    if misplaced:
-        raise ConversionError(
-            f"{name}: DetectionCheckpointer did not load {len(misplaced)} backbone tensors from the "
-            f"converted file (e.g. {misplaced[:3]})"
-        )
+    load_exactly(model, key_map, backbone.state_dict, weights_path, f"{name}: backbone", frozen_counters)
     architecture = f"{cfg.MODEL.META_ARCHITECTURE} {cfg.MODEL.BACKBONE.NAME} R{cfg.MODEL.RESNETS.DEPTH} {cfg.MODEL.RESNETS.NORM}"
     return TargetCheck(name, architecture, len(key_map), _untouched_head_layers(model), warnings)

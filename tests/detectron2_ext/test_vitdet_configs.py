@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 
 from detectron2_ext import load_config
 from pretrain.models.vit import import_timm
+from tests.detectron2_ext.test_official_configs import same, value
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "detectron2"
 
@@ -123,20 +124,6 @@ UPSTREAM_LVIS_B = {
     "SOLVER.BASE_LR": 2e-4,
 }
 UPSTREAM = {"coco_mask_rcnn_vitdet_b_100ep.yaml": UPSTREAM_COCO_B, "lvis_mask_rcnn_vitdet_b_100ep.yaml": UPSTREAM_LVIS_B}
-
-
-def value(cfg, key: str):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
-def same(ours, upstream) -> bool:
-    if isinstance(upstream, (list, tuple)):
-        return isinstance(ours, (list, tuple)) and len(ours) == len(upstream) and all(same(a, b) for a, b in zip(ours, upstream))
-    if isinstance(upstream, float):
-        return abs(ours - upstream) <= 1e-12 + 1e-9 * abs(upstream)
-    return ours == upstream
 
 
 def test_every_vitdet_config_is_compared():
