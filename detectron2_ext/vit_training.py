@@ -20,6 +20,8 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 
 from pretrain.config import ConfigError
 
+from .vit_config import VITDET_BACKBONE
+
 OPTIMIZERS = ("SGD", "ADAMW")
 
 
@@ -47,9 +49,8 @@ def build_adamw_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """ViTDet's optimiser: AdamW over detectron2's default parameter groups (no decay on
     ``torch.nn`` norms, none on ``pos_embed``), the lr of each ViT parameter scaled by
     ``SOLVER.VIT_LR_DECAY_RATE`` per block above it, and detectron2's optional gradient clipping."""
+    check_solver_config(cfg)
     solver = cfg.SOLVER
-    if solver.VIT_LR_DECAY_RATE <= 0 or solver.VIT_LR_DECAY_RATE > 1:
-        raise ConfigError(f"SOLVER.VIT_LR_DECAY_RATE is {solver.VIT_LR_DECAY_RATE}; must be in (0, 1]")
     lr_factor = vit_lr_factor(model, solver.VIT_LR_DECAY_RATE) if solver.VIT_LR_DECAY_RATE != 1.0 else None
     params = get_default_optimizer_params(
         model,
@@ -61,10 +62,7 @@ def build_adamw_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         lr_factor_func=lr_factor,
         overrides={"pos_embed": {"weight_decay": solver.WEIGHT_DECAY_POS_EMBED}},
     )
-    betas = tuple(solver.BETAS)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"SOLVER.BETAS is {list(betas)}; must be two numbers in [0, 1)")
-    return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=solver.BASE_LR, betas=betas,
+    return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=solver.BASE_LR, betas=tuple(solver.BETAS),
                                                                 weight_decay=solver.WEIGHT_DECAY)
 
 
@@ -91,8 +89,10 @@ def build_lsj_train_loader(cfg):
 
 def build_recipe_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The config's optimiser: ViTDet's AdamW (``SOLVER.OPTIMIZER ADAMW``) or detectron2's SGD."""
-    check_solver_config(cfg)
-    return build_adamw_optimizer(cfg, model) if cfg.SOLVER.OPTIMIZER == "ADAMW" else build_optimizer(cfg, model)
+    if cfg.SOLVER.OPTIMIZER == "ADAMW":
+        return build_adamw_optimizer(cfg, model)
+    check_solver_config(cfg)  # an unknown name (also checked before launch, vit_verify.check_backbone_run)
+    return build_optimizer(cfg, model)
 
 
 def build_recipe_train_loader(cfg):
@@ -111,6 +111,19 @@ def disable_amp_without_cuda(cfg) -> bool:
 
 
 def check_solver_config(cfg) -> None:
-    """ConfigError for an unknown ``SOLVER.OPTIMIZER``."""
-    if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
-        raise ConfigError(f"SOLVER.OPTIMIZER is '{cfg.SOLVER.OPTIMIZER}'; must be one of {', '.join(OPTIMIZERS)}")
+    """ConfigError naming the key for an unknown ``SOLVER.OPTIMIZER``, AdamW betas or a layer-wise
+    decay rate out of range, or a decay rate below 1 for a model without a ViT (it would be ignored)."""
+    solver = cfg.SOLVER
+    if solver.OPTIMIZER not in OPTIMIZERS:
+        raise ConfigError(f"SOLVER.OPTIMIZER is '{solver.OPTIMIZER}'; must be one of {', '.join(OPTIMIZERS)}")
+    if solver.OPTIMIZER != "ADAMW":
+        return
+    if len(solver.BETAS) != 2 or not all(0 <= b < 1 for b in solver.BETAS):
+        raise ConfigError(f"SOLVER.BETAS is {list(solver.BETAS)}; must be two numbers in [0, 1)")
+    if not 0 < solver.VIT_LR_DECAY_RATE <= 1:
+        raise ConfigError(f"SOLVER.VIT_LR_DECAY_RATE is {solver.VIT_LR_DECAY_RATE}; must be in (0, 1]")
+    if solver.VIT_LR_DECAY_RATE != 1 and cfg.MODEL.BACKBONE.NAME != VITDET_BACKBONE:
+        raise ConfigError(
+            f"SOLVER.VIT_LR_DECAY_RATE is {solver.VIT_LR_DECAY_RATE}, but MODEL.BACKBONE.NAME "
+            f"{cfg.MODEL.BACKBONE.NAME} has no ViT to decay; set it to 1.0"
+        )
