@@ -13,7 +13,6 @@ what the official dataset applies to a caption before SentencePiece sees it.)
 """
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import defaultdict
@@ -22,6 +21,7 @@ from pathlib import Path
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from pretrain.data.dataset_root import load_json
 from pretrain.errors import BadValueError
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -34,8 +34,7 @@ def text_for_scoring(text: str) -> str:
 
 def load_references(annotation_file: str | Path) -> dict[int, list[str]]:
     """image_id → normalised reference captions, from a COCO captions json."""
-    with open(annotation_file, encoding="utf-8") as handle:
-        annotations = json.load(handle)["annotations"]
+    annotations = load_json(annotation_file)["annotations"]  # errors name the file
     references: dict[int, list[str]] = defaultdict(list)
     for ann in annotations:
         references[int(ann["image_id"])].append(text_for_scoring(ann["caption"]))

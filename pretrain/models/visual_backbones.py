@@ -7,12 +7,13 @@ the ResNet lives in a submodule named ``cnn`` and keeps torchvision's parameter 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 import torchvision
 from torch import nn
 
-from pretrain.errors import BadValueError
+from pretrain.errors import BadValueError, MissingInputError
 
 #: torchvision constructors accepted after the ``torchvision::`` prefix of MODEL.VISUAL.NAME.
 SUPPORTED_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
@@ -54,6 +55,8 @@ def check_torchvision_weights_file(path: str, arch: str, weights: str) -> None:
     except KeyError:
         raise BadValueError(f"torchvision has no {weights} weights for {arch}") from None
     expected = url.rsplit("-", 1)[-1].split(".")[0]
+    if not os.path.isfile(path):
+        raise MissingInputError(f"{path}: file not found (expected torchvision's {weights} weights of {arch})")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

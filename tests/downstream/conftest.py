@@ -2,12 +2,12 @@
 its vocabulary and a checkpoint, all on the built-in dataset, and the tools as modules."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.tool_main import Tool
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB_SIZE = 100
@@ -34,13 +34,9 @@ AMP: False
 """
 
 
-def load_tool(name: str):
-    """``tools/<name>.py`` as a module (tools/ is not a package), for calling its ``main(argv)``."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_tool(name: str) -> Tool:
+    """``tools/<name>.py``, whose ``main(argv)`` returns the status its command line exits with."""
+    return Tool(name)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """The SentencePiece vocabulary builder, its command-line tool, and the tokenizer."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -13,17 +12,15 @@ from pretrain.tokenizer import (
     normalize_caption,
     train_vocabulary,
 )
+from tests.tool_main import Tool
 
 from .conftest import VOCAB_SIZE, vocabulary_corpus, write_captions_json
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("build_vocabulary", REPO / "tools" / "build_vocabulary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_tool() -> Tool:
+    return Tool("build_vocabulary")
 
 
 def test_special_ids_follow_the_official_layout(tokenizer):

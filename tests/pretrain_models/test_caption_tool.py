@@ -1,5 +1,4 @@
 """tools/caption.py end to end: tiny vocabulary, official-format checkpoint, a folder of images."""
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -13,16 +12,14 @@ from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import build_transform
 from pretrain.tasks import build_model
 from pretrain.tokenizer import SentencePieceBPETokenizer, train_vocabulary
+from tests.tool_main import Tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "caption.py"
 WORDS = ["a", "man", "dog", "cat", "sitting", "on", "the", "red", "blue", "bench", "table", "with", "two", "people", "near", "street", "grass"]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("caption_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_tool() -> Tool:
+    return Tool(TOOL.stem)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.data.dataset_root import load_json
 from pretrain.errors import BadValueError, MissingInputError
 from virtex_d2.reports.plots import save_line_plot
 
@@ -51,11 +52,24 @@ def read_curves(run_dir) -> dict:
     }
 
 
+def _read_caption_list(path) -> list:
+    """tools/caption.py's output: a JSON list of ``{"image", "caption"}``; errors name the file."""
+    if not Path(path).is_file():
+        raise MissingInputError(f"{path}: captions file not found (tools/caption.py writes it)")
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadValueError(f"{path}: not a JSON file ({err})") from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) and {"image", "caption"} <= i.keys() for i in items):
+        raise BadValueError(f"{path}: expected tools/caption.py's list of {{\"image\", \"caption\"}} entries")
+    return items
+
+
 def read_caption_examples(captions_file, references_file, limit: int) -> list:
     """The first ``limit`` generated captions of ``captions_file`` (tools/caption.py output) with
     the reference captions of the same image files in a COCO captions JSON."""
-    generated = json.loads(Path(captions_file).read_text())
-    coco = json.loads(Path(references_file).read_text())
+    generated = _read_caption_list(captions_file)
+    coco = load_json(references_file)  # names the file when it is missing or malformed
     file_of_id = {image["id"]: image["file_name"] for image in coco["images"]}
     references: dict[str, list] = {}
     for annotation in coco["annotations"]:
