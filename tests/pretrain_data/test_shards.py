@@ -38,6 +38,7 @@ from pretrain.distributed import seeded_rng
 from pretrain.engine.sampling import SeededDataset
 from pretrain.tasks import build_dataset, build_model, list_tasks
 from pretrain.tokenizer import train_vocabulary
+from tests.tool_main import Tool
 
 from .conftest import CAPTIONS, VOCAB_SIZE, vocabulary_corpus
 
@@ -138,7 +139,8 @@ def test_make_shards_tool_reads_tables_groups_captions_and_reports_what_it_left_
 def test_make_shards_tool_rejects_bad_input_in_one_line(tmp_path, capsys):
     table = tmp_path / "captions.csv"
     table.write_text("file,text\na.jpg,hello\n")
-    code = make_shards_main(["--captions-csv", str(table), "--image-root", str(tmp_path), "--output", str(tmp_path / "o")])
+    code = Tool("make_shards").main(["--captions-csv", str(table), "--image-root", str(tmp_path), "--output",
+                                     str(tmp_path / "o")])  # through run_tool, as on the command line
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"make_shards: error: {table}: needs columns image, caption; missing image, caption" in err
