@@ -156,8 +156,8 @@ def slurm_env() -> dict[str, str]:
 
 def assert_stops_and_resumes(output: Path, signals: list[tuple[str, ...]]) -> None:
     """Rank 0's log: one stop per interruption, naming one of its ``signals``, each saving the
-    only new checkpoint, each next start resuming from exactly that one; the run finished with
-    both ranks."""
+    only new checkpoint (with both ranks' state), each next start resuming from exactly that
+    one; the run finished with both ranks."""
     stopped = checkpoint_lines(output, "received: saved")
     names = [line.split(" received: saved")[0].rsplit(" ", 1)[-1]
              for line in (output / "log_rank0.txt").read_text().splitlines() if " received: saved" in line]
@@ -165,8 +165,9 @@ def assert_stops_and_resumes(output: Path, signals: list[tuple[str, ...]]) -> No
     assert checkpoint_lines(output, "resumed from") == stopped
     assert stopped == sorted(set(stopped)) and 0 < stopped[0] and stopped[-1] < SLURM_ITERATIONS, stopped
     assert [i for i, _ in list_checkpoints(output)] == [*stopped, SLURM_ITERATIONS]
-    final = read_training_checkpoint(output / f"checkpoint_{SLURM_ITERATIONS}.pth")
-    assert final["world_size"] == 2 and len(final["rng"]) == 2
+    for iteration in [*stopped, SLURM_ITERATIONS]:  # every rank took part in each save
+        saved = read_training_checkpoint(output / f"checkpoint_{iteration}.pth")
+        assert (saved["iteration"], saved["world_size"], len(saved["rng"])) == (iteration, 2, 2)
 
 
 @pytest.mark.slurm
