@@ -185,6 +185,14 @@ def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _visual_kind(state: dict) -> str | None:
+    """"ViT" (``visual.vit.*``), "ResNet" (``visual.cnn.*``) or None for a model state dict."""
+    for prefix, kind in (("visual.vit.", "ViT"), ("visual.cnn.", "ResNet")):
+        if any(key.startswith(prefix) for key in state):
+            return kind
+    return None
+
+
 def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Strictly load the model weights of checkpoint ``path`` into ``model``.
 
@@ -192,6 +200,11 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
     unexpected keys and shape mismatches raise :class:`CheckpointError` naming the file.
     """
     state = load_model_state(path)
+    held, built = _visual_kind(state), _visual_kind(model.state_dict())
+    if held and built and held != built:  # say so in a line, not in torch's list of every key
+        raise CheckpointError(
+            f"{path}: holds a {held} visual backbone, but the config's MODEL.VISUAL.NAME builds a {built}"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -58,3 +58,14 @@ def test_caption_and_attention_tools_run_on_a_vit_checkpoint(vit_run, synthetic_
     out = tmp_path / "attention"
     assert load_tool("visualize_attention").main([*common, "--output-dir", str(out), "--max-images", "1"]) == 0
     assert (out / "index.html").is_file() and len(list(out.glob("*_attention.png"))) == 1
+
+
+def test_a_vit_checkpoint_for_a_resnet_config_is_named_in_one_line(vit_run, tiny_config, synthetic_root, tmp_path,
+                                                                     capsys):
+    """One line naming the file and both kinds (exit 2), not torch's list of every key."""
+    _, checkpoint = vit_run
+    argv = ["--config", str(tiny_config), "--checkpoint", str(checkpoint), "--images",
+            str(synthetic_root / "coco" / "val2017"), "--output", str(tmp_path / "c.json")]
+    assert load_tool("caption").main(argv) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"{checkpoint}: holds a ViT visual backbone, but the config's MODEL.VISUAL.NAME builds a ResNet")
