@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
+from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
 from virtex_d2.cli import report_error, run_tool, tool_parser
 from virtex_d2.cluster import DEFAULT_CPUS_PER_TASK, ClusterSettings, submit_pretraining
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = submit_pretraining(settings, Path(__file__).with_name("pretrain.py"), args.config, args.output_dir,
                                  args.overrides)
-    except (RuntimeError, ValueError, OSError) as err:  # e.g. no sbatch/srun on this machine
+    except (UncompletedJobError, FailedSubmissionError) as err:  # sbatch refused the job: its own message
         return report_error("submit_pretrain", err, 2)
     print(f"submitted job {job.job_id}; logs in {settings.folder}")
     if args.wait:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
+
+from pretrain.errors import BadValueError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -121,16 +124,18 @@ def make_executor(settings: ClusterSettings) -> submitit.Executor:
     """A submitit executor for ``nodes × tasks`` tasks (one GPU each when there are GPUs)."""
     if settings.cluster == "local":
         if settings.nodes != 1:
-            raise ValueError(f"the local executor runs one node, not {settings.nodes}")
+            raise BadValueError(f"--nodes: the local executor runs one node, not {settings.nodes}")
         executor = submitit.LocalExecutor(settings.folder, max_num_timeout=settings.max_requeues)
         executor.update_parameters(tasks_per_node=settings.tasks, gpus_per_node=settings.gpus_per_node,
                                    timeout_min=settings.time_min, signal_delay_s=settings.signal_delay_s)
         return executor
     if settings.cluster != "slurm":
         raise ValueError(f"cluster must be 'slurm' or 'local', got '{settings.cluster}'")
-    executor = submitit.SlurmExecutor(settings.folder, max_num_timeout=settings.max_requeues)
     if settings.cpus_per_task < 1:
-        raise ValueError(f"cpus_per_task must be at least 1, got {settings.cpus_per_task}")
+        raise BadValueError(f"--cpus-per-task must be at least 1, got {settings.cpus_per_task}")
+    if shutil.which("srun") is None:
+        raise MissingInputError("no srun on PATH: submit from a machine of the Slurm cluster, or pass --local")
+    executor = submitit.SlurmExecutor(settings.folder, max_num_timeout=settings.max_requeues)
     executor.update_parameters(
         nodes=settings.nodes, ntasks_per_node=settings.tasks,
         **({"gpus_per_node": settings.gpus_per_node} if settings.gpus_per_node else {}),  # no GRES asked on CPU

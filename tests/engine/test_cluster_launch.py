@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint_io import list_checkpoints, read_training_checkpoint
+from pretrain.errors import BadValueError, MissingInputError
 from tests.engine.conftest import PRETRAIN, REPO, TINY_CONFIG, subprocess_env
 from virtex_d2.cluster import ClusterSettings, make_executor, submit_pretraining
 
@@ -236,7 +237,7 @@ def test_submit_pretrain_on_slurm_saves_at_the_time_limit_and_at_preemption(slur
 
 
 @pytest.mark.slurm
-def test_slurm_executor_asks_for_nodes_gpus_cpus_partition_time_and_signal(slurm, tmp_path):
+def test_slurm_executor_asks_for_nodes_gpus_cpus_partition_time_and_signal(slurm, tmp_path, monkeypatch):
     """The sbatch file submitit would submit (submitit needs a real srun on PATH to build it)."""
     settings = ClusterSettings(folder=str(tmp_path / "submitit"), nodes=4, gpus_per_node=8, cpus_per_task=12,
                                partition="gpu", time_min=2880, signal_delay_s=150, max_requeues=7)
@@ -247,7 +248,10 @@ def test_slurm_executor_asks_for_nodes_gpus_cpus_partition_time_and_signal(slurm
                  "#SBATCH --signal=USR2@150", "--cpus-per-task 12"):
         assert line in text, text
     assert executor.max_num_timeout == 7
-    with pytest.raises(ValueError, match="cpus_per_task must be at least 1, got 0"):
+    with pytest.raises(BadValueError, match="--cpus-per-task must be at least 1, got 0"):
         make_executor(ClusterSettings(folder=str(tmp_path / "x"), cpus_per_task=0))
-    with pytest.raises(ValueError, match="the local executor runs one node, not 2"):
+    with pytest.raises(BadValueError, match="--nodes: the local executor runs one node, not 2"):
         make_executor(ClusterSettings(folder=str(tmp_path / "x"), nodes=2, cluster="local"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's commands
+    with pytest.raises(MissingInputError, match="no srun on PATH"):
+        make_executor(ClusterSettings(folder=str(tmp_path / "x")))
