@@ -86,6 +86,18 @@ def test_mae_format_weights_convert_and_load_with_every_vit_key_placed(tmp_path)
         assert torch.equal(value, state[key[len("backbone.net."):]])
 
 
+def test_deit_and_augreg_layouts_lose_their_classifier_and_keep_the_rest():
+    """timm's DeiT/AugReg classification files: MAE's layout plus ``head.*`` (and ``fc_norm`` when
+    pooled by averaging); a ``module.`` prefix (DDP) is found like any other."""
+    state = mae_format_state_dict()
+    classifier = {"head.weight": torch.zeros(1000, 64), "head.bias": torch.zeros(1000),
+                  "fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64)}
+    converted = convert_vit_state_dict({f"module.{k}": v for k, v in {**state, **classifier}.items()}, "module.")
+    assert sorted(converted.dropped_keys) == sorted(f"module.{k}" for k in ["cls_token", "norm.weight", "norm.bias",
+                                                                           *classifier])
+    assert len(converted.state_dict) == len(state) - 3 and converted.pretrain_use_cls_token
+
+
 def test_random_init_vit_baseline_is_seeded_and_loads_into_the_builtin_config(tmp_path):
     state = initial_vit_state("vit_tiny_patch16_224", 128, seed=3)
     assert torch.equal(state["pos_embed"], initial_vit_state("vit_tiny_patch16_224", 128, seed=3)["pos_embed"])
