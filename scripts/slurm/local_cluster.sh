@@ -17,7 +17,6 @@ set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
 MARK="# written by virtex-d2 scripts/slurm/local_cluster.sh"
-HERE=$(cd "$(dirname "$0")" && pwd)
 LOG_DIR=/var/log/slurm
 
 ready() {
@@ -34,13 +33,25 @@ stop() {  # by the pid files the daemons write, so that nothing else of the same
     done
 }
 
+# Not scripts/apt_install.sh: that installs Recommends too, which for slurm-wlm are 31 more
+# packages (accounting, GPU and monitoring plugins) that a one-node test cluster does not use.
 install_packages() {
-    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-        && command -v sbatch >/dev/null; then
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+        && command -v munged >/dev/null; then
         return
     fi
-    bash "$HERE/../apt_install.sh" slurm-wlm sh -c 'command -v slurmctld && command -v slurmd && command -v sbatch'
-    bash "$HERE/../apt_install.sh" munge sh -c 'command -v munged'
+    if ! command -v apt-get >/dev/null; then
+        echo "error: no apt-get here; install Slurm (slurmctld, slurmd, sbatch) and munge with your package manager" >&2
+        exit 1
+    fi
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "error: installing Slurm needs root; run: sudo apt-get update && sudo apt-get install -y --no-install-recommends slurm-wlm munge" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends slurm-wlm munge
+    echo "installed slurm-wlm and munge"
 }
 
 write_config() {
@@ -90,6 +101,10 @@ start() {
         return
     fi
     install_packages
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "error: Slurm is installed but not running, and starting its daemons needs root: sudo $0 start" >&2
+        exit 1
+    fi
     write_config
     if ! pgrep -x munged >/dev/null; then
         mkdir -p /run/munge && chown munge:munge /run/munge
