@@ -12,10 +12,13 @@ from pretrain.config import ConfigError, config_differences, load_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FILES = sorted(
     [CONFIGS / "_base_bicaptioning_R_50_L1_H1024.yaml"]
-    + [p for folder in ("width_ablations", "depth_ablations", "backbone_ablations", "task_ablations", "builtin")
+    + [p for folder in ("width_ablations", "depth_ablations", "backbone_ablations", "task_ablations", "builtin", "vit")
        for p in (CONFIGS / folder).glob("*.yaml")]
 )
-BACKBONES = {"R_18": "resnet18", "R_50": "resnet50", "R_101": "resnet101", "R_50W2X": "wide_resnet50_2"}
+BACKBONES = {"R_18": "torchvision::resnet18", "R_50": "torchvision::resnet50", "R_101": "torchvision::resnet101",
+             "R_50W2X": "torchvision::wide_resnet50_2", "ViT_T_16": "timm::vit_tiny_patch16_224",
+             "ViT_S_16": "timm::vit_small_patch16_224", "ViT_B_16": "timm::vit_base_patch16_224"}
+TASKS = {"bicaptioning": "virtex", "cappa": "cappa_bicaptioning"}  # file-name task -> MODEL.NAME
 
 
 def test_all_expected_files_exist():
@@ -27,16 +30,18 @@ def test_all_expected_files_exist():
     expected |= {f"task_ablations/{n}.yaml" for n in (
         "bicaptioning_R_50_L1_H2048", "captioning_R_50_L1_H2048", "token_classification_R_50",
         "multilabel_classification_R_50", "masked_lm_R_50_L1_H2048")}
+    expected |= {"builtin/bicaptioning_ViT_T_16_L1_H192.yaml", "vit/bicaptioning_ViT_B_16_L1_H768.yaml",
+                 "vit/bicaptioning_ViT_S_16_L1_H384.yaml", "vit/cappa_ViT_B_16_L6_H768.yaml"}
     assert names == expected
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_loads_and_matches_its_name(path):
     cfg = load_config(str(path))
-    match = re.fullmatch(r"_?(?:base_)?(\w+?)_(R_\w+?)(?:_L(\d)_H(\d+))?", path.stem)
+    match = re.fullmatch(r"_?(?:base_)?(\w+?)_(R_\w+?|ViT_[TSB]_16)(?:_L(\d)_H(\d+))?", path.stem)
     task, backbone, layers, width = match.groups()
-    assert cfg.MODEL.NAME == {"bicaptioning": "virtex"}.get(task, task)
-    assert cfg.MODEL.VISUAL.NAME == f"torchvision::{BACKBONES[backbone]}"
+    assert cfg.MODEL.NAME == TASKS.get(task, task)
+    assert cfg.MODEL.VISUAL.NAME == BACKBONES[backbone]
     if layers is None:
         assert cfg.MODEL.TEXTUAL.NAME == "none" and cfg.OPTIM.NO_DECAY == "none"
     else:
@@ -44,7 +49,7 @@ def test_config_loads_and_matches_its_name(path):
         assert cfg.MODEL.TEXTUAL.NAME == f"transdec_postnorm::L{layers}_H{width}_A{heads}_F{ffn}"
 
 
-@pytest.mark.parametrize("path", [p for p in FILES if p.parent.name != "builtin"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in FILES if p.parent.name not in ("builtin", "vit")], ids=lambda p: p.stem)
 def test_official_hyper_parameters(path):
     cfg = load_config(str(path))
     assert (cfg.RANDOM_SEED, cfg.AMP, cfg.DATA.ROOT, cfg.DATA.TOKENIZER_MODEL) == (
@@ -91,3 +96,20 @@ def test_config_differences_lists_changed_and_missing_keys():
     # A key the saved config lacks (written by an older version) is named, not skipped.
     older = saved.replace("    ZERO_INIT_RESIDUAL: false\n", "")
     assert config_differences(older, load_config(str(config))) == ["MODEL.VISUAL.ZERO_INIT_RESIDUAL: (absent) -> False"]
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if "ViT" in p.stem], ids=lambda p: p.stem)
+def test_vit_configs_use_the_vit_optimiser(path):
+    """AdamW without Lookahead, one learning rate for the ViT and the head, clipping at 1.0, no
+    decay on norms, biases and position embeddings; the full-size ones CapPa's lr, warm-up and
+    cosine decay on VirTex's data recipe."""
+    cfg = load_config(str(path))
+    o = cfg.OPTIM
+    assert (o.OPTIMIZER_NAME, o.LOOKAHEAD.USE, o.CLIP_GRAD_NORM, o.CNN_LR) == ("adamw", False, 1.0, o.LR)
+    assert o.NO_DECAY == ".*(norm|bias|pos_embed|positions)"
+    assert cfg.MODEL.VISUAL.FEATURE_SIZE == int(re.search(r"_H(\d+)", path.stem)[1])
+    if path.parent.name == "vit":
+        assert (o.LR, o.WARMUP_STEPS, o.LR_DECAY_NAME, o.NUM_ITERATIONS, o.BATCH_SIZE) == (0.001, 10000, "cosine", 500000, 256)
+        assert cfg.DATA.IMAGE_CROP_SIZE == 224
+    assert cfg.MODEL.CAPPA.PARALLEL_FRACTION == (0.75 if cfg.MODEL.NAME == "cappa_bicaptioning" else 0.0)
+
