@@ -86,6 +86,9 @@ RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
                                                                and value.startswith("json:"))),
                            "'txt' or 'json:FIELD'", "where a shard sample's captions are"),
     "DATA.MAX_BAD_FRACTION": (*_number(0, 1), "bad samples tolerated per rank"),
+    "DATA.OPEN_SHARDS": (*_integer(1), "shards each reader interleaves"),
+    "DATA.SHARD_RETRIES": (*_integer(0), "reads of a remote shard after a failed one"),
+    "DATA.MAX_BAD_SHARD_FRACTION": (*_number(0, 1), "shards with an unreadable tail tolerated per rank"),
     "DATA.MASKED_LM.MASK_PROPORTION": (*_number(0, 1, low_open=True), "tokens chosen for masking"),
     "DATA.MASKED_LM.MASK_PROBABILITY": (*_number(0, 1), "chosen token -> [MASK]"),
     "DATA.MASKED_LM.REPLACE_PROBABILITY": (*_number(0, 1), "chosen token -> a random token"),
@@ -100,6 +103,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
     "ENGINE.LOG_PERIOD": (*_integer(1), "iterations between log lines"),
     "ENGINE.VAL_PERIOD": (*_integer(0), "iterations between validations (0: none)"),
     "ENGINE.GRAD_ACCUM_STEPS": (*_integer(1), "chunks each rank's batch is processed in"),
+    "ENGINE.COMPILE_MIN_ITERATIONS": (*_integer(0), "iterations left from which ENGINE.COMPILE auto compiles"),
     "AMP_DTYPE": (*_choice(("auto", *AMP_DTYPES)), "mixed-precision type"),
 }
 
