@@ -68,7 +68,28 @@ def check_torchvision_weights_file(path: str, arch: str, weights: str) -> None:
         )
 
 
-class TorchvisionVisualBackbone(nn.Module):
+class VisualBackbone(nn.Module):
+    """What every visual backbone shares: its width must be ``MODEL.VISUAL.FEATURE_SIZE`` (the
+    textual head is built for it), and ``frozen`` turns gradients off and keeps the network in
+    eval mode even when the parent model is put in train mode."""
+
+    def _set_up(self, network: nn.Module, arch: str, width: int, visual_feature_size: int, frozen: bool) -> None:
+        if width != visual_feature_size:
+            raise BadValueError(
+                f"MODEL.VISUAL.FEATURE_SIZE is {visual_feature_size} but {arch} produces {width} channels"
+            )
+        self.visual_feature_size = visual_feature_size
+        self.frozen = frozen
+        if frozen:
+            network.requires_grad_(False)
+            network.eval()
+
+    def train(self, mode: bool = True) -> VisualBackbone:
+        """Switch train/eval mode; a frozen backbone always stays in eval mode."""
+        return super().train(mode and not self.frozen)
+
+
+class TorchvisionVisualBackbone(VisualBackbone):
     """A torchvision ResNet without its classifier, returning the stride-32 feature map.
 
     Built from scratch with torchvision's initialisation, by default with
@@ -105,22 +126,8 @@ class TorchvisionVisualBackbone(nn.Module):
             )
         constructor = getattr(torchvision.models, arch)
         self.cnn = constructor(weights=pretrained_weights if pretrained else None, zero_init_residual=zero_init_residual)
-        channels = self.cnn.fc.in_features
-        if channels != visual_feature_size:
-            raise BadValueError(
-                f"MODEL.VISUAL.FEATURE_SIZE is {visual_feature_size} but {arch} produces "
-                f"{channels} channels"
-            )
+        self._set_up(self.cnn, arch, self.cnn.fc.in_features, visual_feature_size, frozen)
         self.cnn.fc = nn.Identity()
-        self.visual_feature_size = visual_feature_size
-        self.frozen = frozen
-        if frozen:
-            self.cnn.requires_grad_(False)
-            self.cnn.eval()
-
-    def train(self, mode: bool = True) -> TorchvisionVisualBackbone:
-        """Switch train/eval mode; a frozen backbone always stays in eval mode."""
-        return super().train(mode and not self.frozen)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, C, H/32, W/32) layer4 features (any memory format)."""

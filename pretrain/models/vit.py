@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ConfigError
+from pretrain.models.visual_backbones import VisualBackbone
 
 #: timm ViT constructors accepted after the ``timm::`` prefix of MODEL.VISUAL.NAME: the plain
 #: pre-norm ViTs whose every weight has a place in detectron2's ``ViT``.
@@ -65,7 +66,7 @@ def import_timm():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import timm
-        import timm.models.layers  # noqa: F401  (cached, so later imports are silent)
+        import timm.models.layers  # imported here, warnings off, so that later imports of it are silent
     return timm
 
 
@@ -89,7 +90,7 @@ def create_timm_vit(arch: str, image_size: int, drop_path: float = 0.0) -> nn.Mo
     return vit
 
 
-class TimmViTBackbone(nn.Module):
+class TimmViTBackbone(VisualBackbone):
     """A timm ViT whose forward maps (B, 3, H, W) images to (B, D, H/p, W/p) normed patch tokens.
 
     ``frozen=True`` turns gradients off and keeps the encoder in eval mode (no drop path).
@@ -107,21 +108,8 @@ class TimmViTBackbone(nn.Module):
         if not 0.0 <= drop_path < 1.0:
             raise ConfigError(f"MODEL.VISUAL.DROP_PATH must be in [0, 1), got {drop_path}")
         self.vit = create_timm_vit(arch, image_size, drop_path)
-        if self.vit.embed_dim != visual_feature_size:
-            raise ConfigError(
-                f"MODEL.VISUAL.FEATURE_SIZE is {visual_feature_size} but {arch} produces "
-                f"{self.vit.embed_dim} channels"
-            )
+        self._set_up(self.vit, arch, self.vit.embed_dim, visual_feature_size, frozen)
         self.patch_size = self.vit.patch_embed.patch_size[0]
-        self.visual_feature_size = visual_feature_size
-        self.frozen = frozen
-        if frozen:
-            self.vit.requires_grad_(False)
-            self.vit.eval()
-
-    def train(self, mode: bool = True) -> TimmViTBackbone:
-        """Switch train/eval mode; a frozen backbone always stays in eval mode."""
-        return super().train(mode and not self.frozen)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, D, H/p, W/p) tokens after the final LayerNorm."""

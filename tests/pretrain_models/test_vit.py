@@ -5,6 +5,7 @@ import torch
 
 from pretrain.config import ConfigError
 from pretrain.engine.optim import build_param_groups
+from pretrain.errors import BadValueError
 from pretrain.models.factory import build_visual_backbone
 from pretrain.models.vit import TimmViTBackbone, parse_vit_name
 from pretrain.tasks import build_model
@@ -42,7 +43,7 @@ def test_bad_names_and_settings_are_config_errors():
     for name in ("timm::resnet50", "timm::vit_tiny", "vit::vit_base_patch16_224"):
         with pytest.raises(ConfigError, match="is not supported"):
             parse_vit_name(name)
-    with pytest.raises(ConfigError, match="FEATURE_SIZE is 768 but vit_tiny_patch16_224 produces 192"):
+    with pytest.raises(BadValueError, match="FEATURE_SIZE is 768 but vit_tiny_patch16_224 produces 192"):
         build_visual_backbone(tiny_config(**{**VIT, "MODEL.VISUAL.FEATURE_SIZE": 768}))
     with pytest.raises(ConfigError, match="DROP_PATH is for timm ViTs"):
         build_visual_backbone(tiny_config(**{"MODEL.VISUAL.DROP_PATH": 0.1}))
