@@ -3,7 +3,7 @@
 # mode, and detectron2; on Debian/Ubuntu as root also tcmalloc for CPU training. Idempotent: a second run only checks what is already there.
 #
 #   VENV=.venv               where the environment lives
-#   PYTHON=python3           the interpreter the venv is made from (3.11 is what we test)
+#   PYTHON=python3           the interpreter the venv is made from (3.10-3.13; tested: 3.11, 3.13)
 #   DETECTRON2_SOURCE=auto   git: install detectron2 from its git repository (needs internet)
 #                            wheel: the offline route (pure-Python detectron2 from sal-detectron2)
 #                            auto: git when github.com answers, wheel otherwise
