@@ -19,15 +19,23 @@ from pretrain.errors import BadValueError, MissingInputError
 SUPPORTED_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
 
 
-def parse_visual_name(name: str) -> str:
-    """``"torchvision::resnet50"`` -> ``"resnet50"``; anything else raises ``ValueError``."""
+def parse_library_name(name: str, library: str, supported: tuple[str, ...], error: type[Exception] = BadValueError,
+                       other: str = "") -> str:
+    """``"LIBRARY::ARCH"`` -> ``"ARCH"`` when ARCH is ``supported``; ``error`` naming
+    ``MODEL.VISUAL.NAME`` (and ``other``, another accepted form) for anything else."""
     prefix, sep, arch = name.partition("::")
-    if prefix != "torchvision" or not sep or arch not in SUPPORTED_RESNETS:
-        raise BadValueError(
-            f"MODEL.VISUAL.NAME '{name}' is not supported; use 'torchvision::<arch>' with "
-            f"<arch> one of {', '.join(SUPPORTED_RESNETS)} (or 'timm::<vit>', see pretrain.models.vit)"
+    if prefix != library or not sep or arch not in supported:
+        raise error(
+            f"MODEL.VISUAL.NAME '{name}' is not supported; use '{library}::<arch>' with "
+            f"<arch> one of {', '.join(supported)}{other}"
         )
     return arch
+
+
+def parse_visual_name(name: str) -> str:
+    """``"torchvision::resnet50"`` -> ``"resnet50"``; anything else raises :class:`BadValueError`."""
+    return parse_library_name(name, "torchvision", SUPPORTED_RESNETS,
+                              other=" (or 'timm::<vit>', see pretrain.models.vit)")
 
 
 #: torchvision's ImageNet weights of the ResNets: V1 is what official VirTex's ``pretrained=True``

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ConfigError
-from pretrain.models.visual_backbones import VisualBackbone
+from pretrain.models.visual_backbones import VisualBackbone, parse_library_name
 
 #: timm ViT constructors accepted after the ``timm::`` prefix of MODEL.VISUAL.NAME: the plain
 #: pre-norm ViTs whose every weight has a place in detectron2's ``ViT``.
@@ -51,13 +51,7 @@ def is_vit_name(name: str) -> bool:
 
 def parse_vit_name(name: str) -> str:
     """``"timm::vit_base_patch16_224"`` -> ``"vit_base_patch16_224"``; anything else :class:`ConfigError`."""
-    prefix, sep, arch = name.partition("::")
-    if prefix != "timm" or not sep or arch not in SUPPORTED_VITS:
-        raise ConfigError(
-            f"MODEL.VISUAL.NAME '{name}' is not supported; use 'timm::<arch>' with <arch> one of "
-            f"{', '.join(SUPPORTED_VITS)}"
-        )
-    return arch
+    return parse_library_name(name, "timm", SUPPORTED_VITS, error=ConfigError)
 
 
 def import_timm():
