@@ -16,7 +16,10 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.modeling.backbone.vit import ViT, get_vit_lr_decay_rate
 from detectron2.solver import build_optimizer
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import (
+    get_default_optimizer_params,
+    maybe_add_gradient_clipping,
+)
 
 from pretrain.config import ConfigError
 

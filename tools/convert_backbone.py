@@ -42,7 +42,12 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from detectron2_ext import load_config
-from detectron2_ext.transfer import check_output_path, convert_weights, describe, holds_vit
+from detectron2_ext.transfer import (
+    check_output_path,
+    convert_weights,
+    describe,
+    holds_vit,
+)
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG, read_checkpoint
 from pretrain.models.visual_backbones import (
     check_torchvision_weights_file,

@@ -50,7 +50,11 @@ from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.progress import ProgressBarHook
-from detectron2_ext.vit_training import build_recipe_optimizer, build_recipe_train_loader, disable_amp_without_cuda
+from detectron2_ext.vit_training import (
+    build_recipe_optimizer,
+    build_recipe_train_loader,
+    disable_amp_without_cuda,
+)
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from virtex_d2.cli import run_tool

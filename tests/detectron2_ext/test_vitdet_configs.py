@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from detectron2 import model_zoo
 from detectron2.config import instantiate
 from detectron2.modeling import build_model

@@ -18,7 +18,10 @@ from detectron2.modeling import build_model
 from detectron2_ext import load_config
 from detectron2_ext.transfer import convert_weights
 from detectron2_ext.vit_training import build_adamw_optimizer, lsj_augmentations
-from tests.detectron2_ext.test_d2_train_net import LVIS_METRICS, assert_trained_and_evaluated
+from tests.detectron2_ext.test_d2_train_net import (
+    LVIS_METRICS,
+    assert_trained_and_evaluated,
+)
 from tests.detectron2_ext.test_vit_convert import mae_format_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +73,7 @@ def test_converted_vit_fine_tunes_on_lvis_and_the_report_reads_the_run(synthetic
     run = tmp_path / "run"
     command = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", str(LVIS_CPU), *TINY,
                "SOLVER.AMP.ENABLED", "True", "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(run)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     assert_trained_and_evaluated(run, "lvis_v1_val", "LVISEvaluator", {"bbox": LVIS_METRICS, "segm": LVIS_METRICS})
     log = (run / "log.txt").read_text()
