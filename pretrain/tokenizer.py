@@ -141,8 +141,16 @@ class SentencePieceBPETokenizer:
         return self._sp.EncodeAsIds(normalize_caption(text))
 
     def decode(self, token_ids: Iterable[int]) -> str:
-        """The text of ``token_ids``, leaving out ``<unk>``/padding and the control symbols."""
+        """The text of ``token_ids``, leaving out ``<unk>``/padding and the control symbols: our
+        reading, for which id 0 is padding (our decoders never generate ``<unk>``)."""
         return self._sp.DecodeIds([int(i) for i in token_ids if int(i) not in self._special_ids])
+
+    def decode_official(self, token_ids: Iterable[int]) -> str:
+        """The text of ``token_ids`` as the official VirTex tokenizer gives it: SentencePiece's
+        ``DecodeIds`` of every id, which leaves out the control symbols and writes ``<unk>`` as
+        " \u2047 " (U+2047 between spaces). The official captioning script reads its decoders'
+        predictions this way, so a generated ``<unk>`` shows in the caption."""
+        return self._sp.DecodeIds([int(i) for i in token_ids])
 
     def check_special_ids(self, expected: dict[str, int]) -> None:
         """Raise ``ValueError`` naming the model file if a special token's id is not ``expected``.

@@ -9,7 +9,9 @@ The checkpoint may be an official VirTex file or one of ours (both keep the weig
 validation transforms and are decoded by the forward head with MODEL.DECODER (beam search or
 nucleus sampling); override any config key after ``--opts``, e.g.
 ``--opts MODEL.DECODER.BEAM_SIZE 3``. The output is a JSON list of
-``{"image": <file name>, "caption": <text>}`` in file-name order.
+``{"image": <file name>, "caption": <text>}`` in file-name order. The official decoders' captions
+(the default ``beam_search``) read as the official ``scripts/eval_captioning.py`` writes them: a
+generated ``<unk>`` is " \u2047 " (``prediction_text`` in ``pretrain/downstream/caption_eval.py``).
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ from pretrain.config import load_config
 from pretrain.data.images import load_rgb_image
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
-from pretrain.downstream.caption_eval import caption_eval_config, load_captioning_model
+from pretrain.downstream.caption_eval import (
+    caption_eval_config,
+    load_captioning_model,
+    prediction_text,
+)
 from pretrain.errors import MissingInputError, OutputExistsError
 from pretrain.files import write_json_atomic
-from pretrain.tokenizer import first_word_index, strip_special
 from virtex_d2.cli import add_common_flags, run_tool, tool_parser
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -59,6 +64,7 @@ def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, de
     """Load the model and tokenizer of ``cfg`` and caption ``images``; one dict per image."""
     model, tokenizer = load_captioning_model(cfg, checkpoint)
     model.to(device)
+    text = prediction_text(model, tokenizer)
     transform = build_transform(cfg, "val")
     results = []
     for start in range(0, len(images), batch_size):
@@ -66,8 +72,7 @@ def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, de
         batch = torch.stack([transform(load_rgb_image(path), "")[0] for path in paths]).to(device)
         predictions = model({"image": batch})["predictions"].cpu()
         for path, ids in zip(paths, predictions.tolist()):
-            words = strip_special(ids, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA))
-            results.append({"image": path.name, "caption": tokenizer.decode(words)})
+            results.append({"image": path.name, "caption": text(ids)})
     return results
 
 

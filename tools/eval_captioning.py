@@ -14,7 +14,9 @@ a model that ignores the image. The same gap word by word (forward head, the los
 with its caption's own image and with another one) shows *what* the captions take from the
 image: the ``--words`` most frequent words are printed, every word is in the output. The
 output JSON holds the scores, the word gaps and one ``{"image_id", "caption"}`` per image.
-The checkpoint must fit the config's model exactly.
+The checkpoint must fit the config's model exactly. The official decoders' captions (the
+default ``beam_search``) read as the official ``scripts/eval_captioning.py`` writes them: a
+generated ``<unk>`` is " \u2047 " (``prediction_text`` in ``pretrain/downstream/caption_eval.py``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pretrain.downstream.caption_eval import (
     decode_dataset,
     grounding_gap,
     load_captioning_model,
+    prediction_text,
     score_captions,
     word_grounding,
 )
@@ -67,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")
     device = args.device or select_device(0)
     captions = decode_dataset(
-        model, dataset, tokenizer.decode, cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA),
-        device, args.batch_size, args.num_workers,
+        model, dataset, prediction_text(model, tokenizer), device, args.batch_size, args.num_workers
     )
     scores = score_captions(captions, references)
     scores.update(grounding_gap(model, dataset, device, args.batch_size, args.num_workers))

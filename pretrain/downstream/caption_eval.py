@@ -29,13 +29,9 @@ from pretrain.checkpoint_io import load_model_weights
 from pretrain.data.collate import collate_fn
 from pretrain.distributed import make_batch_mover
 from pretrain.errors import BadValueError
+from pretrain.models.decoding import OFFICIAL
 from pretrain.tasks import build_model
-from pretrain.tokenizer import (
-    WORD_START,
-    SentencePieceBPETokenizer,
-    group_pieces,
-    strip_special,
-)
+from pretrain.tokenizer import WORD_START, SentencePieceBPETokenizer, group_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +66,26 @@ def load_captioning_model(cfg, checkpoint: str | Path) -> tuple[nn.Module, Sente
     return model.eval(), tokenizer
 
 
+def prediction_text(model: nn.Module, tokenizer: SentencePieceBPETokenizer) -> Callable[[list[int]], str]:
+    """How a row of ``model``'s ``predictions`` becomes a caption, as its decoder's rules read it.
+
+    Official rules (MODEL.DECODER.NAME ``beam_search``, ``nucleus_sampling``): the whole row
+    through :meth:`~SentencePieceBPETokenizer.decode_official`, as the official captioning
+    script does, so an official checkpoint gives the official captions to the character: the
+    repeated [EOS] of an ended row and a generated [SOS]/[MASK] vanish, a generated ``<unk>``
+    reads " \u2047 ". Our rules: :meth:`~SentencePieceBPETokenizer.decode`, for which id 0 is the
+    padding after [EOS] (our decoders never generate ``<unk>``).
+    """
+    if model.decoder is not None and model.decoder.rules == OFFICIAL:
+        return tokenizer.decode_official
+    return tokenizer.decode
+
+
 @torch.no_grad()
 def decode_dataset(
     model: nn.Module,
     dataset: Dataset,
-    decode: Callable[[list[int]], str],
-    eos_index: int,
-    first_word_index: int,
+    text: Callable[[list[int]], str],
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     num_workers: int = 2,
@@ -84,7 +93,8 @@ def decode_dataset(
     """image_id -> generated caption for every image of a captioning dataset.
 
     ``model`` is a captioning model; an image-only batch makes it decode with its configured
-    decoder (beam search by default). ``decode`` turns token ids into text.
+    decoder (beam search by default). ``text`` turns a row of its predictions into the caption
+    (:func:`prediction_text`).
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
     model = model.to(device).eval()
@@ -92,7 +102,7 @@ def decode_dataset(
     for batch in tqdm(loader, desc="decoding", unit="batch", mininterval=2.0):
         predictions = model({"image": batch["image"].to(device)})["predictions"].cpu()
         for image_id, ids in zip(batch["image_id"].tolist(), predictions.tolist()):
-            captions[int(image_id)] = decode(strip_special(ids, eos_index, first_word_index))
+            captions[int(image_id)] = text(ids)
     return captions
 
 

@@ -6,8 +6,7 @@ logits of each row (the model's prediction after the last token of the row). Row
 of a beam search call belongs to image ``b`` (so a model repeats its visual features with
 ``repeat_interleave``); the first call of both decoders has one row per image.
 
-Both return an (B, L) long tensor of generated tokens without [SOS]; [EOS] and everything a
-sequence produced after it are replaced by ``padding_index`` (0). Scores are plain sums of
+Both return an (B, L) long tensor of generated tokens without [SOS]. Scores are plain sums of
 log-probabilities (no length normalisation); a beam or sample whose last token is [EOS] only
 continues with [EOS] (at log-probability 0); decoding stops when every sequence has ended or
 after ``max_steps`` generated tokens; the token generated at the previous step is suppressed.
@@ -26,8 +25,8 @@ MODEL.DECODER.NAME ``beam_search`` and ``nucleus_sampling`` build it.
 * Beam search, scores: ``log_softmax`` of the logits; from step 2 on, the log-probability of the
   token generated at the previous step is then set to -10000 (the other tokens are not
   renormalised; a penalty, not a ban: it still beats a token scored below -10000); at step 1
-  nothing is blocked. No token is banned: <unk> (id 0, which is also
-  padding, so a generated <unk> reads as "no token"), [SOS] and [MASK] may be generated.
+  nothing is blocked. No token is banned: <unk> (id 0, also the padding id), [SOS] and [MASK]
+  may be generated.
 * Nucleus sampling, prefixes: [SOS] followed by the generated tokens, at every step.
 * Nucleus sampling, nucleus: formed on the unmodified distribution: the tokens sorted by logit,
   and a token is dropped when the probability mass of the tokens ranked above it *and itself*
@@ -35,6 +34,10 @@ MODEL.DECODER.NAME ``beam_search`` and ``nucleus_sampling`` build it.
   Dropped tokens and the previous token ([SOS] at step 1) get logit -1e12, and the next token
   is drawn from the softmax of those logits. When the nucleus is the previous token alone, all
   logits are -1e12 and the draw is uniform over the whole vocabulary, as in the official code.
+* Output: the tokens as the official decoders return them: an ended sequence repeats [EOS] to
+  the end, so an id 0 before it is a generated <unk> (the official captioning script decodes
+  the whole row with SentencePiece, which writes it " ⁇ ";
+  :meth:`pretrain.tokenizer.SentencePieceBPETokenizer.decode_official`).
 
 ``rules="ours"`` (MODEL.DECODER.NAME ``beam_search_ours`` and ``nucleus_sampling_ours``):
 
@@ -45,6 +48,8 @@ MODEL.DECODER.NAME ``beam_search`` and ``nucleus_sampling`` build it.
   tokens are renormalised and an output id 0 always means "no token". Nucleus sampling forms
   its nucleus on that renormalised distribution: the smallest set of most probable tokens whose
   mass reaches ``nucleus_size``.
+* Output: [EOS] and everything a sequence produced after it are replaced by ``padding_index``
+  (0).
 
 Both nucleus samplers draw with ``torch.multinomial`` from a ``torch.Generator`` seeded with
 ``seed`` (created on first use on the decoding device and advanced by every call); on the CPU it
@@ -93,11 +98,14 @@ class _Rules:
         logits.scatter_(1, previous.unsqueeze(1), float("-inf"))
         return F.log_softmax(logits, dim=-1)
 
-
-def _blank_after_eos(generated: torch.Tensor, eos_index: int, padding_index: int) -> torch.Tensor:
-    """Replace each row's first [EOS] and everything after it with ``padding_index``."""
-    ended = (generated == eos_index).long().cumsum(dim=1) > 0
-    return generated.masked_fill(ended, padding_index)
+    def _output(self, generated: torch.Tensor, eos_index: int, padding_index: int) -> torch.Tensor:
+        """What a decoder returns for its (B, L) generated tokens (module docstring): the tokens
+        as they are under the official rules; under ours, each row's first [EOS] and everything
+        after it replaced with ``padding_index``."""
+        if self.rules == OFFICIAL:
+            return generated
+        ended = (generated == eos_index).long().cumsum(dim=1) > 0
+        return generated.masked_fill(ended, padding_index)
 
 
 class BeamSearch(_Rules):
@@ -177,9 +185,9 @@ class BeamSearch(_Rules):
     def __call__(
         self, step: StepFunction, batch_size: int, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """The best caption per image: (B, L) tokens, 0 from its [EOS] on."""
+        """The best caption per image: (B, L) tokens (module docstring: "Output")."""
         sequences, _ = self.search(step, batch_size, device)
-        return _blank_after_eos(sequences[:, 0], self.eos_index, self.padding_index)
+        return self._output(sequences[:, 0], self.eos_index, self.padding_index)
 
 
 class NucleusSampling(_Rules):
@@ -249,7 +257,7 @@ class NucleusSampling(_Rules):
     def __call__(
         self, step: StepFunction, batch_size: int, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """One sampled caption per image: (B, L) tokens, 0 from its [EOS] on."""
+        """One sampled caption per image: (B, L) tokens (module docstring: "Output")."""
         device = torch.device(device)
         generator = self._generator(device)
         sequences = torch.full((batch_size, 1), self.sos_index, dtype=torch.long, device=device)
@@ -261,4 +269,4 @@ class NucleusSampling(_Rules):
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             tokens = tokens.masked_fill(ended, self.eos_index)
             sequences = torch.cat([sequences, tokens.unsqueeze(1)], dim=1)
-        return _blank_after_eos(sequences[:, 1:], self.eos_index, self.padding_index)
+        return self._output(sequences[:, 1:], self.eos_index, self.padding_index)

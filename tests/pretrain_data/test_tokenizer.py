@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 from pretrain.tokenizer import (
     SentencePieceBPETokenizer,
@@ -42,6 +43,17 @@ def test_encode_decode_round_trip_and_special_ids_are_skipped(tokenizer):
     assert tokenizer.token_to_id("no-such-piece") == 0
     with pytest.raises(IndexError, match="tiny.model"):
         tokenizer.id_to_token(VOCAB_SIZE)
+
+
+def test_official_decoding_writes_unk_as_sentencepiece_itself_does(tokenizer, tokenizer_path):
+    ids = tokenizer.encode("a black dog riding a skateboard")
+    # [SOS] a black <unk> dog riding a skateboard [MASK] <unk> [EOS] [EOS], as a decoder might give it.
+    row = [1, *ids[:2], 0, *ids[2:], 3, 0, 2, 2]
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    assert tokenizer.decode_official(row) == processor.DecodeIds(row)
+    assert tokenizer.decode_official(row) == "a black \u2047  dog riding a skateboard \u2047 "
+    assert tokenizer.decode_official([0]) == " \u2047 "
+    assert tokenizer.decode(row) == "a black dog riding a skateboard"  # ours: <unk> is padding
 
 
 def test_normalisation_lower_cases_and_strips_accents(tokenizer):

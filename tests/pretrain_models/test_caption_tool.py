@@ -15,6 +15,7 @@ from pretrain.tokenizer import SentencePieceBPETokenizer, train_vocabulary
 from tests.tool_main import Tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "caption.py"
+UNK, EOS = 0, 2
 WORDS = ["a", "man", "dog", "cat", "sitting", "on", "the", "red", "blue", "bench", "table", "with", "two", "people", "near", "street", "grass"]
 
 
@@ -75,11 +76,32 @@ def test_captions_a_folder_like_the_model_does(setup):
     images = torch.stack([transform(load_rgb_image(setup["images"] / r["image"]), "")[0] for r in results])
     with torch.no_grad():
         predictions = model({"image": images})["predictions"]
-    assert [r["caption"] for r in results] == [tokenizer.decode(p[p != 0].tolist()) for p in predictions]
+    # The default decoder is the official beam search, whose rows are read as the official script does.
+    assert [r["caption"] for r in results] == [tokenizer.decode_official(p.tolist()) for p in predictions]
 
     # An existing output is not overwritten without --force.
     assert load_tool().main(args) == 2
     assert load_tool().main(args + ["--force"]) == 0
+
+
+def test_a_generated_unk_is_written_as_the_official_code_writes_it(setup):
+    """Output biases that make <unk> the favourite and [EOS] the runner-up: greedy official
+    decoding writes <unk>, then [EOS] (the previous token is penalised); the caption is
+    SentencePiece's " \u2047 ", as the official script writes it. Our rules ban <unk>: empty."""
+    state = torch.load(setup["checkpoint"], weights_only=True)
+    bias = state["model"]["textual.output.bias"]
+    bias[UNK], bias[EOS] = 20.0, 19.0
+    checkpoint = setup["root"] / "unk_first.pth"
+    torch.save(state, checkpoint)
+    captions = {}
+    for name in ("beam_search", "beam_search_ours"):
+        output = setup["root"] / f"{name}.json"
+        argv = ["--config", str(setup["config"]), "--checkpoint", str(checkpoint), "--images", str(setup["images"]),
+                "--output", str(output), "--device", "cpu",
+                "--opts", "MODEL.DECODER.BEAM_SIZE", "1", "MODEL.DECODER.NAME", name]
+        assert load_tool().main(argv) == 0
+        captions[name] = [r["caption"] for r in json.loads(output.read_text())]
+    assert captions == {"beam_search": [" \u2047 "] * 3, "beam_search_ours": [""] * 3}
 
 
 def test_errors_name_the_bad_input(setup, capsys):
