@@ -1,8 +1,8 @@
 """Every tool ends bad input with one line naming the file, key or value, exit status 2 and no
 traceback (one only with ``--debug``), and says nothing else before its own output: its
-``--help`` runs without a warning and names only config files that exist. A bug (any error that
-is not an :class:`~pretrain.errors.InputError`) ends with its traceback and exit status 1, a full
-disk with one line naming the file and exit status 1."""
+``--help`` runs without a warning, names only config files that exist and prints its examples
+line by line. A bug (any error that is not an :class:`~pretrain.errors.InputError`) ends with
+its traceback and exit status 1, a full disk with one line naming the file and exit status 1."""
 from __future__ import annotations
 
 import re
@@ -31,6 +31,11 @@ def test_help_runs_clean_and_names_existing_configs(tool):
     assert result.stderr == "", f"{tool} --help printed to stderr:\n{result.stderr[-2000:]}"
     for config in re.findall(r"configs/[\w/.-]+\.yaml", result.stdout):
         assert (REPO / config).is_file(), f"{tool} --help names {config}, which does not exist"
+    # Examples print as written: a continued command keeps its " \\" and line break (a lone
+    # backslash at a line's end in a docstring joins the lines, leaving a run of spaces).
+    description = re.split(r"\n(?:positional arguments|options):\n", result.stdout)[0]
+    for line in description.splitlines():
+        assert not re.search(r"\S {5,}[^\s#]", line), f"{tool} --help runs lines together: {line.strip()}"
 
 
 def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:

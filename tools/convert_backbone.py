@@ -10,8 +10,8 @@ state dict, and writes ``{"model": ..., "__author__": ..., "matching_heuristics"
 
 For another depth, verify against configs of that depth, e.g. for a ResNet-18:
 
-    python tools/convert_backbone.py --input r18.pth --output r18_d2.pth \
-        --config-file configs/detectron2/coco_segm_default_init_2x.yaml \
+    python tools/convert_backbone.py --input r18.pth --output r18_d2.pth \\
+        --config-file configs/detectron2/coco_segm_default_init_2x.yaml \\
         MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64
 
 The paper's baselines, made as the official code makes them:
@@ -29,10 +29,10 @@ keys of ViTDet's ``ViT``, verified by default against the ViTDet-B COCO config; 
 width, verify against a config of that width:
 
     python tools/convert_backbone.py --input mae_pretrain_vit_base.pth --output mae_vitb.pth
-    python tools/convert_backbone.py --input outputs/vit_t/checkpoint_600.pth --output vit_t_d2.pth \
+    python tools/convert_backbone.py --input outputs/vit_t/checkpoint_600.pth --output vit_t_d2.pth \\
         --config-file configs/detectron2/builtin/lvis_segm_ViTDet_T_builtin.yaml
     # random init: the pretraining ViT (no class token, no LayerScale) at its image size, seeded
-    python tools/convert_backbone.py --init random --vit vit_tiny_patch16_224 --image-size 128 \
+    python tools/convert_backbone.py --init random --vit vit_tiny_patch16_224 --image-size 128 \\
         --output random_vit_t.pth --config-file configs/detectron2/builtin/lvis_segm_ViTDet_T_builtin.yaml
 """
 import argparse

@@ -5,7 +5,7 @@ Each RUN is a tools/train_net.py output directory, optionally labelled as LABEL=
 label: the run's VIRTEX.INIT_NAME). Writes report.md, report.json and PNG plots (training loss;
 AP by frequency group for LVIS) into --output:
 
-    python tools/report.py virtex=outputs/lvis_virtex random=outputs/lvis_random \
+    python tools/report.py virtex=outputs/lvis_virtex random=outputs/lvis_random \\
         imagenet=outputs/lvis_imagenet --output outputs/report_lvis
 
 With --pretrain-dir (and --captions/--caption-references) the report also shows the pretraining

@@ -6,7 +6,7 @@ the dataset, and weights read as data only (MODEL.WEIGHTS: converted weights fro
 tools/convert_backbone.py, or empty for random init). Without GPUs it runs on CPU, and
 ``--num-gpus N`` then starts N CPU processes over gloo, with naiveSyncBN in place of SyncBN:
 
-    python tools/train_net.py --config-file configs/detectron2/coco_segm_default_init_2x.yaml \
+    python tools/train_net.py --config-file configs/detectron2/coco_segm_default_init_2x.yaml \\
         --num-gpus 8 MODEL.WEIGHTS virtex_r50.pth OUTPUT_DIR outputs/coco_virtex
 
 Before any process starts, the datasets the run trains and evaluates on are checked as training
@@ -135,6 +135,7 @@ def main(args, dataset_warnings=()):
 
 def parse_args(argv=None):
     parser = default_argument_parser()
+    parser.description = __doc__  # detectron2's parser prints it as written, before its examples
     parser.add_argument(UNSAFE_OPT_IN_FLAG, action="store_true",
                         help="allow MODEL.WEIGHTS files that need arbitrary unpickling (.pkl; trusted files only)")
     return parser.parse_args(argv)
