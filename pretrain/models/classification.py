@@ -30,7 +30,8 @@ class ClassificationModel(nn.Module):
     """Visual backbone + :class:`LinearTextualHead`, trained with :func:`k_hot_cross_entropy`.
 
     Subclasses say where the K-hot targets come from (:meth:`targets`). In eval mode the
-    10 highest-scoring classes per image are returned as ``predictions``, as official.
+    10 highest-scoring classes per image are returned as ``predictions``, as official, and
+    the logits of every class as ``scores`` (what validation ranks for mean average precision).
     """
 
     loss_name = "classification"
@@ -45,12 +46,13 @@ class ClassificationModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """``{"loss", "loss_components"}`` (+ ``predictions`` (B, 10) in eval mode)."""
+        """``{"loss", "loss_components"}`` (+ ``predictions`` (B, 10) and ``scores`` (B, C) in eval mode)."""
         logits = self.textual(self.visual(batch["image"]))
         loss = k_hot_cross_entropy(logits, self.targets(batch, logits.size(-1)))
         output: dict[str, Any] = {"loss": loss, "loss_components": {self.loss_name: loss.detach()}}
         if not self.training:
             output["predictions"] = logits.topk(k=min(10, logits.size(-1)), dim=-1).indices
+            output["scores"] = logits.float()
         return output
 
 

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.checkpoint_io import read_training_checkpoint
+from pretrain.engine.validation import mean_average_precision
 from tests.engine.conftest import PRETRAIN, TINY_CONFIG, run_pretrain, subprocess_env
 
 
@@ -90,3 +92,18 @@ def test_baselines_validate_on_their_loss(name, tiny_overrides, tmp_path):
     assert [e.step for e in val_losses] == [2, 4]
     assert all(math.isfinite(e.value) and e.value > 0 for e in val_losses)
     assert not [tag for tag in events.Tags()["scalars"] if "CIDEr" in tag or "BLEU" in tag]
+    # The labels classifier's val scores are ranked for mAP (the demo's supervised check); the others have none.
+    has_map = "val/mAP" in events.Tags()["scalars"]
+    assert has_map == (name == "multilabel_classification")
+    if has_map:
+        assert all(0.0 < e.value <= 1.0 for e in events.Scalars("val/mAP"))
+
+
+def test_mean_average_precision_ranks_per_class_and_skips_classes_without_positives():
+    labels = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    perfect = labels * 2.0 - 1.0
+    assert mean_average_precision(perfect, labels) == pytest.approx(1.0)  # class 2 has no positive: left out
+    # Each class's two positives ranked 3rd and 4th of 4: AP (1/3 + 2/4) / 2.
+    worst = np.array([[0.1, 0.9, 0.5], [0.9, 0.1, 0.5], [0.2, 0.2, 0.5], [0.8, 0.8, 0.5]])
+    assert mean_average_precision(worst, labels) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert math.isnan(mean_average_precision(perfect, np.zeros_like(labels)))
