@@ -12,7 +12,11 @@ machine (otherwise "unavailable" with the reason), and the grounding gap: the va
 each caption's own image against the loss with the images of a batch rotated, which is zero for
 a model that ignores the image. The same gap word by word (forward head, the loss of each word
 with its caption's own image and with another one) shows *what* the captions take from the
-image: the ``--words`` most frequent words are printed, every word is in the output. The
+image: the ``--words`` most frequent words are printed, every word is in the output. Where the
+split has an instances file (``instances_val2017.json``), the captions' class words are checked
+against the objects of each image: the share of images whose caption names a class they show
+and the share naming one they do not, per-class precision and recall, and the mean grounding
+gap of the class words (pretrain/downstream/class_words.py). The
 output JSON holds the scores, the word gaps and one ``{"image_id", "caption"}`` per image.
 The checkpoint must fit the config's model exactly. The official decoders' captions (the
 default ``beam_search``) read as the official ``scripts/eval_captioning.py`` writes them: a
@@ -35,10 +39,12 @@ from pretrain.downstream.caption_eval import (
     decode_dataset,
     grounding_gap,
     load_captioning_model,
+    mean_gap,
     prediction_text,
     score_captions,
     word_grounding,
 )
+from pretrain.downstream.class_words import class_vocabulary, evaluate_class_naming
 from pretrain.errors import OutputExistsError
 from pretrain.files import write_json_atomic
 from pretrain.tasks import build_dataset
@@ -60,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output and Path(args.output).exists() and not args.force:
@@ -76,12 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     scores.update(grounding_gap(model, dataset, device, args.batch_size, args.num_workers))
     words = word_grounding(model, dataset, tokenizer.id_to_token, first_word_index(cfg.DATA), device,
                            args.batch_size, args.num_workers)
+    instances = Path(cfg.DATA.ROOT) / "annotations" / f"instances_{args.split}2017.json"
+    naming = evaluate_class_naming(captions, instances) if instances.is_file() else None
+    if naming is not None:
+        scores.update(class_names_present=naming["names_present"], class_names_absent=naming["names_absent"])
+        class_words = set(class_vocabulary(instances))
+        scores["class_word_gap"] = mean_gap([w for w in words if w.word in class_words])
     for name, value in scores.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     if args.words > 0:
         print(f"\n{'word':<16}{'count':>7}{'own image':>11}{'other image':>13}{'gap':>8}")
     for w in words[: args.words]:
         print(f"{w.word:<16}{w.count:>7}{w.loss_matched_images:>11.3f}{w.loss_shuffled_images:>13.3f}{w.gap:>8.3f}")
+    if naming is not None:
+        print(f"\n{'class':<16}{'named':>7}{'shown':>7}{'precision':>11}{'recall':>8}")
+        for name, c in sorted(naming["per_class"].items(), key=lambda kv: -kv[1]["present"]):
+            print(f"{name:<16}{c['named']:>7}{c['present']:>7}{_rate(c['precision']):>11}{_rate(c['recall']):>8}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             "split": args.split,
             "scores": scores,
             "word_grounding": [{**asdict(w), "gap": w.gap} for w in words],
+            "class_naming": naming,
             "captions": [{"image_id": i, "caption": captions[i]} for i in sorted(captions)],
         }
         write_json_atomic(args.output, payload)

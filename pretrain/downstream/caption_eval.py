@@ -172,6 +172,14 @@ def _forward_token_losses(model: nn.Module, batch: dict[str, Any]) -> tuple[torc
     return losses(projected), losses(projected.roll(1, 0))
 
 
+def mean_gap(words: Sequence[WordGrounding]) -> float | None:
+    """The grounding gap of a group of words (e.g. the class words), weighted by their counts."""
+    count = sum(w.count for w in words)
+    if not count:
+        return None
+    return sum(w.gap * w.count for w in words) / count
+
+
 @torch.no_grad()
 def word_grounding(
     model: nn.Module,
