@@ -2,12 +2,14 @@
 """The whole VirTex pipeline on the built-in dataset: `make demo` runs this.
 
 Generates the dataset, builds the vocabulary, pretrains a small bicaptioning model, prints
-captions, converts the backbone, fine-tunes LVIS Mask R-CNN from VirTex and from random init,
-and writes outputs/demo/report.md. Each stage is one of our tools (the demo prints its command);
-complete stages are skipped on a re-run, interrupted ones resume, --force redoes everything.
-Uses a GPU when there is one.
+captions with how often they name the objects shown, draws the decoder's attention, converts the
+backbone, fine-tunes LVIS Mask R-CNN from VirTex and from the official random init, and writes
+outputs/demo/report.md. Each stage is one of our tools (the demo prints its command); complete
+stages are skipped on a re-run, interrupted ones resume, --force redoes everything. Uses a GPU
+when there is one.
 
     python tools/demo.py [--force] [--pretrain-iters N] [--finetune-iters N] [--seed S]
+    python tools/demo.py --inits virtex random labels default   # + labels control, detectron2's init
 
 ``--backbone vit`` runs the same stages with a ViT-Ti/16 pretrained by bicaptioning and
 fine-tuned through ViTDet (outputs/demo_vit unless --output-dir says otherwise).
@@ -20,8 +22,11 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
+import torch
+
 from virtex_d2.cli import report_error, run_tool
-from virtex_d2.pipeline.demo import DemoSettings, build_stages, lvis_mask_ap
+from virtex_d2.pipeline.demo import INITS, DemoSettings, build_stages, lvis_mask_ap
+from virtex_d2.pipeline.estimate import REFERENCE, estimate_seconds, probe_seconds
 from virtex_d2.pipeline.stages import StageError, format_timings, run_stages
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the stages run this checkout's tools and configs
@@ -44,17 +49,35 @@ def parse_args(argv=None) -> DemoSettings:
     parser.add_argument("--num-captions", type=int, default=defaults.num_captions, help="example captions to show")
     parser.add_argument("--backbone", choices=("resnet", "vit"), default=defaults.backbone,
                         help="resnet: ResNet-18 and FPN Mask R-CNN (default); vit: ViT-Ti/16 and ViTDet Mask R-CNN")
+    parser.add_argument("--inits", nargs="+", default=list(defaults.inits), metavar="INIT",
+                        help=f"initialisations to fine-tune from, among {', '.join(INITS)} (default: "
+                             f"{' '.join(defaults.inits)}); labels: the same backbone trained on the class "
+                             "labels; default: detectron2's own random init")
     parser.add_argument("--force", action="store_true", help="redo every stage, replacing its outputs")
     args = parser.parse_args(argv)
     if args.backbone == "vit" and args.output_dir == defaults.output_dir:
         args.output_dir = defaults.output_dir.with_name(defaults.output_dir.name + "_vit")  # keep the ResNet run
+    args.inits = tuple(args.inits)
     settings = DemoSettings(checkout=CHECKOUT, **{k: v for k, v in vars(args).items() if k != "force"})
     return settings, args.force
+
+
+def say_how_long(settings: DemoSettings) -> None:
+    """Print roughly how long the stages will take on this machine's CPU (nothing on a GPU)."""
+    if torch.cuda.is_available():
+        print("A GPU is present: the stages will take less than the CPU estimate of docs/demo.md.")
+        return
+    probe = probe_seconds(settings.image_size)
+    minutes = estimate_seconds(settings.pretrain_iters, settings.finetune_iters, settings.inits, probe) / 60
+    reference = REFERENCE.machine
+    print(f"On this CPU the demo's stages take about {minutes:.0f} minutes when none is done yet "
+          f"(a probe step took {probe:.2f} s against {REFERENCE.probe_s:.2f} s on the {reference}).")
 
 
 def main(argv=None) -> int:
     settings, force = parse_args(argv)
     env = dict(os.environ, DETECTRON2_DATASETS=str(settings.data_root.resolve()))
+    say_how_long(settings)
     start = time.perf_counter()
     try:
         results = run_stages(build_stages(settings), force=force, env=env)
@@ -62,8 +85,7 @@ def main(argv=None) -> int:
         return report_error("demo", e, 1)  # a stage failed; its own output says why
     print("\nStage timings (seconds):\n" + format_timings(results))
     ap = lvis_mask_ap(settings)
-    print(f"\nLVIS val mask AP: VirTex init {ap['virtex']:.2f}, random init {ap['random']:.2f} "
-          f"(difference {ap['virtex'] - ap['random']:+.2f})")
+    print("\nLVIS val mask AP: " + ", ".join(f"{init} init {value:.2f}" for init, value in ap.items()))
     print(f"Report: {settings.output_dir / 'report.md'}  ({time.perf_counter() - start:.0f} s)")
     return 0
 

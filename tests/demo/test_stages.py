@@ -146,7 +146,10 @@ def test_vit_backbone_runs_the_same_stages_with_the_vit_configs(tmp_path):
     assert [getattr(st, "name", None) for st in build_stages(vit)] == [getattr(st, "name", None) for st in build_stages(resnet)]
     commands = {st.name: " ".join(map(str, st.command)) for st in build_stages(vit) if hasattr(st, "command")}
     assert "configs/builtin/bicaptioning_ViT_T_16_L1_H192.yaml" in commands["pretrain"]
-    assert "lvis_segm_ViTDet_T_builtin.yaml" in commands["convert"] and "virtex_ViT_T_16.pth" in commands["convert"]
+    assert "lvis_segm_ViTDet_T_builtin.yaml" in commands["convert_virtex"]
+    assert "virtex_ViT_T_16.pth" in commands["convert_virtex"]
+    # The official random-init baseline of a ViT: the pretraining ViT at its image size, seeded.
+    assert "--init random --vit vit_tiny_patch16_224 --image-size 128 --seed 0" in commands["convert_random"]
     assert vit.finetune_config.name == "lvis_segm_ViTDet_T_builtin.yaml"
     with pytest.raises(BadValueError, match="--backbone must be one of resnet, vit"):
         DemoSettings(backbone="swin")

@@ -158,7 +158,7 @@ def write_report(runs, output_dir, force: bool = False, pretraining=None) -> lis
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(report)
     if pretraining is not None:
-        markdown += "\n" + pretraining_report.to_markdown(pretraining)
+        markdown += "\n" + pretraining_report.to_markdown(pretraining, output_dir)
         pretraining_report.write_pretraining_files(pretraining, output_dir)
     write_text_atomic(output_dir / "report.md", markdown)
     write_json_atomic(output_dir / "report.json", report, allow_nan=False)

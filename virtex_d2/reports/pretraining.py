@@ -8,6 +8,7 @@ recomputed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +30,28 @@ class CaptionExample:
 
 @dataclass
 class PretrainingSummary:
-    """Scalar curves of one pretraining run (``tag -> [(iteration, value)]``) and caption examples."""
+    """Scalar curves of one pretraining run (``tag -> [(iteration, value)]``), caption examples,
+    and optionally tools/eval_captioning.py's output (``caption_eval``) and the folder of
+    tools/visualize_attention.py's maps (``attention``)."""
 
     directory: Path
     curves: dict
     examples: list = field(default_factory=list)
+    caption_eval: dict | None = None
+    attention: Path | None = None
+
+
+def read_caption_eval(path) -> dict:
+    """tools/eval_captioning.py's output JSON; errors name the file."""
+    if not Path(path).is_file():
+        raise MissingInputError(f"{path}: caption evaluation not found (tools/eval_captioning.py --output writes it)")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadValueError(f"{path}: not a JSON file ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("scores"), dict):
+        raise BadValueError(f"{path}: expected tools/eval_captioning.py's output (a 'scores' object)")
+    return data
 
 
 def read_curves(run_dir) -> dict:
@@ -89,8 +107,10 @@ def plot_curves(curves: dict, path: Path) -> None:
                    "cross-entropy, nats per token")
 
 
-def to_markdown(summary: PretrainingSummary) -> str:
-    """Pretraining section: final scalars, the curve, and captions beside their references."""
+def to_markdown(summary: PretrainingSummary, report_dir: Path = Path(".")) -> str:
+    """Pretraining section: final scalars, the curve, captions beside their references, and
+    when given, what the captions name and where the decoder looks (links relative to
+    ``report_dir``, where the report is written)."""
     lines = ["# Pretraining", "", f"Run: `{summary.directory}`", "", "| scalar | iteration | value |", "|---|---:|---:|"]
     for tag, points in sorted(summary.curves.items()):
         step, value = points[-1]
@@ -101,7 +121,43 @@ def to_markdown(summary: PretrainingSummary) -> str:
         for example in summary.examples:
             lines.append(f"| {example.image} | {example.generated} | {example.references[0]} |")
         lines.append("")
+    if summary.caption_eval is not None:
+        lines += _class_naming_markdown(summary.caption_eval)
+    if summary.attention is not None:
+        lines += _attention_markdown(summary.attention, report_dir)
     return "\n".join(lines)
+
+
+def _rate(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _class_naming_markdown(evaluation: dict) -> list:
+    """What the val captions name: the share of images whose caption names a class they show
+    and one they do not, the class words' grounding gap, and per-class precision and recall."""
+    scores, naming = evaluation["scores"], evaluation.get("class_naming")
+    lines = ["## What the captions name (val images)", ""]
+    if naming is None:
+        return lines + ["The split has no instances file: the class words were not checked.", ""]
+    lines += [(f"Captions naming a class the image shows: **{naming['names_present']:.0%}**; naming a class it "
+              f"does not show: **{naming['names_absent']:.0%}** ({naming['images']} images). Grounding gap of the "
+              f"class words (loss with another image minus loss with their own, nats): "
+              f"{_rate(scores.get('class_word_gap'))}; CIDEr-D {_rate(scores.get('CIDEr-D'))}."), "",
+              "| class | images naming it | images showing it | precision | recall |", "|---|---:|---:|---:|---:|"]
+    for name, c in sorted(naming["per_class"].items(), key=lambda kv: -kv[1]["present"]):
+        lines.append(f"| {name} | {c['named']} | {c['present']} | {_rate(c['precision'])} | {_rate(c['recall'])} |")
+    return lines + [""]
+
+
+def _attention_markdown(folder: Path, report_dir: Path) -> list:
+    """Links to the decoder's attention maps (one grid per image: a map per generated word)."""
+    folder = Path(folder)
+    grids = sorted(folder.glob("*_attention.png"))
+    relative = Path(os.path.relpath(folder, report_dir))
+    lines = ["## Where the decoder looks (val images)", "",
+             (f"Each word of the caption with the decoder's attention over the image; all maps: "
+             f"[{relative / 'index.html'}]({relative / 'index.html'})."), ""]
+    return lines + [f"![attention]({relative / grid.name})" for grid in grids] + [""]
 
 
 def write_pretraining_files(summary: PretrainingSummary, output_dir: Path) -> list:
