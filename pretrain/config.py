@@ -88,7 +88,7 @@ def get_default_config() -> CfgNode:
     C.MODEL.VISUAL.PRETRAINED_WEIGHTS = "IMAGENET1K_V1"
     C.MODEL.VISUAL.FROZEN = False
     # The last BatchNorm of every residual block starts at zero, as official; fine over 500k
-    # iterations, but a run of a few hundred barely opens those branches (docs/demo.md).
+    # iterations, but a run of a few hundred barely opens those branches (docs/demo_history.md).
     C.MODEL.VISUAL.ZERO_INIT_RESIDUAL = True
     # Not in the official code: stochastic depth of a timm ViT (MODEL.VISUAL.NAME timm::<vit>);
     # ResNets have none, so it must stay 0 for them.
