@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
-
 import torch
 
 from virtex_d2.cli import report_error, run_tool

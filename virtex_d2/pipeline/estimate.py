@@ -31,14 +31,16 @@ class StageCosts:
     finetune_pair_s_per_iter: float  # two fine-tunings side by side, one core each, evaluation included
 
 
-#: Measured with `time make demo` (tools/demo.py's stage timings) and :func:`probe_seconds`.
+#: Measured with `time make demo` from a fresh clone (tools/demo.py's stage timings: 1151 s of
+#: stages, docs/demo.md) and :func:`probe_seconds` on the quiet machine (0.16-0.20 s); the labels
+#: pretraining from its supervised-check run (about 0.35 s per iteration on two threads).
 REFERENCE = StageCosts(
     machine="2-core AMD EPYC Zen 4 VM (AVX-512), 2026-12-05",
-    probe_s=0.25,
-    fixed_s=60.0,
-    pretrain_s_per_iter=0.4,
-    labels_s_per_iter=0.33,
-    finetune_pair_s_per_iter=0.9,
+    probe_s=0.18,
+    fixed_s=75.1,
+    pretrain_s_per_iter=0.412,
+    labels_s_per_iter=0.35,
+    finetune_pair_s_per_iter=1.38,
 )
 
 
