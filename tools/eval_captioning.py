@@ -30,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
+from torch.utils.data import Subset
 
 from pretrain.caption_metrics import load_references
 from pretrain.config import load_config
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = tool_parser(__doc__)
     parser.add_argument("--split", default="val", choices=("val", "train"), help="COCO split to caption (default: val)")
     parser.add_argument("--output", default=None, help="JSON file for scores and captions (default: print only)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="score only the first N images of the split (e.g. to choose a decoder on training images)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per decoding batch")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--words", type=int, default=20, help="most frequent words whose grounding gap is printed")
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.words < 0:
         parser.error(f"--words must be 0 or more, got {args.words}")
+    if args.max_images is not None and args.max_images < 2:
+        parser.error(f"--max-images must be at least 2 (the grounding gap pairs images), got {args.max_images}")
     return args
 
 
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = caption_eval_config(load_config(args.config, args.opts))
     model, tokenizer = load_captioning_model(cfg, args.checkpoint)
     dataset = build_dataset(cfg, args.split, tokenizer)
+    if args.max_images is not None:
+        dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
     references = load_references(Path(cfg.DATA.ROOT) / "annotations" / f"captions_{args.split}2017.json")
     device = args.device or select_device(0)
     captions = decode_dataset(

@@ -9,6 +9,7 @@ import torch
 
 from pretrain.caption_metrics import caption_metrics, load_references
 from pretrain.downstream import caption_eval
+from pretrain.downstream.class_words import evaluate_class_naming
 from tests.downstream.conftest import load_tool
 
 
@@ -34,7 +35,26 @@ def test_eval_captioning_decodes_the_val_split_and_scores_it(tiny_config, tiny_c
     assert words[0]["gap"] == pytest.approx(words[0]["loss_shuffled_images"] - words[0]["loss_matched_images"])
     out = capsys.readouterr().out
     assert "CIDEr-D: " in out and f"\n{words[0]['word']:<16}{words[0]['count']:>7}" in out
+    # The class words are checked against the split's instances, as class_words counts them.
+    naming = result["class_naming"]
+    expected = evaluate_class_naming(captions, synthetic_root / "coco" / "annotations" / "instances_val2017.json")
+    assert naming == json.loads(json.dumps(expected))
+    assert (result["scores"]["class_names_present"], result["scores"]["class_names_absent"]) == (
+        expected["names_present"], expected["names_absent"])
+    assert "precision" in out and "recall" in out
     assert tool.main(argv) == 2  # no silent overwrite
+
+
+def test_max_images_scores_the_first_images_of_the_training_split(tiny_config, tiny_checkpoint, synthetic_root, tmp_path):
+    """What a decoder is chosen on: the first N training images, not the val images it is reported on."""
+    output = tmp_path / "train.json"
+    argv = ["--config", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--output", str(output),
+            "--num-workers", "0", "--split", "train", "--max-images", "5"]
+    assert load_tool("eval_captioning").main(argv) == 0
+    result = json.loads(output.read_text())
+    train_ids = sorted(load_references(synthetic_root / "coco" / "annotations" / "captions_train2017.json"))
+    assert [c["image_id"] for c in result["captions"]] == train_ids[:5]
+    assert result["class_naming"]["images"] == 5
 
 
 def test_a_negative_number_of_words_is_refused(capsys):
