@@ -41,14 +41,19 @@ class PretrainingSummary:
     attention: Path | None = None
 
 
-def read_caption_eval(path) -> dict:
-    """tools/eval_captioning.py's output JSON; errors name the file."""
+def _read_tool_json(path, tool: str, what: str):
+    """The JSON a tool wrote at ``path``; a missing or unparsable file is named with the tool."""
     if not Path(path).is_file():
-        raise MissingInputError(f"{path}: caption evaluation not found (tools/eval_captioning.py --output writes it)")
+        raise MissingInputError(f"{path}: {what} not found ({tool} writes it)")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadValueError(f"{path}: not a JSON file ({err})") from None
+
+
+def read_caption_eval(path) -> dict:
+    """tools/eval_captioning.py's output JSON; errors name the file."""
+    data = _read_tool_json(path, "tools/eval_captioning.py --output", "caption evaluation")
     if not isinstance(data, dict) or not isinstance(data.get("scores"), dict):
         raise BadValueError(f"{path}: expected tools/eval_captioning.py's output (a 'scores' object)")
     return data
@@ -72,12 +77,7 @@ def read_curves(run_dir) -> dict:
 
 def _read_caption_list(path) -> list:
     """tools/caption.py's output: a JSON list of ``{"image", "caption"}``; errors name the file."""
-    if not Path(path).is_file():
-        raise MissingInputError(f"{path}: captions file not found (tools/caption.py writes it)")
-    try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadValueError(f"{path}: not a JSON file ({err})") from None
+    items = _read_tool_json(path, "tools/caption.py", "captions file")
     if not isinstance(items, list) or not all(isinstance(i, dict) and {"image", "caption"} <= i.keys() for i in items):
         raise BadValueError(f"{path}: expected tools/caption.py's list of {{\"image\", \"caption\"}} entries")
     return items
