@@ -30,6 +30,7 @@ def test_all_expected_files_exist():
     expected |= {f"task_ablations/{n}.yaml" for n in (
         "bicaptioning_R_50_L1_H2048", "captioning_R_50_L1_H2048", "token_classification_R_50",
         "multilabel_classification_R_50", "masked_lm_R_50_L1_H2048")}
+    expected |= {"builtin/multilabel_classification_R_18.yaml"}  # the demo's labels control
     expected |= {"builtin/bicaptioning_ViT_T_16_L1_H192.yaml", "vit/bicaptioning_ViT_B_16_L1_H768.yaml",
                  "vit/bicaptioning_ViT_S_16_L1_H384.yaml", "vit/cappa_ViT_B_16_L6_H768.yaml"}
     assert names == expected
