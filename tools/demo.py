@@ -24,7 +24,13 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 import torch
 
 from virtex_d2.cli import report_error, run_tool
-from virtex_d2.pipeline.demo import INITS, DemoSettings, build_stages, lvis_mask_ap
+from virtex_d2.pipeline.demo import (
+    INITS,
+    DemoSettings,
+    add_timings_to_report,
+    build_stages,
+    lvis_mask_ap,
+)
 from virtex_d2.pipeline.estimate import REFERENCE, estimate_seconds, probe_seconds
 from virtex_d2.pipeline.stages import StageError, format_timings, run_stages
 
@@ -83,6 +89,7 @@ def main(argv=None) -> int:
     except StageError as e:
         return report_error("demo", e, 1)  # a stage failed; its own output says why
     print("\nStage timings (seconds):\n" + format_timings(results))
+    add_timings_to_report(settings, results)
     ap = lvis_mask_ap(settings)
     print("\nLVIS val mask AP: " + ", ".join(f"{init} init {value:.2f}" for init, value in ap.items()))
     print(f"Report: {settings.output_dir / 'report.md'}  ({time.perf_counter() - start:.0f} s)")

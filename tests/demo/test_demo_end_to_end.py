@@ -51,6 +51,8 @@ def test_every_stage_runs_and_the_report_quotes_the_evaluators(demo_run):
         assert "Evaluation results for segm" in (tmp / "demo" / "logs" / f"finetune_lvis_{label}.log").read_text()
     assert "Stage timings" in run.stdout
     report = (tmp / "demo" / "report.md").read_text()
+    timings = report.split("# Time per stage")[1]  # the report states each stage's time
+    assert all(re.search(rf"^{name} +ran +\d+\.\d", timings, flags=re.MULTILINE) for name in STAGES)
     for label in ("virtex", "random"):
         record = json.loads((tmp / "demo" / f"lvis_{label}" / "inference" / "lvis_v1_val" / "evaluation.json").read_text())
         ap = record["results"]["segm"]["AP"]

@@ -1,11 +1,17 @@
 """The stage runner: skip complete stages, resume partial ones, redo with force, chain re-runs,
 run independent stages side by side."""
+import json
 import os
 import sys
 import time
 
 import pytest
 
+from virtex_d2.pipeline.demo import (
+    TIMINGS_HEADING,
+    DemoSettings,
+    add_timings_to_report,
+)
 from virtex_d2.pipeline.stages import (
     SideBySide,
     Stage,
@@ -153,3 +159,22 @@ def test_vit_backbone_runs_the_same_stages_with_the_vit_configs(tmp_path):
     assert vit.finetune_config.name == "lvis_segm_ViTDet_T_builtin.yaml"
     with pytest.raises(BadValueError, match="--backbone must be one of resnet, vit"):
         DemoSettings(backbone="swin")
+
+
+def test_the_demo_report_gains_the_stage_timings_once_and_only_when_it_was_rewritten(tmp_path):
+    settings = DemoSettings(output_dir=tmp_path)
+    report_stage = Stage(name="report", command=_writer(tmp_path / "report.md"),
+                         is_complete=(tmp_path / "report.md").is_file)
+    results = run_stages([_stage("pretrain", tmp_path / "ckpt"), report_stage], echo=lambda _: None)
+    (tmp_path / "report.json").write_text(json.dumps({"runs": {}}))
+    assert add_timings_to_report(settings, results)
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("done") and report.count(TIMINGS_HEADING) == 1
+    assert format_timings(results) in report
+    record = json.loads((tmp_path / "report.json").read_text())
+    assert record["runs"] == {} and set(record["stage_seconds"]) == {"pretrain", "report"}
+    assert record["stage_seconds"]["report"]["status"] == "ran"
+    # A second run finds every stage complete: the report and its timings stay as they were.
+    again = run_stages([_stage("pretrain", tmp_path / "ckpt"), report_stage], echo=lambda _: None)
+    assert not add_timings_to_report(settings, again)
+    assert (tmp_path / "report.md").read_text() == report

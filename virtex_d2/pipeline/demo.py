@@ -27,7 +27,8 @@ from pretrain.checkpoint_io import (
 from pretrain.config import config_differences, load_config
 from pretrain.data.synthetic import check_sizes, is_complete
 from pretrain.errors import BadValueError
-from virtex_d2.pipeline.stages import SideBySide, Stage
+from pretrain.files import write_json_atomic, write_text_atomic
+from virtex_d2.pipeline.stages import SideBySide, Stage, format_timings
 from virtex_d2.reports.pretraining import read_caption_examples
 
 
@@ -342,3 +343,24 @@ def lvis_mask_ap(s: DemoSettings) -> dict:
         record = json.loads((s.finetune_dir(init) / "inference" / LVIS_VAL / RESULTS_FILE).read_text())
         results[init] = record["results"]["segm"]["AP"]
     return results
+
+
+TIMINGS_HEADING = "# Time per stage"
+
+
+def add_timings_to_report(s: DemoSettings, results) -> bool:
+    """Append the stage timings to report.md and report.json when the report stage ran in this
+    run (it rewrites both, so a section is never doubled); returns whether it did. When the report
+    was already complete and skipped, its earlier timings stay: this run's zeros would mislead."""
+    if not any(r.name == "report" and r.status != "skipped" for r in results):
+        return False
+    table = format_timings(results)
+    report = s.output_dir / "report.md"
+    write_text_atomic(report, report.read_text().rstrip("\n") + f"\n\n{TIMINGS_HEADING}\n\nSeconds on this machine; "
+                      "stages that ran side by side count once in the total, by the longest of them.\n\n"
+                      f"```text\n{table}\n```\n")
+    record_path = s.output_dir / "report.json"
+    record = json.loads(record_path.read_text())
+    record["stage_seconds"] = {r.name: {"status": r.status, "seconds": round(r.seconds, 1)} for r in results}
+    write_json_atomic(record_path, record, allow_nan=False)
+    return True
