@@ -149,7 +149,7 @@ def test_a_run_refuses_weights_of_the_other_kind_or_size_before_training(tmp_pat
     torch.save({"model": {}, "conversion": {"backbone": "resnet", "depth": 18, "block": "basic"}}, resnet_file)
     with pytest.raises(ConversionError, match=r"r.pth: holds a ResNet-18 backbone, but MODEL.BACKBONE.NAME build_vitdet"):
         check_backbone_run(load_config(BUILTIN_T, ["MODEL.WEIGHTS", str(resnet_file)]))
-    with pytest.raises(ConfigError, match="MODEL.VIT.WINDOW_SIZE 6 does not divide the 16 x 16 patch grid"):
+    with pytest.raises(ConfigError, match="MODEL.VIT.WINDOW_SIZE 6 does not divide the 8 x 8 patch grid"):
         check_backbone_run(load_config(BUILTIN_T, ["MODEL.VIT.WINDOW_SIZE", "6"]))
     with pytest.raises(ConfigError, match="SOLVER.VIT_LR_DECAY_RATE is 0.7, but MODEL.BACKBONE.NAME build_resnet_fpn_backbone"):
         check_backbone_run(load_config(r18, ["SOLVER.OPTIMIZER", "ADAMW", "SOLVER.VIT_LR_DECAY_RATE", "0.7"]))

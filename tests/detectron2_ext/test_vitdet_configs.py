@@ -163,7 +163,12 @@ def test_small_versions_keep_the_recipe(name):
               "SOLVER.WEIGHT_DECAY", "DATASETS.TRAIN", "DATASETS.TEST", "MODEL.ROI_HEADS.NUM_CLASSES"]
     if "lvis" in name:
         recipe += ["DATALOADER.SAMPLER_TRAIN", "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", "MODEL.ROI_BOX_HEAD.USE_FED_LOSS"]
-    assert {k: (value(cfg, k), full[k]) for k in recipe if not same(value(cfg, k), full[k])} == {}
+    # The built-in data's one departure, which its config explains: 1183 of the 1203 LVIS classes
+    # never occur in its training split, so the federated loss would never draw them as negatives.
+    departures = {"MODEL.ROI_BOX_HEAD.USE_FED_LOSS": False} if name.startswith("builtin/") else {}
+    assert {k: value(cfg, k) for k in departures} == departures
+    assert {k: (value(cfg, k), full[k]) for k in recipe
+            if k not in departures and not same(value(cfg, k), full[k])} == {}
     assert not cfg.SOLVER.AMP.ENABLED  # detectron2's AMP trainer needs CUDA
     grid = cfg.MODEL.VIT.IMG_SIZE // cfg.MODEL.VIT.PATCH_SIZE
     assert grid % cfg.MODEL.VIT.WINDOW_SIZE == 0 and cfg.MODEL.SFP.SQUARE_PAD == cfg.INPUT.LSJ.IMAGE_SIZE
