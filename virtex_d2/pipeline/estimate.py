@@ -31,16 +31,16 @@ class StageCosts:
     finetune_pair_s_per_iter: float  # two fine-tunings side by side, one core each, evaluation included
 
 
-#: Measured with `time make demo` from a fresh clone (tools/demo.py's stage timings: 1151 s of
-#: stages, docs/demo.md) and :func:`probe_seconds` on the quiet machine (0.16-0.20 s); the labels
+#: Measured with `time make demo` from a fresh clone (tools/demo.py's stage timings: 897 s of
+#: stages at commit fc6e0c1, docs/demo.md) and the probe it printed (0.18 s); the labels
 #: pretraining from its supervised-check run (about 0.35 s per iteration on two threads).
 REFERENCE = StageCosts(
     machine="2-core AMD EPYC Zen 4 VM (AVX-512), 2026-12-05",
     probe_s=0.18,
-    fixed_s=75.1,
-    pretrain_s_per_iter=0.412,
+    fixed_s=86.2,
+    pretrain_s_per_iter=0.446,
     labels_s_per_iter=0.35,
-    finetune_pair_s_per_iter=1.38,
+    finetune_pair_s_per_iter=0.905,
 )
 
 
