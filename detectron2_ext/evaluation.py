@@ -3,7 +3,9 @@
 COCO uses ``COCOEvaluator`` (its fast C++ implementation only when detectron2's compiled ops
 exist), LVIS ``LVISEvaluator`` and VOC ``PascalVOCDetectionEvaluator``. Each is wrapped so that
 the dict it returns is also written, unchanged, to ``<output_folder>/evaluation.json``: the
-reports read those numbers instead of recomputing anything. The VOC evaluator computes its
+reports read those numbers instead of recomputing anything, with the number of detections the
+model made (the evaluators return NaN, or leave a task out, when it made none, and a report
+should say that rather than "not computable"). The VOC evaluator computes its
 results inside :func:`~detectron2_ext.voc_annotations.evaluator_reads_with_defaults`, so the
 VOC devkit's defaults apply to our evaluation only, not to the rest of the process.
 """
@@ -51,18 +53,23 @@ class SavedResultsEvaluator(DatasetEvaluator):
         self.dataset_name = dataset_name
         self.path = Path(path)
         self.context = context
+        self.detections = 0
 
     def reset(self):
         self.evaluator.reset()
+        self.detections = 0
 
     def process(self, inputs, outputs):
         self.evaluator.process(inputs, outputs)
+        self.detections += sum(len(output["instances"]) for output in outputs if "instances" in output)
 
     def evaluate(self):
         with self.context():
             results = self.evaluator.evaluate()
+        detections = sum(comm.gather(self.detections, dst=0))  # every process's count on the main one
         if comm.is_main_process() and results:
-            record = {"dataset": self.dataset_name, "evaluator": type(self.evaluator).__name__, "results": results}
+            record = {"dataset": self.dataset_name, "evaluator": type(self.evaluator).__name__, "results": results,
+                      "detections": detections}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, record, default=float)
         return results

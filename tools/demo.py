@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     print("\nStage timings (seconds):\n" + format_timings(results))
     add_timings_to_report(settings, results)
     ap = lvis_mask_ap(settings)
-    print("\nLVIS val mask AP: " + ", ".join(f"{init} init {value:.2f}" for init, value in ap.items()))
+    print("\nLVIS val mask AP: " + ", ".join(f"{init} init {value:.2f}" if value is not None else
+                                          f"{init} init none (no detections; see the report)"
+                                          for init, value in ap.items()))
     print(f"Report: {settings.output_dir / 'report.md'}  ({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -11,6 +11,7 @@ from virtex_d2.pipeline.demo import (
     TIMINGS_HEADING,
     DemoSettings,
     add_timings_to_report,
+    lvis_mask_ap,
 )
 from virtex_d2.pipeline.stages import (
     SideBySide,
@@ -178,3 +179,12 @@ def test_the_demo_report_gains_the_stage_timings_once_and_only_when_it_was_rewri
     again = run_stages([_stage("pretrain", tmp_path / "ckpt"), report_stage], echo=lambda _: None)
     assert not add_timings_to_report(settings, again)
     assert (tmp_path / "report.md").read_text() == report
+
+
+def test_the_demo_reads_mask_ap_and_a_run_that_detected_nothing_has_none(tmp_path):
+    settings = DemoSettings(output_dir=tmp_path)
+    for init, results in (("virtex", {"bbox": {"AP": float("nan")}}), ("random", {"segm": {"AP": 12.5}})):
+        path = settings.finetune_dir(init) / "inference" / "lvis_v1_val" / "evaluation.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"dataset": "lvis_v1_val", "results": results, "detections": 0}))
+    assert lvis_mask_ap(settings) == {"virtex": None, "random": 12.5}

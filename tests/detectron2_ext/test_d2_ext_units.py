@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
+from detectron2.structures import Boxes, Instances
 
 from detectron2_ext import load_config
 from detectron2_ext.compat import (
@@ -20,6 +22,7 @@ from detectron2_ext.compat import (
     patch_lvis_numpy,
 )
 from detectron2_ext.datasets import check_dataset_files, check_datasets_root
+from detectron2_ext.evaluation import SavedResultsEvaluator
 from virtex_d2.reports.downstream import read_run, write_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,10 +136,10 @@ def test_dataset_root_and_files_are_checked(monkeypatch, tmp_path):
         check_dataset_files(["virtex_test_missing"])
 
 
-def make_run(directory: Path, init: str, dataset: str, results: dict, losses) -> Path:
+def make_run(directory: Path, init: str, dataset: str, results: dict, losses, **record) -> Path:
     (directory / "inference" / dataset).mkdir(parents=True)
     (directory / "inference" / dataset / "evaluation.json").write_text(
-        json.dumps({"dataset": dataset, "evaluator": "X", "results": results}))
+        json.dumps({"dataset": dataset, "evaluator": "X", "results": results, **record}))
     (directory / "config.yaml").write_text(f"VIRTEX:\n  INIT_NAME: {init}\n")
     (directory / "metrics.json").write_text("\n".join(json.dumps({"iteration": i, "total_loss": v}) for i, v in losses))
     return directory
@@ -171,3 +174,35 @@ def test_report_from_crafted_runs(tmp_path):
         write_report(runs, tmp_path / "report")
     with pytest.raises(ValueError, match="two runs labelled 'virtex' evaluate lvis_v1_val"):
         write_report([runs[0], read_run(tmp_path / "a")], tmp_path / "report2")
+
+
+def test_a_run_without_detections_is_named_in_the_report(tmp_path):
+    """LVISEvaluator returns NaN box AP and leaves the mask task out when a model detects nothing:
+    the report says so, instead of only 'not computable'."""
+    nan_box = {"bbox": {m: math.nan for m in ("AP", "AP50", "APr")}}
+    runs = [read_run(make_run(tmp_path / "a", "virtex", "lvis_v1_val", nan_box, [], detections=0)),
+            read_run(make_run(tmp_path / "b", "random", "lvis_v1_val", {"bbox": {"AP": 1.0}}, [], detections=812)),
+            read_run(make_run(tmp_path / "c", "old", "lvis_v1_val", {"bbox": {"AP": 2.0}}, []))]  # recorded none
+    write_report(runs, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "**virtex made no detections on lvis_v1_val**" in markdown
+    assert "random made no" not in markdown and "old made no" not in markdown
+    record = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert record["runs"]["virtex"]["detections"] == {"lvis_v1_val": 0} and record["runs"]["old"]["detections"] == {}
+
+
+def test_saved_results_record_how_many_detections_the_model_made(tmp_path):
+    class Constant(DatasetEvaluator):
+        def evaluate(self):
+            return {"bbox": {"AP": 1.0}}
+
+    def output(n):
+        return {"instances": Instances((8, 8), pred_boxes=Boxes(torch.zeros(n, 4)))}
+
+    evaluator = SavedResultsEvaluator(Constant(), "d", tmp_path / "evaluation.json")
+    evaluator.reset()
+    evaluator.process([{}, {}], [output(3), output(0)])
+    evaluator.process([{}], [output(2)])
+    assert evaluator.evaluate() == {"bbox": {"AP": 1.0}}
+    record = json.loads((tmp_path / "evaluation.json").read_text())
+    assert record["detections"] == 5 and record["results"] == {"bbox": {"AP": 1.0}}

@@ -55,6 +55,7 @@ def train_net(config: str, output_dir: Path, *opts, launcher=()):
 def evaluation(run: Path, dataset: str) -> dict:
     record = json.loads((run / "inference" / dataset / "evaluation.json").read_text())
     assert record["dataset"] == dataset
+    assert isinstance(record["detections"], int) and record["detections"] >= 0  # what the model made
     return record
 
 

@@ -337,11 +337,12 @@ def build_stages(s: DemoSettings) -> list:
 
 
 def lvis_mask_ap(s: DemoSettings) -> dict:
-    """LVIS val mask AP per initialisation, as the evaluator wrote it."""
+    """LVIS val mask AP per initialisation, as the evaluator wrote it; None where it has none
+    (a model that detected nothing: the evaluator then leaves the mask task out)."""
     results = {}
     for init in s.inits:
         record = json.loads((s.finetune_dir(init) / "inference" / LVIS_VAL / RESULTS_FILE).read_text())
-        results[init] = record["results"]["segm"]["AP"]
+        results[init] = record["results"].get("segm", {}).get("AP")
     return results
 
 

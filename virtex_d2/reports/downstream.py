@@ -34,6 +34,7 @@ class Run:
     label: str
     directory: Path
     evaluations: dict  # dataset -> task -> metric -> value, as the evaluator returned them
+    detections: dict = field(default_factory=dict)  # dataset -> detections made (where recorded)
     losses: list = field(default_factory=list)  # (iteration, total_loss)
 
 
@@ -50,10 +51,12 @@ def read_run(directory, label: str | None = None) -> Run:
     files = sorted(directory.glob(f"inference/*/{RESULTS_FILE}"))
     if not files:
         raise MissingInputError(f"{directory}: no inference/*/{RESULTS_FILE}; has tools/train_net.py evaluated it?")
-    evaluations = {}
+    evaluations, detections = {}, {}
     for path in files:
         record = json.loads(path.read_text())
         evaluations[record["dataset"]] = record["results"]
+        if "detections" in record:  # files written before it was recorded have none
+            detections[record["dataset"]] = record["detections"]
     losses = []
     metrics = directory / "metrics.json"
     if metrics.is_file():
@@ -61,7 +64,8 @@ def read_run(directory, label: str | None = None) -> Run:
             entry = json.loads(line) if line.strip() else {}
             if "total_loss" in entry:
                 losses.append((entry["iteration"], entry["total_loss"]))
-    return Run(label or _init_name(directory) or directory.name, directory, evaluations, losses)
+    return Run(label or _init_name(directory) or directory.name, directory, evaluations, losses=losses,
+               detections=detections)
 
 
 def _value(value):
@@ -83,7 +87,8 @@ def build_report(runs) -> dict:
                     datasets.setdefault(dataset, {}).setdefault(TASKS[task], {})[run.label] = row
     return {
         "datasets": datasets,
-        "runs": {run.label: {"directory": str(run.directory), "datasets": sorted(run.evaluations)} for run in runs},
+        "runs": {run.label: {"directory": str(run.directory), "datasets": sorted(run.evaluations),
+                             "detections": run.detections} for run in runs},
     }
 
 
@@ -106,6 +111,12 @@ def to_markdown(report: dict) -> str:
             lines.append("")
     lines.append("Numbers are the evaluators' own output, AP in percent. –: not computable (no ground truth "
                  "in that group; COCO's evaluator returns NaN, LVIS's -100).")
+    for label, run in report["runs"].items():
+        for dataset, count in run["detections"].items():
+            if count == 0:
+                lines.append(f"\n**{label} made no detections on {dataset}** (none scored above "
+                             "MODEL.ROI_HEADS.SCORE_THRESH_TEST): its AP is undefined, not low, and the "
+                             "evaluator leaves out the tasks it could not score.")
     return "\n".join(lines) + "\n"
 
 
