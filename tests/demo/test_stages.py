@@ -1,5 +1,5 @@
-"""The stage runner: skip complete stages, resume partial ones, redo with force, chain re-runs,
-run independent stages side by side."""
+"""The stage runner: skip complete stages, resume partial ones, redo with force, re-run the
+stages that read a re-run one, run independent stages side by side."""
 import json
 import os
 import sys
@@ -53,6 +53,45 @@ def test_a_stage_that_runs_reruns_everything_after_it(tmp_path):
     stages = [_stage("a", a), _stage("b", b, outputs=[out])]
     assert [r.status for r in run_stages(stages, echo=lambda _: None)] == ["ran", "ran"]
     assert not out.exists(), "a re-run stage starts from clean outputs"
+
+
+def test_a_stage_that_runs_reruns_only_the_later_stages_that_read_it(tmp_path):
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    stages = [_stage("a", a), _stage("b", b, needs=()), _stage("c", c, needs=("b",)), _stage("d", d)]
+    run_stages(stages, echo=lambda _: None)
+    b.unlink()
+    statuses = {r.name: r.status for r in run_stages(stages, echo=lambda _: None)}
+    assert statuses == {"a": "skipped", "b": "ran", "c": "ran", "d": "ran"}, "d reads every earlier stage"
+    a.unlink()
+    statuses = {r.name: r.status for r in run_stages(stages, echo=lambda _: None)}
+    assert statuses == {"a": "ran", "b": "skipped", "c": "skipped", "d": "ran"}
+
+
+def test_adding_an_init_to_a_finished_demo_runs_only_that_branch_and_the_report(tmp_path):
+    """The demo's own stage graph, on the real runner: with every stage of a virtex/random demo
+    complete, asking for the labels control as well trains, converts and fine-tunes only it, and
+    rewrites the report; the finished fine-tunings are not redone."""
+    from pathlib import Path
+
+    from virtex_d2.pipeline.demo import build_stages
+
+    settings = DemoSettings(checkout=Path(__file__).resolve().parents[2], output_dir=tmp_path,
+                            inits=("virtex", "random", "labels"))
+    groups = build_stages(settings)
+    done = tmp_path / "done"
+    done.mkdir()
+    for stage in (st for item in groups for st in getattr(item, "stages", [item])):
+        marker = done / stage.name
+        stage.command, stage.is_complete, stage.outputs = _writer(marker), marker.is_file, []
+        stage.outdated, stage.is_partial, stage.report = None, lambda: False, None
+        if "labels" not in stage.name:
+            marker.write_text("done")
+    ran = [r.name for r in run_stages(groups, echo=lambda _: None) if r.status == "ran"]
+    assert ran == ["pretrain_labels", "convert_labels", "finetune_lvis_labels", "report"]
+    # A new dataset, in turn, redoes everything that reads it; the random init does not.
+    (done / "dataset").unlink()
+    skipped = [r.name for r in run_stages(groups, echo=lambda _: None) if r.status == "skipped"]
+    assert skipped == ["convert_random"]
 
 
 def test_force_passes_flags_and_partial_stages_resume(tmp_path):

@@ -235,6 +235,7 @@ def _pretrain_stage(s: DemoSettings, task: str) -> Stage:
         resume_args=["--resume"],
         is_partial=lambda: bool(list_checkpoints(directory)),
         outdated=lambda: _pretraining_made_otherwise(s, task),
+        needs=("dataset", "vocabulary"),
     )
 
 
@@ -242,14 +243,16 @@ def _convert_stage(s: DemoSettings, init: str) -> Stage:
     """The stage that writes the detectron2 weights ``init`` fine-tunes from."""
     weights = s.weights(init)
     if init == "random":
-        source = ["--init", "random", *s.spec.random_init_args, "--seed", s.seed]
+        source, needs = ["--init", "random", *s.spec.random_init_args, "--seed", s.seed], ()
     else:
-        source = ["--input", s.final_checkpoint("captions" if init == "virtex" else init)]
+        task = "captions" if init == "virtex" else init
+        source, needs = ["--input", s.final_checkpoint(task)], (_pretrain_stage(s, task).name,)
     return Stage(
         name=f"convert_{init}",
         command=[*s.tool("convert_backbone.py"), *source, "--output", weights, "--config-file", s.finetune_config],
         is_complete=weights.is_file,
         force_args=["--force"],
+        needs=needs,
     )
 
 
@@ -269,6 +272,7 @@ def _finetune_stage(s: DemoSettings, init: str) -> Stage:
         resume_args=["--resume"],
         is_partial=lambda: (directory / "last_checkpoint").is_file(),
         progress=lambda: (_iterations_done(directory), s.finetune_iters),
+        needs=("dataset", *([] if weights is None else [f"convert_{init}"])),
     )
 
 
@@ -284,6 +288,7 @@ def build_stages(s: DemoSettings) -> list:
                      "--num-val", s.num_val, "--image-size", s.image_size],
             is_complete=lambda: _dataset_complete(s),
             force_args=["--force"],
+            needs=(),
         ),
         Stage(
             name="vocabulary",
@@ -292,6 +297,7 @@ def build_stages(s: DemoSettings) -> list:
                      "--output", s.vocab_prefix, "--vocab-size", VOCAB_SIZE],
             is_complete=lambda: Path(f"{s.vocab_prefix}.model").is_file(),
             force_args=["--force"],
+            needs=("dataset",),
         ),
         _pretrain_stage(s, "captions"),
         Stage(

@@ -3,8 +3,9 @@
 Each stage is one command a user can also run by hand. A stage whose outputs are complete and
 valid is skipped; one that was interrupted is resumed where its tool supports it; outputs made
 with other settings than the stage now asks for stop the run with an error; ``force`` deletes a
-stage's outputs and runs it again. Once a stage runs, every later stage runs too,
-since its inputs changed. Each stage's own tool draws its progress bar; the runner announces
+stage's outputs and runs it again. Once a stage runs, the later stages that read its outputs
+run too (a stage names them in ``needs``; by default it reads every earlier stage's), since
+their inputs changed; the others stay skipped. Each stage's own tool draws its progress bar; the runner announces
 the stages and returns how long each took.
 
 Stages that do not depend on each other can be grouped in :class:`SideBySide` and run at the
@@ -51,6 +52,13 @@ class Stage:
     # Why the outputs already there were made with other settings than this command asks for, or
     # None: then the runner stops rather than skip or resume them (force redoes the stage).
     outdated: Callable[[], str | None] | None = None
+    # The earlier stages whose outputs this one reads, by name; None: every earlier stage. A stage
+    # reruns when one of them ran, so adding a branch to a finished pipeline runs only that branch.
+    needs: tuple | None = None
+
+    def inputs_changed(self, ran: set) -> bool:
+        """Whether a stage it reads from ran in this run (``ran``: the names of those that did)."""
+        return bool(ran) if self.needs is None else any(name in ran for name in self.needs)
 
 
 @dataclass
@@ -160,22 +168,23 @@ def run_stages(stages, force: bool = False, env: dict | None = None, echo=print)
     """Run ``stages`` (each a :class:`Stage` or a :class:`SideBySide` group) in order; returns one
     :class:`StageResult` per stage."""
     total = sum(len(item.stages) if isinstance(item, SideBySide) else 1 for item in stages)
-    results, upstream_ran, number = [], False, 0
+    results, ran, number = [], set(), 0
     for index, item in enumerate(stages):
         group, log_dir = (item.stages, item.log_dir) if isinstance(item, SideBySide) else ([item], None)
         seconds, jobs, statuses = {}, [], {}
         for stage in group:
             number += 1
             header = f"[{number}/{total}] {stage.name}"
-            reason = None if force or upstream_ran or stage.outdated is None else stage.outdated()
+            rerun = force or stage.inputs_changed(ran)
+            reason = None if rerun or stage.outdated is None else stage.outdated()
             if reason:
                 raise StageError(f"stage '{stage.name}': {reason}; nothing was changed. Pass --force to "
                                  "redo it and the stages after it")
-            if not (force or upstream_ran) and stage.is_complete():
+            if not rerun and stage.is_complete():
                 echo(f"{header}: outputs complete, skipped (pass --force to redo)")
                 seconds[stage.name], statuses[stage.name] = 0.0, "skipped"
                 continue
-            command, statuses[stage.name] = _planned_command(stage, force or upstream_ran)
+            command, statuses[stage.name] = _planned_command(stage, rerun)
             echo(f"{header}: {shlex.join(str(part) for part in command)}")
             jobs.append((stage, command))
         if log_dir is not None and len(jobs) > 1:
@@ -185,7 +194,7 @@ def run_stages(stages, force: bool = False, env: dict | None = None, echo=print)
         else:
             for stage, command in jobs:
                 seconds[stage.name] = _run_in_terminal(stage, command, env)
-        upstream_ran = upstream_ran or bool(jobs)
+        ran.update(stage.name for stage, _ in jobs)
         for stage in group:
             if stage.report is not None:
                 stage.report()
