@@ -24,11 +24,17 @@ def _plural(word: str) -> str:
 
 
 def class_vocabulary(instances_json: str | os.PathLike) -> dict[int, str]:
-    """Every phrase that names a category of ``instances_json``, mapped to its category id."""
+    """Every phrase that names a category of ``instances_json``, mapped to its category id.
+
+    Only categories with at least one instance in the file count: one it lists but never
+    annotates is no class of that data (the built-in world lists all 80 COCO categories for
+    their ids and draws 20), and its name would catch other words, such as the colour "orange".
+    """
     data = load_json(instances_json)
     world = {c.coco_id: c for c in WORLD_CLASSES}
+    annotated = {annotation["category_id"] for annotation in data["annotations"]}
     phrases: dict[int, str] = {}
-    for category in data["categories"]:
+    for category in (c for c in data["categories"] if c["id"] in annotated):
         name = category["name"].lower()
         words = {name, _plural(name)}
         if category["id"] in world:
