@@ -223,10 +223,20 @@ def _flatten(node: CfgNode, prefix: str = "") -> dict:
     return flat
 
 
-def config_differences(saved: str, current: CfgNode) -> list[str]:
-    """``KEY: saved -> current`` for every key whose value differs between a run's saved config
-    (the YAML text a checkpoint stores) and ``current``; a key only one of them has is listed
-    with ``(absent)`` on the other side. Empty when the two describe the same run.
+#: ENGINE keys that change how a run is executed and recorded, not what it learns (compiled and
+#: channels-last steps equal the eager ones within rounding): two runs that differ only in these
+#: follow the same recipe.
+EXECUTION_ONLY_KEYS = frozenset({
+    "ENGINE.CHECKPOINT_PERIOD", "ENGINE.KEEP_LAST_CHECKPOINTS", "ENGINE.PINNED_CHECKPOINTS", "ENGINE.LOG_PERIOD",
+    "ENGINE.VAL_PERIOD", "ENGINE.VAL_CAPTION_METRICS", "ENGINE.CHANNELS_LAST", "ENGINE.COMPILE",
+    "ENGINE.COMPILE_MIN_ITERATIONS",
+})
+
+
+def config_differences(saved: str, current: CfgNode, ignore: frozenset = frozenset()) -> list[str]:
+    """``KEY: saved -> current`` for every key but those in ``ignore`` whose value differs between
+    a run's saved config (the YAML text a checkpoint stores) and ``current``; a key only one of
+    them has is listed with ``(absent)`` on the other side. Empty when the two describe the same run.
 
     Used before reusing or resuming a run, so that a changed config is reported instead of
     being mixed silently into results made with another one.
@@ -235,6 +245,6 @@ def config_differences(saved: str, current: CfgNode) -> list[str]:
     absent = "(absent)"
     return [
         f"{key}: {before.get(key, absent)} -> {after.get(key, absent)}"
-        for key in sorted(before.keys() | after.keys())
+        for key in sorted((before.keys() | after.keys()) - ignore)
         if before.get(key, absent) != after.get(key, absent)
     ]

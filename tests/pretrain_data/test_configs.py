@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, config_differences, load_config
+from pretrain.config import (
+    EXECUTION_ONLY_KEYS,
+    ConfigError,
+    config_differences,
+    load_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FILES = sorted(
@@ -97,6 +102,9 @@ def test_config_differences_lists_changed_and_missing_keys():
     # A key the saved config lacks (written by an older version) is named, not skipped.
     older = saved.replace("    ZERO_INIT_RESIDUAL: false\n", "")
     assert config_differences(older, load_config(str(config))) == ["MODEL.VISUAL.ZERO_INIT_RESIDUAL: (absent) -> False"]
+    # Keys of how a run is executed can be left out: the demo reuses a run made with other ones.
+    executed_otherwise = load_config(str(config), ["ENGINE.COMPILE", "auto", "ENGINE.LOG_PERIOD", "1", "RANDOM_SEED", "1"])
+    assert config_differences(saved, executed_otherwise, ignore=EXECUTION_ONLY_KEYS) == ["RANDOM_SEED: 0 -> 1"]
 
 
 @pytest.mark.parametrize("path", [p for p in FILES if "ViT" in p.stem], ids=lambda p: p.stem)

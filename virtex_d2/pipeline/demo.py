@@ -24,7 +24,7 @@ from pretrain.checkpoint_io import (
     list_checkpoints,
     read_training_checkpoint,
 )
-from pretrain.config import config_differences, load_config
+from pretrain.config import EXECUTION_ONLY_KEYS, config_differences, load_config
 from pretrain.data.synthetic import check_sizes, is_complete
 from pretrain.errors import BadValueError
 from pretrain.files import write_json_atomic, write_text_atomic
@@ -167,7 +167,8 @@ def _pretrain_overrides(s: DemoSettings, task: str) -> list[str]:
 def _pretraining_made_otherwise(s: DemoSettings, task: str) -> str | None:
     """Which config keys the newest checkpoint in a pretraining folder was trained with
     differently from what the demo asks for now (an edited config, another seed or length), or
-    None; reusing or resuming it would report one recipe's results under another's name."""
+    None; reusing or resuming it would report one recipe's results under another's name. Keys
+    that only change how a run is executed (checkpoint period, compilation) do not count."""
     saved = list_checkpoints(s.pretrain_dir(task))
     if not saved:
         return None
@@ -177,7 +178,8 @@ def _pretraining_made_otherwise(s: DemoSettings, task: str) -> str | None:
     except CheckpointError:  # unreadable: the trainer falls back to an older one and says so
         return None
     wanted = load_config(str(s.pretrain_config(task)), _pretrain_overrides(s, task))
-    changes = config_differences(state["config"], wanted) if "config" in state else ["it records no config"]
+    changes = (config_differences(state["config"], wanted, ignore=EXECUTION_ONLY_KEYS) if "config" in state
+               else ["it records no config"])
     if not changes:
         return None
     return (f"{newest} does not match the demo's pretraining config ({'; '.join(changes)}); "
