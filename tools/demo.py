@@ -32,7 +32,12 @@ from virtex_d2.pipeline.demo import (
     lvis_mask_ap,
 )
 from virtex_d2.pipeline.estimate import REFERENCE, estimate_seconds, probe_seconds
-from virtex_d2.pipeline.stages import StageError, format_timings, run_stages
+from virtex_d2.pipeline.stages import (
+    StageError,
+    format_timings,
+    run_stages,
+    stages_to_run,
+)
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the stages run this checkout's tools and configs
 
@@ -67,25 +72,29 @@ def parse_args(argv=None) -> DemoSettings:
     return settings, args.force
 
 
-def say_how_long(settings: DemoSettings) -> None:
-    """Print roughly how long the stages will take on this machine's CPU (nothing on a GPU)."""
+def say_how_long(settings: DemoSettings, stages: list, force: bool) -> None:
+    """Print roughly how long the stages still to run will take on this machine's CPU."""
+    to_run = stages_to_run(stages, force)
+    if not to_run:
+        print("Every stage's outputs are complete: nothing to run (pass --force to redo them).")
+        return
     if torch.cuda.is_available():
         print("A GPU is present: the stages will take less than the CPU estimate of docs/demo.md.")
         return
     probe = probe_seconds(settings.image_size)
-    minutes = estimate_seconds(settings.pretrain_iters, settings.finetune_iters, settings.inits, probe) / 60
-    reference = REFERENCE.machine
-    print(f"On this CPU the demo's stages take about {minutes:.0f} minutes when none is done yet "
-          f"(a probe step took {probe:.2f} s against {REFERENCE.probe_s:.2f} s on the {reference}).")
+    minutes = estimate_seconds(to_run, settings.pretrain_iters, settings.finetune_iters, probe) / 60
+    print(f"On this CPU the {len(to_run)} stages to run take about {minutes:.0f} minutes (a probe step took "
+          f"{probe:.2f} s against {REFERENCE.probe_s:.2f} s on the {REFERENCE.machine}).")
 
 
 def main(argv=None) -> int:
     settings, force = parse_args(argv)
     env = dict(os.environ, DETECTRON2_DATASETS=str(settings.data_root.resolve()))
-    say_how_long(settings)
+    stages = build_stages(settings)
+    say_how_long(settings, stages, force)
     start = time.perf_counter()
     try:
-        results = run_stages(build_stages(settings), force=force, env=env)
+        results = run_stages(stages, force=force, env=env)
     except StageError as e:
         return report_error("demo", e, 1)  # a stage failed; its own output says why
     print("\nStage timings (seconds):\n" + format_timings(results))

@@ -164,10 +164,21 @@ def _run_side_by_side(jobs: list, log_dir: Path, env: dict | None) -> dict:
     return seconds
 
 
+def stages_to_run(stages, force: bool = False) -> set:
+    """The names of the stages :func:`run_stages` will run: every one with ``force``, else those
+    whose outputs are incomplete and those that read from a stage that runs."""
+    to_run: set = set()
+    for item in stages:
+        group = item.stages if isinstance(item, SideBySide) else [item]
+        to_run |= {stage.name for stage in group if force or stage.inputs_changed(to_run) or not stage.is_complete()}
+    return to_run
+
+
 def run_stages(stages, force: bool = False, env: dict | None = None, echo=print) -> list:
     """Run ``stages`` (each a :class:`Stage` or a :class:`SideBySide` group) in order; returns one
     :class:`StageResult` per stage."""
     total = sum(len(item.stages) if isinstance(item, SideBySide) else 1 for item in stages)
+    to_run = stages_to_run(stages, force)
     results, ran, number = [], set(), 0
     for index, item in enumerate(stages):
         group, log_dir = (item.stages, item.log_dir) if isinstance(item, SideBySide) else ([item], None)
@@ -180,7 +191,7 @@ def run_stages(stages, force: bool = False, env: dict | None = None, echo=print)
             if reason:
                 raise StageError(f"stage '{stage.name}': {reason}; nothing was changed. Pass --force to "
                                  "redo it and the stages after it")
-            if not rerun and stage.is_complete():
+            if stage.name not in to_run:
                 echo(f"{header}: outputs complete, skipped (pass --force to redo)")
                 seconds[stage.name], statuses[stage.name] = 0.0, "skipped"
                 continue
