@@ -5,8 +5,8 @@ valid is skipped; one that was interrupted is resumed where its tool supports it
 with other settings than the stage now asks for stop the run with an error; ``force`` deletes a
 stage's outputs and runs it again. Once a stage runs, the later stages that read its outputs
 run too (a stage names them in ``needs``; by default it reads every earlier stage's), since
-their inputs changed; the others stay skipped. Each stage's own tool draws its progress bar; the runner announces
-the stages and returns how long each took.
+their inputs changed; the others stay skipped. Each stage's own tool draws its progress bar;
+the runner announces the stages and returns how long each took.
 
 Stages that do not depend on each other can be grouped in :class:`SideBySide` and run at the
 same time: on a small CPU one detectron2 process per core gets more done than two in turn on
