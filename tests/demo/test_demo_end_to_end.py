@@ -43,7 +43,7 @@ def test_every_stage_runs_and_the_report_quotes_the_evaluators(demo_run):
     tmp, run = demo_run
     stages = re.findall(r"^\[(\d+)/11\] (\w+): ", run.stdout, flags=re.MULTILINE)
     assert [name for _, name in stages] == STAGES
-    assert re.search(r"On this CPU the demo's stages take about \d+ minutes", run.stdout)
+    assert re.search(r"On this CPU the 11 stages to run take about \d+ minutes", run.stdout)
     assert "model:" in run.stdout and "reference:" in run.stdout, "captions are printed beside references"
     assert re.search(r"Val captions naming a class the image shows: \d+%; naming one it does not show: \d+%", run.stdout)
     assert "running finetune_lvis_virtex and finetune_lvis_random side by side" in run.stdout

@@ -28,7 +28,10 @@ LOCAL_CLUSTER = REPO / "scripts" / "slurm" / "local_cluster.sh"
 # tests/conftest.py lets a `slurm` test skip only with this reason; anything else is a failure.
 SLURM_UNAVAILABLE = "local Slurm unavailable"
 ITERATIONS = 30
-SLURM_ITERATIONS = 240  # at about 0.2 s each, the time-limit signal (<= 30 s after it is due) lands mid-run
+# At 0.1-0.2 s each (two tiny ranks on two cores), the time-limit signal, due within Slurm's 30-s
+# check, lands mid-run and leaves the resumed run long enough to be preempted (with 240, a fast VM
+# finished the resumed run before the preemption came).
+SLURM_ITERATIONS = 600
 OUT_OF_REACH = ["ENGINE.CHECKPOINT_PERIOD", "100000", "ENGINE.LOG_PERIOD", "20"]
 LEAD_S = 120  # the time-limit signal's lead in the Slurm tests
 
