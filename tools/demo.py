@@ -72,9 +72,8 @@ def parse_args(argv=None) -> DemoSettings:
     return settings, args.force
 
 
-def say_how_long(settings: DemoSettings, stages: list, force: bool) -> None:
+def say_how_long(settings: DemoSettings, to_run: set) -> None:
     """Print roughly how long the stages still to run will take on this machine's CPU."""
-    to_run = stages_to_run(stages, force)
     if not to_run:
         print("Every stage's outputs are complete: nothing to run (pass --force to redo them).")
         return
@@ -91,10 +90,11 @@ def main(argv=None) -> int:
     settings, force = parse_args(argv)
     env = dict(os.environ, DETECTRON2_DATASETS=str(settings.data_root.resolve()))
     stages = build_stages(settings)
-    say_how_long(settings, stages, force)
+    to_run = stages_to_run(stages, force)
+    say_how_long(settings, to_run)
     start = time.perf_counter()
     try:
-        results = run_stages(stages, force=force, env=env)
+        results = run_stages(stages, force=force, env=env, to_run=to_run)
     except StageError as e:
         return report_error("demo", e, 1)  # a stage failed; its own output says why
     print("\nStage timings (seconds):\n" + format_timings(results))

@@ -59,6 +59,11 @@ VOCAB_SIZE = 256
 LVIS_VAL = "lvis_v1_val"
 
 
+def pretrain_name(task: str) -> str:
+    """The name of a pretraining's stage and of its folder: ``task`` is "captions" or "labels"."""
+    return "pretrain" if task == "captions" else f"pretrain_{task}"
+
+
 @dataclass
 class DemoSettings:
     """Where the demo reads and writes, and how big each stage is.
@@ -106,7 +111,7 @@ class DemoSettings:
 
     def pretrain_dir(self, task: str = "captions") -> Path:
         """Where the captioning (or, for ``"labels"``, the labels control's) pretraining writes."""
-        return self.output_dir / ("pretrain" if task == "captions" else f"pretrain_{task}")
+        return self.output_dir / pretrain_name(task)
 
     def final_checkpoint(self, task: str = "captions") -> Path:
         return checkpoint_path(self.pretrain_dir(task), self.pretrain_iters)
@@ -229,7 +234,7 @@ def _iterations_done(directory: Path) -> int:
 def _pretrain_stage(s: DemoSettings, task: str) -> Stage:
     directory = s.pretrain_dir(task)
     return Stage(
-        name="pretrain" if task == "captions" else f"pretrain_{task}",
+        name=pretrain_name(task),
         command=[*s.tool("pretrain.py"), "--config", s.pretrain_config(task), "--output-dir", directory,
                  *_pretrain_overrides(s, task)],
         is_complete=lambda: _checkpoint_valid(s.final_checkpoint(task)),
@@ -248,7 +253,7 @@ def _convert_stage(s: DemoSettings, init: str) -> Stage:
         source, needs = ["--init", "random", *s.spec.random_init_args, "--seed", s.seed], ()
     else:
         task = "captions" if init == "virtex" else init
-        source, needs = ["--input", s.final_checkpoint(task)], (_pretrain_stage(s, task).name,)
+        source, needs = ["--input", s.final_checkpoint(task)], (pretrain_name(task),)
     return Stage(
         name=f"convert_{init}",
         command=[*s.tool("convert_backbone.py"), *source, "--output", weights, "--config-file", s.finetune_config],

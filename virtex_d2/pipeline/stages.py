@@ -174,11 +174,12 @@ def stages_to_run(stages, force: bool = False) -> set:
     return to_run
 
 
-def run_stages(stages, force: bool = False, env: dict | None = None, echo=print) -> list:
+def run_stages(stages, force: bool = False, env: dict | None = None, echo=print, to_run: set | None = None) -> list:
     """Run ``stages`` (each a :class:`Stage` or a :class:`SideBySide` group) in order; returns one
-    :class:`StageResult` per stage."""
+    :class:`StageResult` per stage. ``to_run``: :func:`stages_to_run` of the same stages, where
+    the caller has it already (checking outputs can mean reading checkpoints)."""
     total = sum(len(item.stages) if isinstance(item, SideBySide) else 1 for item in stages)
-    to_run = stages_to_run(stages, force)
+    to_run = stages_to_run(stages, force) if to_run is None else to_run
     results, ran, number = [], set(), 0
     for index, item in enumerate(stages):
         group, log_dir = (item.stages, item.log_dir) if isinstance(item, SideBySide) else ([item], None)
