@@ -90,13 +90,13 @@ def main(argv=None) -> int:
     settings, force = parse_args(argv)
     env = dict(os.environ, DETECTRON2_DATASETS=str(settings.data_root.resolve()))
     stages = build_stages(settings)
-    to_run = stages_to_run(stages, force)
-    say_how_long(settings, to_run)
-    start = time.perf_counter()
     try:
+        to_run = stages_to_run(stages, force)  # stops here, before any estimate, on outputs made otherwise
+        say_how_long(settings, to_run)
+        start = time.perf_counter()
         results = run_stages(stages, force=force, env=env, to_run=to_run)
     except StageError as e:
-        return report_error("demo", e, 1)  # a stage failed; its own output says why
+        return report_error("demo", e, 1)  # outputs made otherwise, or a stage failed (its own output says why)
     print("\nStage timings (seconds):\n" + format_timings(results))
     add_timings_to_report(settings, results)
     ap = lvis_mask_ap(settings)

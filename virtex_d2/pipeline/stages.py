@@ -166,11 +166,21 @@ def _run_side_by_side(jobs: list, log_dir: Path, env: dict | None) -> dict:
 
 def stages_to_run(stages, force: bool = False) -> set:
     """The names of the stages :func:`run_stages` will run: every one with ``force``, else those
-    whose outputs are incomplete and those that read from a stage that runs."""
+    whose outputs are incomplete and those that read from a stage that runs.
+
+    Raises :class:`StageError` when a stage that would be kept or resumed holds outputs made with
+    other settings (its ``outdated`` reason), so that a run stops before it starts, not midway."""
     to_run: set = set()
     for item in stages:
         group = item.stages if isinstance(item, SideBySide) else [item]
-        to_run |= {stage.name for stage in group if force or stage.inputs_changed(to_run) or not stage.is_complete()}
+        for stage in group:
+            rerun = force or stage.inputs_changed(to_run)
+            reason = None if rerun or stage.outdated is None else stage.outdated()
+            if reason:
+                raise StageError(f"stage '{stage.name}': {reason}; nothing was changed. Pass --force to "
+                                 "redo it and the stages after it")
+            if rerun or not stage.is_complete():
+                to_run.add(stage.name)
     return to_run
 
 
@@ -187,16 +197,11 @@ def run_stages(stages, force: bool = False, env: dict | None = None, echo=print,
         for stage in group:
             number += 1
             header = f"[{number}/{total}] {stage.name}"
-            rerun = force or stage.inputs_changed(ran)
-            reason = None if rerun or stage.outdated is None else stage.outdated()
-            if reason:
-                raise StageError(f"stage '{stage.name}': {reason}; nothing was changed. Pass --force to "
-                                 "redo it and the stages after it")
             if stage.name not in to_run:
                 echo(f"{header}: outputs complete, skipped (pass --force to redo)")
                 seconds[stage.name], statuses[stage.name] = 0.0, "skipped"
                 continue
-            command, statuses[stage.name] = _planned_command(stage, rerun)
+            command, statuses[stage.name] = _planned_command(stage, force or stage.inputs_changed(ran))
             echo(f"{header}: {shlex.join(str(part) for part in command)}")
             jobs.append((stage, command))
         if log_dir is not None and len(jobs) > 1:
