@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from pretrain.checkpoint_io import checkpoint_path, list_checkpoints
-from pretrain.config import config_differences
+from pretrain.config import EXECUTION_ONLY_KEYS, config_differences
 from pretrain.distributed import (
     DistContext,
     all_gather_objects,
@@ -103,11 +103,23 @@ def start_or_resume(training: Training, manager: CheckpointManager, output_dir: 
         return 0
     start = restore(training, state)
     logger.info("resumed from %s", checkpoint_path(output_dir, start))
-    changes = config_differences(state["config"], training.cfg) if "config" in state else []
-    if changes:
+    if "config" in state:
+        _report_config_changes(state["config"], training.cfg, start)
+    return start
+
+
+def _report_config_changes(saved: str, current, iteration: int) -> None:
+    """Warn when the run continues with another recipe than its checkpoint's; keys that only
+    change how it is executed (checkpoint and log periods, compilation) are noted, not warned
+    about, so that the warning keeps meaning that the results now mix two recipes."""
+    recipe = config_differences(saved, current, ignore=EXECUTION_ONLY_KEYS)
+    execution = sorted(set(config_differences(saved, current)) - set(recipe))
+    if recipe:
         logger.warning(
             "the config differs from the one checkpoint_%d.pth was trained with, so the run "
             "continues with another recipe (config.yaml now holds the new one): %s",
-            start, "; ".join(changes),
+            iteration, "; ".join(recipe),
         )
-    return start
+    if execution:
+        logger.info("the run continues with other execution settings than checkpoint_%d.pth (the "
+                    "recipe is unchanged): %s", iteration, "; ".join(execution))

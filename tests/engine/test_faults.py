@@ -80,12 +80,15 @@ def test_corrupt_checkpoint_falls_back_to_previous(tiny_overrides, reference_run
 
 def test_resume_with_another_config_names_every_changed_key(tiny_overrides, reference_run, tmp_path):
     (tmp_path / "checkpoint_6.pth").write_bytes((reference_run / "checkpoint_6.pth").read_bytes())
-    changed = [*tiny_overrides, "OPTIM.CLIP_GRAD_NORM", "3.0", "MODEL.VISUAL.ZERO_INIT_RESIDUAL", "False"]
+    changed = [*tiny_overrides, "OPTIM.CLIP_GRAD_NORM", "3.0", "MODEL.VISUAL.ZERO_INIT_RESIDUAL", "False",
+               "ENGINE.LOG_PERIOD", "7"]
     result = run_pretrain(tmp_path, changed, resume=True)
     warning = next(line for line in result.stderr.splitlines() if "differs from the one checkpoint_6.pth" in line)
     assert "MODEL.VISUAL.ZERO_INIT_RESIDUAL: True -> False" in warning
     assert "OPTIM.CLIP_GRAD_NORM: 10.0 -> 3.0" in warning
-    assert warning.count(" -> ") == 2
+    assert warning.count(" -> ") == 2, "a change of how the run is logged is not another recipe"
+    note = next(line for line in result.stderr.splitlines() if "other execution settings than checkpoint_6" in line)
+    assert note.endswith("ENGINE.LOG_PERIOD: 2 -> 7"), note
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_overrides, reference_run, tmp_path):
