@@ -104,6 +104,9 @@ def get_default_config() -> CfgNode:
     C.MODEL.DECODER.BEAM_SIZE = 5
     C.MODEL.DECODER.NUCLEUS_SIZE = 0.9
     C.MODEL.DECODER.MAX_DECODING_STEPS = 30
+    # Loss of the *_classification models: k_hot_softmax (official: cross-entropy against a
+    # uniform K-hot target) | binary_cross_entropy (not in the official code: a sigmoid per class).
+    C.MODEL.CLASSIFICATION_LOSS = "k_hot_softmax"
     # Not in the official code: CapPa-style parallel prediction (Tschannen et al. 2023).
     C.MODEL.CAPPA = CfgNode()
     C.MODEL.CAPPA.PARALLEL_FRACTION = 0.0  # fraction of batches decoded from fully masked inputs

@@ -28,6 +28,7 @@ from pretrain.schedule import DECAYS
 # checks these against pretrain.engine.optim and pretrain.models.factory.
 OPTIMIZERS = ("sgd", "adamw")
 DECODERS = ("beam_search", "nucleus_sampling", "beam_search_ours", "nucleus_sampling_ours")
+CLASSIFICATION_LOSSES = ("k_hot_softmax", "binary_cross_entropy")
 MIN_CAPTION_LENGTH = 3  # [SOS], one word, [EOS]
 
 
@@ -97,6 +98,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
     "MODEL.DECODER.BEAM_SIZE": (*_integer(1), "beams of beam search"),
     "MODEL.DECODER.NUCLEUS_SIZE": (*_number(0, 1, low_open=True), "probability mass of nucleus sampling"),
     "MODEL.DECODER.MAX_DECODING_STEPS": (*_integer(1), "tokens a decoder generates at most"),
+    "MODEL.CLASSIFICATION_LOSS": (*_choice(CLASSIFICATION_LOSSES), "loss of the classification models"),
     "MODEL.CAPPA.PARALLEL_FRACTION": (*_number(0, 1), "batches decoded in parallel (CapPa)"),
     "ENGINE.CHECKPOINT_PERIOD": (*_integer(1), "iterations between checkpoints"),
     "ENGINE.KEEP_LAST_CHECKPOINTS": (*_integer(1), "checkpoints kept"),

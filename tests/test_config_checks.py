@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, get_default_config, load_config
-from pretrain.config_checks import DECODERS, OPTIMIZERS, check_world_size
+from pretrain.config_checks import (
+    CLASSIFICATION_LOSSES,
+    DECODERS,
+    OPTIMIZERS,
+    check_world_size,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/builtin/bicaptioning_R_18_L1_H256.yaml"
@@ -29,6 +34,8 @@ BAD_VALUES = [
     (["OPTIM.WARMUP_STEPS", "601"], "OPTIM.WARMUP_STEPS is 601; must be <= OPTIM.NUM_ITERATIONS (600)"),
     (["OPTIM.NUM_ITERATIONS", "0"], "OPTIM.NUM_ITERATIONS is 0; must be an integer >= 1"),
     (["MODEL.DECODER.BEAM_SIZE", "0"], "MODEL.DECODER.BEAM_SIZE is 0; must be an integer >= 1"),
+    (["MODEL.CLASSIFICATION_LOSS", "hinge"],
+     "MODEL.CLASSIFICATION_LOSS is 'hinge'; must be one of k_hot_softmax, binary_cross_entropy"),
     (["MODEL.DECODER.NAME", "greedy"], "MODEL.DECODER.NAME is 'greedy'; must be one of beam_search, "),
     (["MODEL.DECODER.MAX_DECODING_STEPS", "40"],
      "MODEL.DECODER.MAX_DECODING_STEPS is 40; must be <= DATA.MAX_CAPTION_LENGTH (30)"),
@@ -77,8 +84,10 @@ def test_the_world_size_must_divide_the_batch():
 
 def test_the_checked_names_are_the_builders_names():
     from pretrain.engine.optim import build_optimizer
+    from pretrain.models import classification
     from pretrain.models.factory import build_decoder
 
+    assert CLASSIFICATION_LOSSES == tuple(classification.CLASSIFICATION_LOSSES)
     for name in DECODERS:
         cfg = get_default_config()
         cfg.MODEL.DECODER.NAME = name

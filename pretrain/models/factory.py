@@ -154,6 +154,7 @@ def build_token_classification(cfg: CfgNode) -> TokenClassificationModel:
         build_visual_backbone(cfg),
         _linear_head(cfg, cfg.DATA.VOCAB_SIZE),
         ignore_indices=(cfg.DATA.UNK_INDEX, cfg.DATA.SOS_INDEX, cfg.DATA.EOS_INDEX),
+        loss=cfg.MODEL.CLASSIFICATION_LOSS,
     )
 
 
@@ -161,5 +162,5 @@ def build_multilabel_classification(cfg: CfgNode) -> MultiLabelClassificationMod
     """Multi-label classification of the image's object categories: ``DATA.VOCAB_SIZE`` of them
     (80 for COCO), the number the dataset builder checks against the instances file."""
     return MultiLabelClassificationModel(
-        build_visual_backbone(cfg), _linear_head(cfg, cfg.DATA.VOCAB_SIZE)
+        build_visual_backbone(cfg), _linear_head(cfg, cfg.DATA.VOCAB_SIZE), loss=cfg.MODEL.CLASSIFICATION_LOSS
     )

@@ -47,6 +47,25 @@ def test_multilabel_classification_loss_and_empty_images():
         model({"image": batch["image"], "labels": labels[:, :10]})
 
 
+def test_multilabel_binary_cross_entropy_sums_a_sigmoid_loss_per_class():
+    """MODEL.CLASSIFICATION_LOSS binary_cross_entropy: per image, -log sigmoid(z) over its classes
+    and -log(1 - sigmoid(z)) over the others, summed; then the mean over images (an image without
+    objects still learns that it has none)."""
+    model = build("multilabel_classification", **{"DATA.VOCAB_SIZE": 80,
+                                                   "MODEL.CLASSIFICATION_LOSS": "binary_cross_entropy"}).eval()
+    labels = torch.zeros(3, 80)
+    labels[0, [3, 7]] = 1
+    labels[1, 50] = 1
+    batch = {"image": torch.randn(3, 3, 64, 64), "labels": labels}
+    with torch.no_grad():
+        out = model(batch)
+        z = model.textual(model.visual(batch["image"]))
+    by_hand = -(labels * F.logsigmoid(z) + (1 - labels) * F.logsigmoid(-z)).sum() / 3
+    torch.testing.assert_close(out["loss"], by_hand, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown classification loss 'hinge'"):
+        type(model)(model.visual, model.textual, loss="hinge")
+
+
 def test_classification_models_train_and_require_linear_head():
     model = build("token_classification")
     model(caption_batch())["loss"].backward()
