@@ -241,13 +241,18 @@ def config_differences(saved: str, current: CfgNode, ignore: frozenset = frozens
     a run's saved config (the YAML text a checkpoint stores) and ``current``; a key only one of
     them has is listed with ``(absent)`` on the other side. Empty when the two describe the same run.
 
+    A key added to the defaults after the run was saved is not a difference while ``current``
+    keeps its default, which is how the code behaved before the key existed; so a new option
+    does not make every earlier run look like another recipe.
+
     Used before reusing or resuming a run, so that a changed config is reported instead of
     being mixed silently into results made with another one.
     """
     before, after = _flatten(CfgNode.load_cfg(saved)), _flatten(current)
+    defaults = _flatten(get_default_config())
     absent = "(absent)"
     return [
         f"{key}: {before.get(key, absent)} -> {after.get(key, absent)}"
         for key in sorted((before.keys() | after.keys()) - ignore)
-        if before.get(key, absent) != after.get(key, absent)
+        if before.get(key, defaults.get(key, absent)) != after.get(key, absent)
     ]

@@ -102,6 +102,12 @@ def test_config_differences_lists_changed_and_missing_keys():
     # A key the saved config lacks (written by an older version) is named, not skipped.
     older = saved.replace("    ZERO_INIT_RESIDUAL: false\n", "")
     assert config_differences(older, load_config(str(config))) == ["MODEL.VISUAL.ZERO_INIT_RESIDUAL: (absent) -> False"]
+    # ... unless it keeps its default, as a key added since (a new option) does.
+    assert "CLASSIFICATION_LOSS: k_hot_softmax\n" in saved
+    before_the_option = saved.replace("  CLASSIFICATION_LOSS: k_hot_softmax\n", "")
+    assert config_differences(before_the_option, load_config(str(config))) == []
+    bce = load_config(str(config), ["MODEL.CLASSIFICATION_LOSS", "binary_cross_entropy"])
+    assert config_differences(before_the_option, bce) == ["MODEL.CLASSIFICATION_LOSS: (absent) -> binary_cross_entropy"]
     # Keys of how a run is executed can be left out: the demo reuses a run made with other ones.
     executed_otherwise = load_config(str(config), ["ENGINE.COMPILE", "auto", "ENGINE.LOG_PERIOD", "1", "RANDOM_SEED", "1"])
     assert config_differences(saved, executed_otherwise, ignore=EXECUTION_ONLY_KEYS) == ["RANDOM_SEED: 0 -> 1"]
