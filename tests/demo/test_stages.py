@@ -68,6 +68,19 @@ def test_a_stage_that_runs_reruns_only_the_later_stages_that_read_it(tmp_path):
     assert statuses == {"a": "ran", "b": "skipped", "c": "skipped", "d": "ran"}
 
 
+def test_stages_side_by_side_do_not_rerun_each_other(tmp_path):
+    """Within a SideBySide group, one stage running does not make a complete sibling run again,
+    even one that reads every earlier stage (needs None); the stage after the group does rerun."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    group = SideBySide([_stage("a", a), _stage("b", b)], log_dir=tmp_path / "logs")
+    stages = [group, _stage("c", c)]
+    b.write_text("done")
+    c.write_text("done")
+    assert stages_to_run(stages) == {"a", "c"}
+    statuses = {r.name: r.status for r in run_stages(stages, echo=lambda _: None)}
+    assert statuses == {"a": "ran", "b": "skipped", "c": "ran"}
+
+
 def test_adding_an_init_to_a_finished_demo_runs_only_that_branch_and_the_report(tmp_path):
     """The demo's own stage graph, on the real runner: with every stage of a virtex/random demo
     complete, asking for the labels control as well trains, converts and fine-tunes only it, and

@@ -173,8 +173,9 @@ def stages_to_run(stages, force: bool = False) -> set:
     to_run: set = set()
     for item in stages:
         group = item.stages if isinstance(item, SideBySide) else [item]
+        before_group = set(to_run)  # stages side by side do not read each other
         for stage in group:
-            rerun = force or stage.inputs_changed(to_run)
+            rerun = force or stage.inputs_changed(before_group)
             reason = None if rerun or stage.outdated is None else stage.outdated()
             if reason:
                 raise StageError(f"stage '{stage.name}': {reason}; nothing was changed. Pass --force to "
