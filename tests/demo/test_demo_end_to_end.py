@@ -111,6 +111,7 @@ def test_labels_control_and_detectron2_init_are_rows_of_their_own(tmp_path):
         assert _mask_row(report, label)
     config = (tmp_path / "demo" / "pretrain_labels" / "config.yaml").read_text()
     assert "multilabel_classification" in config
+    assert "CLASSIFICATION_LOSS: binary_cross_entropy" in config  # the loss that passes the supervised check
 
 
 def test_a_labels_control_without_a_config_is_refused_before_any_stage(tmp_path):
