@@ -226,6 +226,10 @@ def _flatten(node: CfgNode, prefix: str = "") -> dict:
     return flat
 
 
+#: Keys whose value is a local file or folder: one spelt relative to the working directory and
+#: its absolute spelling name the same data.
+PATH_KEYS = frozenset({"DATA.ROOT", "DATA.TOKENIZER_MODEL"})
+
 #: ENGINE keys that change how a run is executed and recorded, not what it learns (compiled and
 #: channels-last steps equal the eager ones within rounding): two runs that differ only in these
 #: follow the same recipe.
@@ -243,7 +247,9 @@ def config_differences(saved: str, current: CfgNode, ignore: frozenset = frozens
 
     A key added to the defaults after the run was saved is not a difference while ``current``
     keeps its default, which is how the code behaved before the key existed; so a new option
-    does not make every earlier run look like another recipe.
+    does not make every earlier run look like another recipe. Paths (``PATH_KEYS``) are compared
+    as the files they name from the working directory, so ``datasets/coco`` and its absolute
+    spelling are the same data.
 
     Used before reusing or resuming a run, so that a changed config is reported instead of
     being mixed silently into results made with another one.
@@ -251,8 +257,15 @@ def config_differences(saved: str, current: CfgNode, ignore: frozenset = frozens
     before, after = _flatten(CfgNode.load_cfg(saved)), _flatten(current)
     defaults = _flatten(get_default_config())
     absent = "(absent)"
+
+    def same(key: str) -> bool:
+        old, new = before.get(key, defaults.get(key, absent)), after.get(key, absent)
+        if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str):
+            return os.path.realpath(old) == os.path.realpath(new)
+        return old == new
+
     return [
         f"{key}: {before.get(key, absent)} -> {after.get(key, absent)}"
         for key in sorted((before.keys() | after.keys()) - ignore)
-        if before.get(key, defaults.get(key, absent)) != after.get(key, absent)
+        if not same(key)
     ]

@@ -113,6 +113,17 @@ def test_config_differences_lists_changed_and_missing_keys():
     assert config_differences(saved, executed_otherwise, ignore=EXECUTION_ONLY_KEYS) == ["RANDOM_SEED: 0 -> 1"]
 
 
+def test_config_differences_compares_paths_as_the_files_they_name(tmp_path, monkeypatch):
+    config = CONFIGS / "builtin" / "bicaptioning_R_18_L1_H256.yaml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "coco").mkdir(parents=True)
+    relative = load_config(str(config), ["DATA.ROOT", "data/coco"]).dump()
+    for same in (str(tmp_path / "data" / "coco"), "./data/../data/coco/"):
+        assert config_differences(relative, load_config(str(config), ["DATA.ROOT", same])) == []
+    other = load_config(str(config), ["DATA.ROOT", str(tmp_path / "other")])
+    assert config_differences(relative, other) == [f"DATA.ROOT: data/coco -> {tmp_path / 'other'}"]
+
+
 @pytest.mark.parametrize("path", [p for p in FILES if "ViT" in p.stem], ids=lambda p: p.stem)
 def test_vit_configs_use_the_vit_optimiser(path):
     """AdamW without Lookahead, one learning rate for the ViT and the head, clipping at 1.0, no
