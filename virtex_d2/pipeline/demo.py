@@ -336,7 +336,7 @@ def build_stages(s: DemoSettings) -> list:
         stages.append(_pretrain_stage(s, "labels"))
     stages += [_convert_stage(s, init) for init in s.inits if init != "default"]
     # Independent of each other: on a 2-core CPU, one process per core trains two in about
-    # 72 % of the time of one after the other; their evaluations gain nothing (docs/demo.md).
+    # 72 % of the time of one after the other; their evaluations gain nothing (docs/demo_history.md).
     stages.append(SideBySide([_finetune_stage(s, init) for init in s.inits], log_dir=s.output_dir / "logs"))
     stages.append(Stage(
         name="report",
