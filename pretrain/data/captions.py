@@ -53,23 +53,29 @@ def read_caption_records(captions_json: str | os.PathLike) -> list[ImageRecord]:
     """The captioned images of a COCO captions file, sorted by image id.
 
     Raises :class:`~pretrain.data.dataset_root.DatasetLayoutError` for a missing or non-JSON
-    file and ``ValueError`` for a malformed entry or a caption of an image the file does not
-    list; both name the file. Images without any caption cannot be trained on; they are left out
-    and their number is logged.
+    file and ``ValueError`` for a malformed entry, an image id listed twice (which of the two
+    files its captions describe is unknown), an empty caption (it would train ``[SOS] [EOS]``) or
+    a caption of an image the file does not list; both name the file. Images without any caption
+    cannot be trained on; they are left out and their number is logged.
     """
     data = load_json(captions_json)
     lists = isinstance(data["images"], list) and isinstance(data["annotations"], list)
     require(captions_json, lists, "'images' and 'annotations'", "must be lists")
     file_names: dict[int, str] = {}
+    listed_at: dict[int, int] = {}
     for i, image in enumerate(data["images"]):
         ok = isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)
         require(captions_json, ok, f"images[{i}]", "needs an integer 'id' and a string 'file_name'")
-        file_names[image["id"]] = image["file_name"]
+        require(captions_json, image["id"] not in listed_at, f"images[{i}]",
+                f"repeats the id {image['id']} of images[{listed_at.get(image['id'])}]; give each image its own id")
+        file_names[image["id"]], listed_at[image["id"]] = image["file_name"], i
     captions: dict[int, list[str]] = defaultdict(list)
     for i, ann in enumerate(data["annotations"]):
         ok = isinstance(ann, dict) and isinstance(ann.get("image_id"), int) and isinstance(ann.get("caption"), str)
         require(captions_json, ok, f"annotations[{i}]", "needs an integer 'image_id' and a string 'caption'")
         require(captions_json, ann["image_id"] in file_names, f"annotations[{i}]", f"refers to unknown image id {ann['image_id']}")
+        require(captions_json, bool(ann["caption"].strip()), f"annotations[{i}]",
+                "has an empty caption; write the caption or remove the annotation")
         captions[ann["image_id"]].append(ann["caption"])
     if len(captions) < len(file_names):
         logger.info("%s: %d of %d images have no caption and are left out", captions_json,

@@ -4,9 +4,12 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from pretrain.errors import InputError
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class BadImageError(InputError, OSError):
@@ -17,17 +20,22 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO, name: str | None = None) 
     """Decode ``path`` (a file name, or an open binary file named ``name`` in errors, such as a
     tar member's bytes) fully and return it as an RGB PIL image.
 
-    Greyscale, CMYK and palette files are converted to RGB; an alpha channel is
-    dropped (as OpenCV's ``imread``, which the official code uses, does). Raises
-    :class:`BadImageError` naming the file when it is missing or cannot be decoded, so a
-    corrupt file surfaces here and not as an obscure error inside a transform.
+    Read as OpenCV's ``imread``, which the official code uses, reads it: turned upright by its
+    EXIF orientation (a phone photo stored sideways), an alpha channel dropped, 16-bit greyscale
+    scaled to 8 bits (its high byte; a plain conversion would clip it to white), greyscale, CMYK
+    and palette files converted to RGB. Raises :class:`BadImageError` naming the file when it is
+    missing or cannot be decoded, so a corrupt file surfaces here and not as an obscure error
+    inside a transform.
     """
     name = name or path
     try:
         with Image.open(path) as image:
             image.load()
+            image = ImageOps.exif_transpose(image)
             if image.mode == "RGB":
                 return image
+            if image.mode in _SIXTEEN_BIT_MODES:
+                image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # PIL's route for palettes with a transparent index
             return image.convert("RGB")

@@ -93,9 +93,15 @@ def edit_captions(root: Path, edit, split: str = "train") -> Path:
     (lambda d: d["images"][0].pop("file_name"), "images[0] needs an integer 'id' and a string 'file_name'"),
     (lambda d: d.pop("annotations"), "expected a JSON object with keys ['images', 'annotations']"),
     (lambda d: d.update(annotations=[]), "'annotations': no image has a caption"),
+    # An annotation tool's second entry for one image: which file do its captions describe?
+    (lambda d: d["images"].append({"id": d["images"][0]["id"], "file_name": "extra.jpg"}),
+     "images[{n}] repeats the id {id} of images[0]; give each image its own id"),
+    (lambda d: d["annotations"][1].update(caption=" \n\t "), "annotations[1] has an empty caption"),
 ])
 def test_malformed_captions_file_names_file_and_key(coco_root, edit, message):
     path = edit_captions(coco_root, edit)
+    images = json.loads(path.read_text()).get("images", [])
+    message = message.format(n=len(images) - 1, id=images[0]["id"] if images else None)
     problem, = split_report(coco_root)[0].problems
     assert problem.startswith(f"{path}: {message}")
 

@@ -119,6 +119,23 @@ def test_image_modes_are_read_as_rgb(tmp_path, mode):
         np.testing.assert_array_equal(np.asarray(loaded), np.asarray(expected))
 
 
+def test_images_are_read_upright_and_16_bit_ones_scaled_as_opencv_reads_them(tmp_path):
+    upright = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    # A phone photo: stored rotated, with EXIF orientation 6 ("rotate 90 degrees clockwise to view").
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    loaded = load_rgb_image(tmp_path / "phone.png")
+    assert loaded.size == (10, 12)
+    np.testing.assert_array_equal(np.asarray(loaded), upright)
+    # 16-bit greyscale keeps its contrast: the high byte, not everything above 255 clipped to white.
+    deep = (np.arange(120, dtype=np.uint16).reshape(12, 10) * 500)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    loaded = np.asarray(load_rgb_image(tmp_path / "deep.png"))
+    np.testing.assert_array_equal(loaded, np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_dataset_reads_greyscale_and_cmyk_jpegs(coco_root, tokenizer):
     folder = coco_root / "train2017"
     Image.open(folder / "000000000009.jpg").convert("L").save(folder / "000000000009.jpg")
