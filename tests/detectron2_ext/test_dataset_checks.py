@@ -311,15 +311,17 @@ def coco(synthetic_root, tmp_path):
     return json_file
 
 
-def check_coco(json_file: Path, edit=None, lvis=False, evaluated=True, need_masks=True) -> CheckReport:
+def check_coco(json_file: Path, edit=None, lvis=False, evaluated=True, need_masks=True, trained=True,
+               mask_format="polygon") -> CheckReport:
     if edit is not None:
         data = json.loads(json_file.read_text())
         edit(data)
         json_file.write_text(json.dumps(data))
     report = CheckReport()
     image_root = str(json_file.parent) + "/" if lvis else str(json_file.parent / "val2017")
-    check_instances_json(str(json_file), image_root, report, lvis=lvis, evaluated=evaluated,
-                         need_masks=need_masks, dataset_name="lvis_v1_val" if lvis else "coco_2017_val")
+    check_instances_json(str(json_file), image_root, report, lvis=lvis, evaluated=evaluated, need_masks=need_masks,
+                         trained=trained, mask_format=mask_format,
+                         dataset_name="lvis_v1_val" if lvis else "coco_2017_val")
     return report
 
 
@@ -368,6 +370,15 @@ COCO_DEFECTS = {
     "ignore": (lambda d: d["annotations"][0].update(ignore=1), "'ignore'", "use 'iscrowd' 1"),
     "no mask": (lambda d: d["annotations"][0].update(segmentation=[]), "'segmentation'", "missing or empty"),
     "image size": (lambda d: d["images"][0].update(width=d["images"][0]["width"] + 1), "image is ", "says"),
+    # As annotation tools export them:
+    "no iscrowd": (lambda d: d["annotations"][0].pop("iscrowd"), "annotations[0] (id 1) 'iscrowd'",
+                   "the COCO evaluator needs it"),
+    "RLE object": (lambda d: rle_of(d).update(iscrowd=0), "annotations[0] (id 1) 'segmentation'",
+                   "an RLE mask, but INPUT.MASK_FORMAT is 'polygon'"),
+    "flat polygon": (lambda d: d["annotations"][0].update(segmentation=[1.0, 2.0, 8.0, 2.0, 8.0, 9.0]),
+                     "annotations[0] (id 1) 'segmentation'", "a flat list of coordinates"),
+    "only crowd regions": (lambda d: [a.update(iscrowd=1) for a in d["annotations"]], "'annotations'",
+                           "no object to train on"),
 }
 
 
@@ -389,6 +400,25 @@ def test_coco_defects_name_file_and_key(coco, defect):
         assert problem.startswith(f"{coco}: ")
     else:
         assert f"{coco} images[0]" in problem
+
+
+def test_rle_objects_train_as_bitmasks_and_need_no_format_where_not_trained(coco):
+    def rle_object(data):
+        rle_of(data).update(iscrowd=0)
+    assert check_coco(coco, rle_object, mask_format="bitmask").problems == []
+    assert check_coco(coco, rle_object, trained=False).problems == []
+    assert check_coco(coco, rle_object, need_masks=False).problems == []
+
+
+def test_size_of_an_exif_rotated_image_says_that_it_is_turned(coco):
+    data = json.loads(coco.read_text())
+    image = next(i for i in data["images"] if i["width"] != i["height"])
+    path = coco.parent / "val2017" / image["file_name"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the stored pixels are as the JSON says; detectron2 reads them turned
+    Image.open(path).save(path, exif=exif.tobytes())
+    problem = only_problem(check_coco(coco))
+    assert problem.startswith(f"{path}: image is {image['height']}x{image['width']} upright (its EXIF orientation")
 
 
 def test_missing_image_file_and_tolerance(coco):
