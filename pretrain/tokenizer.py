@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -65,16 +65,20 @@ def train_vocabulary(
                 raise OutputExistsError(f"{path}: already exists (pass force=True / --force to overwrite)")
     prefix.parent.mkdir(parents=True, exist_ok=True)
 
-    def sentences() -> Iterator[str]:
-        for caption in tqdm(captions, desc="captions", unit="cap", mininterval=2.0):
-            yield normalize_caption(caption, keep_accents).replace("\n", " ")
+    sentences = [normalize_caption(caption, keep_accents).replace("\n", " ")
+                 for caption in tqdm(captions, desc="captions", unit="cap", mininterval=2.0)]
+    if not any(sentence.strip() for sentence in sentences):
+        raise BadValueError(f"{output_prefix}: none of the {len(captions)} captions has any text; give captions")
+    # SentencePiece silently leaves out sentences longer than this (4192 bytes by default).
+    longest = max(len(sentence.encode("utf-8")) for sentence in sentences)
 
     logger.info("training a %d-piece SentencePiece BPE model on %d captions", vocab_size, len(captions))
     with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".spm-") as tmp:
         tmp_prefix = os.path.join(tmp, "vocab")
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences(),
+                sentence_iterator=iter(sentences),
+                max_sentence_length=max(4192, longest),
                 model_prefix=tmp_prefix,
                 model_type="bpe",
                 vocab_size=vocab_size,

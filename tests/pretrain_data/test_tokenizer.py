@@ -124,6 +124,18 @@ def test_command_line_tool(tmp_path, capsys):
     assert "no_caption.json: annotations[0] needs an integer 'image_id' and a string 'caption'" in capsys.readouterr().err
 
 
+def test_a_caption_longer_than_sentencepieces_limit_is_trained_on_not_left_out(tmp_path):
+    # SentencePiece leaves out sentences above 4192 bytes unless told otherwise: the letters of
+    # this one caption would be missing from the vocabulary (character_coverage 1.0 promises all).
+    corpus = vocabulary_corpus() + [" ".join(["quixotic zebra jazz"] * 300)]
+    assert len(corpus[-1]) > 4192
+    tokenizer = SentencePieceBPETokenizer(train_vocabulary(corpus, tmp_path / "long", vocab_size=VOCAB_SIZE))
+    pieces = {tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())}
+    assert {"q", "x"} <= {ch for piece in pieces for ch in piece}  # in no other caption
+    with pytest.raises(ValueError, match="blank.*none of the 2 captions has any text"):
+        train_vocabulary(["  ", "\t"], tmp_path / "blank")
+
+
 def test_keep_accents_keeps_accented_pieces(tmp_path):
     corpus = vocabulary_corpus() + ["un café crème à côté"] * 50
     stripped = SentencePieceBPETokenizer(train_vocabulary(corpus, tmp_path / "plain", vocab_size=VOCAB_SIZE))
