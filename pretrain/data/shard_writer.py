@@ -69,10 +69,15 @@ def _table_rows(path: Path) -> list[dict]:
         columns = table.column_names
         rows = table.to_pylist()
     elif path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as handle:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            columns = reader.fieldnames or []
-            rows = list(reader)
+            try:
+                columns = reader.fieldnames or []
+                rows = list(reader)
+            except UnicodeDecodeError as err:
+                raise BadValueError(f"{path}: not UTF-8 text (it has the byte {err.object[err.start]:#x}); save "
+                                    "the table as UTF-8") from None
     else:
         raise BadValueError(f"{path}: not a .csv, .tsv or .parquet file")
     missing = [c for c in TABLE_COLUMNS if c not in columns]

@@ -117,7 +117,8 @@ def test_make_shards_tool_reads_tables_groups_captions_and_reports_what_it_left_
     if suffix == ".parquet":
         pq.write_table(pa.table({"image": [r[0] for r in rows], "caption": [r[1] for r in rows]}), table)
     else:
-        with open(table, "w", newline="", encoding="utf-8") as handle:
+        # The CSV as Excel's "CSV UTF-8" writes it, with a byte-order mark before "image".
+        with open(table, "w", newline="", encoding="utf-8-sig" if suffix == ".csv" else "utf-8") as handle:
             writer = csv.writer(handle, delimiter="\t" if suffix == ".tsv" else ",")
             writer.writerow(["image", "caption"])
             writer.writerows(rows)
@@ -144,6 +145,12 @@ def test_make_shards_tool_rejects_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"make_shards: error: {table}: needs columns image, caption; missing image, caption" in err
+    table.write_bytes("image,caption\na.jpg,un caf\u00e9\n".encode("cp1252"))  # a Windows code page
+    code = Tool("make_shards").main(["--captions-csv", str(table), "--image-root", str(tmp_path), "--output",
+                                     str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"make_shards: error: {table}: not UTF-8 text (it has the byte 0xe9); save the table as UTF-8" in err
 
 
 def test_make_shards_refuses_to_overwrite_shards(coco_root, tmp_path):
