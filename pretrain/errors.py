@@ -17,10 +17,14 @@ raise, live here. This module imports nothing of the project, so any package may
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 SHOWN_PROBLEMS = 10  # problems listed in a DatasetCheckError's message
 KEPT_PROBLEMS = 1000  # problems kept in memory; beyond this only counted
+# What torch's DataLoader puts between "Caught X in DataLoader worker process N." and the
+# worker's own traceback when it raises the worker's error again in the main process.
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
 
 
 class InputError(Exception):
@@ -32,7 +36,10 @@ class InputError(Exception):
 
     @property
     def headline(self) -> str:
-        return str(self)
+        message = str(self)
+        if _WORKER_TRACEBACK in message:  # raised in a DataLoader worker: its message is the last line
+            return re.sub(r"^[\w.]+: ", "", message.rstrip().splitlines()[-1])
+        return message
 
     @property
     def details(self) -> str:

@@ -218,7 +218,8 @@ class CocoCaptionsDataset(Dataset):
                 return position, record, load_rgb_image(self.image_dir / record.file_name)
             except BadImageError as err:
                 if not self.skip_bad_images:
-                    raise
+                    raise BadImageError(f"{err}; replace the file, or set DATA.SKIP_BAD_IMAGES True to train "
+                                        "without it (tools/check_dataset.py --check-images all finds them all)") from None
                 logger.warning("skipping unreadable image: %s", err)
                 self._count_skip()
         raise BadImageError(

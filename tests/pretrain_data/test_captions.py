@@ -165,6 +165,17 @@ def test_corrupt_image_raises_naming_the_file(coco_root, tokenizer, how):
         load_rgb_image(coco_root / "nothing.jpg")
 
 
+def test_corrupt_image_met_by_a_dataloader_worker_keeps_its_one_line(coco_root, tokenizer):
+    path = damage(coco_root, how="truncate")
+    loader = DataLoader(make_dataset(coco_root, tokenizer), batch_size=2, num_workers=1, collate_fn=collate_fn)
+    with pytest.raises(BadImageError) as caught:
+        list(loader)
+    assert "Original Traceback" in str(caught.value)  # torch's wrapping, which the tools must not print
+    headline = caught.value.headline  # the line a tool prints
+    assert "\n" not in headline and headline.startswith(f"{path}: cannot read image (")
+    assert "set DATA.SKIP_BAD_IMAGES True" in headline
+
+
 def test_missing_image_is_found_when_the_dataset_is_built(coco_root, tokenizer):
     path = damage(coco_root, how="delete")
     with pytest.raises(BadImageError, match=f"{path}: image file not found .*1 of 4 images"):
