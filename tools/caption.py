@@ -16,7 +16,6 @@ generated ``<unk>`` is " \u2047 " (``prediction_text`` in ``pretrain/downstream/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 import torch
 
 from pretrain.config import load_config
-from pretrain.data.images import load_rgb_image
+from pretrain.data.images import list_image_files, load_rgb_image
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import (
@@ -32,11 +31,9 @@ from pretrain.downstream.caption_eval import (
     load_captioning_model,
     prediction_text,
 )
-from pretrain.errors import MissingInputError, OutputExistsError
+from pretrain.errors import OutputExistsError
 from pretrain.files import write_json_atomic
 from virtex_d2.cli import add_common_flags, run_tool, tool_parser
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,17 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     add_common_flags(parser)
     return parser.parse_args(argv)
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; errors name the folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MissingInputError(f"{folder}: image folder not found")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise MissingInputError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return images
 
 
 @torch.no_grad()
@@ -82,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists() and not args.force:
         raise OutputExistsError(f"{output}: already exists (pass --force to overwrite)")
     cfg = caption_eval_config(load_config(args.config, args.opts))
-    images = list_images(args.images)
+    images = list_image_files(args.images)
     results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, results, indent=1)

@@ -21,7 +21,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
 from pretrain.config import load_config
-from pretrain.data import load_rgb_image, read_caption_records
+from pretrain.data import list_image_files, load_rgb_image, read_caption_records
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
 from pretrain.downstream.attention import (
@@ -34,8 +34,6 @@ from pretrain.downstream.caption_eval import caption_eval_config, load_captionin
 from pretrain.errors import MissingInputError, OutputExistsError
 from pretrain.tokenizer import first_word_index
 from virtex_d2.cli import add_common_flags, run_tool, tool_parser
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,10 +55,7 @@ def collect_images(inputs: list[str], cfg, limit: int) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            images = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not images:
-                raise MissingInputError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            found.extend(images)
+            found.extend(list_image_files(item))
         elif item.is_file():
             found.append(item)
         else:

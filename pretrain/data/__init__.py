@@ -11,7 +11,7 @@ from pretrain.data.captions import (
     read_caption_records,
 )
 from pretrain.data.collate import collate_fn
-from pretrain.data.images import BadImageError, load_rgb_image
+from pretrain.data.images import BadImageError, list_image_files, load_rgb_image
 from pretrain.data.masked_lm import MaskedLmDataset, mask_caption_tokens
 from pretrain.data.multilabel import (
     MultiLabelClassificationDataset,
@@ -27,6 +27,7 @@ __all__ = [
     "MultiLabelClassificationDataset",
     "build_transform",
     "collate_fn",
+    "list_image_files",
     "load_rgb_image",
     "make_transform",
     "mask_caption_tokens",

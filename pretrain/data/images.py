@@ -1,14 +1,20 @@
 """Reading image files as RGB, with errors that name the file."""
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from pretrain.errors import InputError
+from pretrain.errors import InputError, MissingInputError
 
+logger = logging.getLogger(__name__)
+
+#: What the folder-reading tools take for an image (PIL reads each; a GIF gives its first frame).
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -43,3 +49,22 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO, name: str | None = None) 
         raise BadImageError(f"{name}: image file not found") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(f"{name}: cannot read image ({err})") from None
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly inside ``folder`` (by suffix, sorted by name). Other files are
+    left out with one log line counting them, so that a folder of mixed files does not look fully
+    read; errors name the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingInputError(f"{folder}: image folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise MissingInputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        logger.warning("%s: left out %d file%s not named as an image (%s%s); the suffixes read are %s", folder,
+                       len(others), "s" if len(others) > 1 else "", ", ".join(others[:3]),
+                       ", ..." if len(others) > 3 else "", ", ".join(IMAGE_SUFFIXES))
+    return images
