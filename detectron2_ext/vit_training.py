@@ -4,7 +4,8 @@ layer-wise lr decay, the large-scale-jitter data loader, and AMP only where it c
 ``tools/train_net.py`` (its ``Trainer``) and ``tools/benchmark.py finetune`` build their optimizer
 and train loader with :func:`build_recipe_optimizer` and :func:`build_recipe_train_loader`:
 ViTDet's when ``SOLVER.OPTIMIZER`` is ``ADAMW`` and ``INPUT.LSJ.ENABLED`` is true, otherwise
-detectron2's SGD and resize augmentation, exactly as ``DefaultTrainer`` builds them.
+detectron2's SGD and resize augmentation, exactly as ``DefaultTrainer`` builds them (with a mapper
+that names an unreadable image, :mod:`detectron2_ext.image_mapper`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 from functools import partial
 
 import torch
-from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.modeling.backbone.vit import ViT, get_vit_lr_decay_rate
 from detectron2.solver import build_optimizer
@@ -23,6 +24,7 @@ from detectron2.solver.build import (
 
 from pretrain.config import ConfigError
 
+from .image_mapper import ImageNamingMapper
 from .vit_config import VITDET_BACKBONE
 
 OPTIMIZERS = ("SGD", "ADAMW")
@@ -86,7 +88,8 @@ def lsj_augmentations(cfg) -> list:
 
 def build_lsj_train_loader(cfg):
     """detectron2's train loader with the LSJ mapper; boxes are recomputed from the cropped masks."""
-    mapper = DatasetMapper(cfg, is_train=True, augmentations=lsj_augmentations(cfg), recompute_boxes=cfg.MODEL.MASK_ON)
+    mapper = ImageNamingMapper(cfg, is_train=True, augmentations=lsj_augmentations(cfg),
+                               recompute_boxes=cfg.MODEL.MASK_ON)
     return build_detection_train_loader(cfg, mapper=mapper)
 
 
@@ -100,7 +103,9 @@ def build_recipe_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer
 
 def build_recipe_train_loader(cfg):
     """The config's train loader: large-scale jitter (``INPUT.LSJ.ENABLED``) or detectron2's default."""
-    return build_lsj_train_loader(cfg) if cfg.INPUT.LSJ.ENABLED else build_detection_train_loader(cfg)
+    if cfg.INPUT.LSJ.ENABLED:
+        return build_lsj_train_loader(cfg)
+    return build_detection_train_loader(cfg, mapper=ImageNamingMapper(cfg, is_train=True))
 
 
 def disable_amp_without_cuda(cfg) -> bool:

@@ -28,6 +28,7 @@ from pretrain.malloc import (  # standard library only
 if __name__ == "__main__":
     reexec_with_tuned_malloc()  # the allocator is chosen at process start, so before torch loads
 
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import (
     DefaultTrainer,
     default_argument_parser,
@@ -49,6 +50,7 @@ from detectron2_ext.config import check_world_size, default_init_name
 from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
+from detectron2_ext.image_mapper import ImageNamingMapper
 from detectron2_ext.progress import ProgressBarHook
 from detectron2_ext.vit_training import (
     build_recipe_optimizer,
@@ -83,6 +85,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         return build_recipe_train_loader(cfg)  # detectron2's, or ViTDet's large-scale jitter
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=ImageNamingMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -14,6 +14,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
 from detectron2.structures import Boxes, Instances
+from PIL import Image
 
 from detectron2_ext import load_config
 from detectron2_ext.compat import (
@@ -206,3 +207,29 @@ def test_saved_results_record_how_many_detections_the_model_made(tmp_path):
     assert evaluator.evaluate() == {"bbox": {"AP": 1.0}}
     record = json.loads((tmp_path / "evaluation.json").read_text())
     assert record["detections"] == 5 and record["results"] == {"bbox": {"AP": 1.0}}
+
+
+def test_an_unreadable_image_met_while_training_is_named_in_one_line(synthetic_root, tmp_path):
+    """detectron2 decodes images batch by batch, long after the header-only dataset checks: a
+    truncated file must end the run with its name, also from inside a DataLoader worker."""
+    from detectron2.data import DatasetFromList, MapDataset
+
+    from detectron2_ext.image_mapper import ImageNamingMapper
+    from pretrain.data.images import BadImageError
+
+    cfg = load_config(CONFIGS / "builtin" / "lvis_segm_R_18_FPN_builtin.yaml")
+    source = next((synthetic_root / "coco" / "val2017").glob("*.jpg"))
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    good.write_bytes(source.read_bytes())
+    bad.write_bytes(source.read_bytes()[:300])
+    width, height = Image.open(good).size
+    mapper = ImageNamingMapper(cfg, is_train=False)
+    record = {"image_id": 1, "height": height, "width": width}
+    assert mapper({**record, "file_name": str(good)})["image"].shape[1:] == (height, width)
+    loader = torch.utils.data.DataLoader(MapDataset(DatasetFromList([{**record, "file_name": str(bad)}]), mapper),
+                                         batch_size=1, num_workers=1, collate_fn=lambda batch: batch)
+    with pytest.raises(BadImageError) as caught:
+        list(loader)
+    headline = caught.value.headline
+    assert "\n" not in headline and headline.startswith(f"{bad}: cannot read image (")
+    assert headline.endswith("replace the file or remove its entry from the dataset")
