@@ -206,6 +206,7 @@ class _InstancesChecker:
         self.lvis, self.evaluated, self.need_masks = lvis, evaluated, need_masks
         self.mask_format = mask_format  # INPUT.MASK_FORMAT where the file's masks are trained, else None
         self.format = "LVIS" if lvis else "COCO"
+        self.empty_boxes: list[str] = []  # where: annotations whose box has no area
 
     def problem(self, where: str, what: str) -> None:
         self.report.problem(f"{self.json_file}: {where}: {what}")
@@ -331,6 +332,8 @@ class _InstancesChecker:
         width, height = size
         if w < 0 or h < 0:
             self.problem(where, f"{bbox} has a negative width or height; boxes are [x, y, width, height]")
+        elif w == 0 or h == 0:
+            self.empty_boxes.append(where)
         elif (x < -box_tolerance(width) or y < -box_tolerance(height) or x + w > width + box_tolerance(width)
               or y + h > height + box_tolerance(height)):
             self.problem(where, f"{bbox} lies outside the {width}x{height} image; correct the box (or the image size)")
@@ -404,6 +407,9 @@ def check_instances_json(json_file: str, image_root: str, report: CheckReport, *
     category_ids = checker.categories(data, table, dataset_name)
     sizes = checker.images(data, image_root)
     checker.annotations(data, sizes, category_ids)
+    if trained and checker.empty_boxes:
+        report.warn(f"{json_file}: {len(checker.empty_boxes)} annotations have a box of zero width or height (e.g. "
+                    f"{checker.empty_boxes[0]}); detectron2 leaves them out of training")
     if trained and not any(isinstance(a, dict) and not a.get("iscrowd", 0) for a in data["annotations"]):
         checker.problem("'annotations'", f"no object to train on ({len(data['annotations'])} annotations, all "
                         "crowd regions or none); annotate objects with 'iscrowd' 0")

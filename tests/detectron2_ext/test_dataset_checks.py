@@ -410,6 +410,17 @@ def test_rle_objects_train_as_bitmasks_and_need_no_format_where_not_trained(coco
     assert check_coco(coco, rle_object, need_masks=False).problems == []
 
 
+def test_boxes_without_area_are_counted_in_a_warning_where_trained(coco):
+    def flatten(data):
+        data["annotations"][0]["bbox"][2] = 0.0
+        data["annotations"][1]["bbox"][3] = 0
+    report = check_coco(coco, flatten)
+    assert report.problems == [] and report.warnings == [
+        (f"{coco}: 2 annotations have a box of zero width or height (e.g. annotations[0] (id 1) 'bbox'); "
+         "detectron2 leaves them out of training")]
+    assert check_coco(coco, trained=False).warnings == []
+
+
 def test_size_of_an_exif_rotated_image_says_that_it_is_turned(coco):
     data = json.loads(coco.read_text())
     image = next(i for i in data["images"] if i["width"] != i["height"])
