@@ -15,6 +15,7 @@ from detectron2.config import get_cfg
 
 from pretrain.config import ConfigError
 
+from .datasets import register_coco_datasets
 from .vit_config import add_vitdet_config
 
 # Norms that run in several processes without CUDA (torch's SyncBatchNorm does not).
@@ -30,6 +31,10 @@ def add_virtex_config(cfg):
     # Norm that replaces "SyncBN" when several processes train without CUDA: torch's
     # SyncBatchNorm only runs on GPUs, detectron2's naiveSyncBN also runs over gloo.
     cfg.VIRTEX.CPU_SYNC_NORM = "naiveSyncBN"
+    # Datasets of one's own in the COCO instances format, each [name, instances JSON, image
+    # folder], registered under that name for DATASETS.TRAIN / DATASETS.TEST (classes from the
+    # JSON: set MODEL.ROI_HEADS.NUM_CLASSES to their number).
+    cfg.VIRTEX.COCO_DATASETS = []
     add_vitdet_config(cfg)  # MODEL.VIT, MODEL.SFP, the AdamW and LSJ keys of ViTDet
 
 
@@ -55,7 +60,9 @@ def load_config(config_file, opts=()):
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, TypeError, AssertionError) as err:
         raise ConfigError(f"command line: {err}; check the KEY VALUE overrides") from None
-    check_values(cfg, f"{config_file} with the command line" if opts else str(config_file))
+    where = f"{config_file} with the command line" if opts else str(config_file)
+    check_values(cfg, where)
+    register_coco_datasets(cfg.VIRTEX.COCO_DATASETS, where)
     return cfg
 
 

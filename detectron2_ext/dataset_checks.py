@@ -174,8 +174,8 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _int_at_least(value, lowest: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
 
 
 def builtin_class_table(dataset_name: str, lvis: bool) -> dict[int, set[str]] | None:
@@ -218,10 +218,14 @@ class _InstancesChecker:
             self.problem("'categories'", "missing or empty; list the dataset's categories (id, name)")
             return set()
         names: dict[int, str] = {}
+        # A dataset of one's own may number its classes from 0 (Roboflow does); detectron2 maps ids
+        # to its own contiguous ones. Builtin tables and LVIS (class = id - 1) start at 1.
+        lowest = 0 if table is None and not self.lvis else 1
         for i, category in enumerate(categories):
-            if not (isinstance(category, dict) and _positive_int(category.get("id"))
+            if not (isinstance(category, dict) and _int_at_least(category.get("id"), lowest)
                     and isinstance(category.get("name"), str)):
-                self.problem(f"categories[{i}]", "needs a positive integer 'id' and a string 'name'")
+                what = "a positive" if lowest else "a non-negative"
+                self.problem(f"categories[{i}]", f"needs {what} integer 'id' and a string 'name'")
                 continue
             if category["id"] in names:
                 self.problem(f"categories[{i}]", f"id {category['id']} is listed twice; give each category one entry")
@@ -237,12 +241,13 @@ class _InstancesChecker:
         what = f"detectron2's builtin table of {dataset_name} ({len(table)} classes)"
         for category_id in sorted(set(names) - set(table)):
             self.problem(f"categories (id {category_id})", f"id {category_id} is not in {what}; use the "
-                         f"{self.format} category ids, or register the dataset under a name of your own")
+                         f"{self.format} category ids, or name your own classes' dataset in VIRTEX.COCO_DATASETS")
         renamed = {i: name for i, name in names.items() if i in table and name not in table[i]}
         if not self.lvis:  # detectron2 sets thing_classes from the file: all 80, exactly as named
             for category_id, name in sorted(renamed.items()):
                 self.problem(f"categories (id {category_id})", f"named {name!r} but {what} names it "
-                             f"{min(table[category_id])!r}; use the COCO category table")
+                             f"{min(table[category_id])!r}; use the COCO category table (own classes: "
+                             "VIRTEX.COCO_DATASETS)")
             for category_id in sorted(set(table) - set(names)):
                 self.problem(f"categories (id {category_id})", f"{min(table[category_id])!r} is missing; {what} "
                              "needs every category listed (annotating only some of them is fine)")
@@ -275,7 +280,7 @@ class _InstancesChecker:
         self.expected_files = []
         for where, image in self.entries(data, "images"):
             width, height = image.get("width"), image.get("height")
-            if not (_positive_int(width) and _positive_int(height)):
+            if not (_int_at_least(width) and _int_at_least(height)):
                 self.problem(where, f"'width' {width!r} and 'height' {height!r} must be positive integers (pixels)")
                 continue
             sizes[image["id"]] = (width, height)

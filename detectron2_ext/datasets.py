@@ -1,17 +1,22 @@
-"""Dataset checks: detectron2's builtin datasets resolve under ``DETECTRON2_DATASETS``.
+"""Where datasets come from: detectron2's builtin ones under ``DETECTRON2_DATASETS``, and a
+user's own COCO-format ones named in the config (``VIRTEX.COCO_DATASETS``).
 
 detectron2 reads ``DETECTRON2_DATASETS`` once, when ``detectron2.data`` is first imported, and
 registers every builtin dataset (coco_2017_*, lvis_v1_*, voc_20XX_*) under that root. A variable
 set later is silently ignored, and a missing file only surfaces deep inside the data loader; the
-checks here turn both into clear errors before training starts.
+checks here turn both into clear errors before training starts. A dataset of one's own (an
+annotation tool's COCO export, with its own classes) is registered from the config, as
+detectron2's ``register_coco_instances`` would be from a script, so that the tools take it too.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 
+from pretrain.config import ConfigError
 from pretrain.errors import MissingInputError
 
 _PROBE = ("coco_2017_val", "coco/annotations/instances_val2017.json")
@@ -54,3 +59,22 @@ def check_dataset_files(names) -> None:
             "dataset files not found (datasets resolve under DETECTRON2_DATASETS="
             f"'{configured_root()}'):\n  " + "\n  ".join(missing)
         )
+
+
+def register_coco_datasets(entries, where: str) -> None:
+    """Register each ``[name, instances JSON, image folder]`` of ``VIRTEX.COCO_DATASETS`` as a
+    COCO-format dataset (classes from its JSON, COCO evaluation). A name detectron2 already has
+    for other files (a builtin dataset) is a :class:`~pretrain.config.ConfigError`; the same entry
+    again (a config loaded twice in one process) is left as it is."""
+    for entry in entries:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(v, str) and v for v in entry)):
+            raise ConfigError(f"{where}: VIRTEX.COCO_DATASETS entry {entry!r} must be [name, instances JSON, image "
+                              "folder], three strings")
+        name, json_file, image_root = entry
+        if name in DatasetCatalog.list():
+            registered = MetadataCatalog.get(name)
+            if (registered.get("json_file", None), registered.get("image_root", None)) == (json_file, image_root):
+                continue
+            raise ConfigError(f"{where}: VIRTEX.COCO_DATASETS names {name!r}, which is already a dataset "
+                              f"({registered.get('json_file', 'registered by detectron2')}); give yours another name")
+        register_coco_instances(name, {}, json_file, image_root)

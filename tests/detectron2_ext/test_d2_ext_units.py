@@ -3,6 +3,7 @@ and the report built from crafted evaluator outputs."""
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import detectron2.engine.defaults as d2_defaults
@@ -233,3 +234,14 @@ def test_an_unreadable_image_met_while_training_is_named_in_one_line(synthetic_r
     headline = caught.value.headline
     assert "\n" not in headline and headline.startswith(f"{bad}: cannot read image (")
     assert headline.endswith("replace the file or remove its entry from the dataset")
+
+
+@pytest.mark.parametrize("entries, message", [
+    ("[['coco_2017_val', 'mine.json', 'images']]", "names 'coco_2017_val', which is already a dataset"),
+    ("[['mine', 'mine.json']]", "entry ['mine', 'mine.json'] must be [name, instances JSON, image folder]"),
+])
+def test_own_coco_datasets_may_not_take_a_builtin_name_or_miss_a_part(entries, message):
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / "cpu" / "coco_segm_default_init_cpu.yaml", ["VIRTEX.COCO_DATASETS", entries])

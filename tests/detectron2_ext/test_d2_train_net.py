@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,30 @@ def test_report_matches_the_evaluators(coco_run, coco_ddp_run, lvis_run, voc_run
     for png in ("loss_curves.png", "lvis_v1_val_ap_by_frequency.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert "## lvis_v1_val: mask AP" in (tmp_path / "report.md").read_text()
+
+
+def own_coco_export(synthetic_root: Path, split: str, folder: Path, names: dict[int, str]) -> Path:
+    """The built-in ``split`` as an annotation tool exports a dataset with its own classes: only
+    the categories in ``names`` (built-in id -> own name), numbered from 0 as Roboflow does."""
+    data = json.loads((synthetic_root / "coco" / "annotations" / f"instances_{split}2017.json").read_text())
+    own_id = {builtin: i for i, builtin in enumerate(names)}
+    data["categories"] = [{"id": own_id[c], "name": name, "supercategory": "shape"} for c, name in names.items()]
+    data["annotations"] = [{**a, "category_id": own_id[a["category_id"]]} for a in data["annotations"]
+                           if a["category_id"] in own_id]
+    path = folder / f"{split}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_coco_export_with_its_own_classes_trains_and_evaluates(synthetic_root, tmp_path):
+    data = json.loads((synthetic_root / "coco" / "annotations" / "instances_train2017.json").read_text())
+    common = [c for c, _ in Counter(a["category_id"] for a in data["annotations"]).most_common(3)]
+    names = dict(zip(common, ["widget", "gadget", "gizmo"]))
+    datasets = [[f"shapes_{split}", str(own_coco_export(synthetic_root, split, tmp_path, names)),
+                 str(synthetic_root / "coco" / f"{split}2017")] for split in ("train", "val")]
+    run = train_net("coco_segm_default_init_cpu.yaml", tmp_path / "run", "VIRTEX.COCO_DATASETS", repr(datasets),
+                    "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "('shapes_val',)",
+                    "MODEL.ROI_HEADS.NUM_CLASSES", "3", *NO_PRECISE_BN)
+    assert_trained_and_evaluated(run, "shapes_val", "COCOEvaluator", {"bbox": COCO_METRICS, "segm": COCO_METRICS})
+    per_class = evaluation(run, "shapes_val")["results"]["segm"]
+    assert {"AP-widget", "AP-gadget", "AP-gizmo"} <= set(per_class)
