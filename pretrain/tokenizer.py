@@ -4,10 +4,12 @@ The layout matches the official VirTex vocabulary, so official ``.model`` files 
 ours work there: ``<unk>`` is id 0 and doubles as padding, the control symbols ``[SOS]``,
 ``[EOS]`` and ``[MASK]`` are ids 1, 2 and 3 (SentencePiece's own BOS/EOS are disabled), and the
 ordinary pieces follow. Captions are normalised the way the official dataset does it: lower
-case, Unicode NFKD, combining marks (accents) dropped.
+case, Unicode NFKD, combining marks (accents) dropped; in scripts whose combining marks are part
+of the letters (Devanagari's virama, Thai's vowels, Japanese voicing marks) they are kept.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -27,16 +29,39 @@ CONTROL_SYMBOLS = ["[SOS]", "[EOS]", "[MASK]"]
 WORD_START = "\u2581"  # SentencePiece's marker of a piece that begins a word
 
 
+# Scripts whose combining marks are accents on a complete letter ("é" is "e" + acute): these are
+# dropped. Elsewhere a combining mark is part of the letter: Devanagari's virama joins consonants,
+# Thai writes vowels as marks, the Japanese voicing mark turns "か" into "が".
+_ACCENTED_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
+
+
+@functools.lru_cache(maxsize=4096)
+def _marks_are_letters(base: str) -> bool:
+    """Whether combining marks after ``base`` belong to the letter (kept) rather than being
+    accents (dropped): ``base`` is a letter or mark of a script other than Latin, Greek, Cyrillic."""
+    return unicodedata.category(base)[0] in "LM" and not unicodedata.name(base, "").startswith(_ACCENTED_SCRIPTS)
+
+
 def normalize_caption(text: str, keep_accents: bool = False) -> str:
-    """Lower-case ``text``; unless ``keep_accents``, NFKD-decompose it and drop combining marks.
+    """Lower-case ``text``; unless ``keep_accents``, NFKD-decompose it and drop accents.
 
     "Café" becomes "cafe". This is what the official dataset applies to every caption before
-    tokenisation, and what the official vocabulary builder applies to its training text.
+    tokenisation, and what the official vocabulary builder applies to its training text; the
+    official rule drops every combining mark, which for English captions is the same thing.
+    Marks that are part of a letter in other scripts are kept (:data:`_ACCENTED_SCRIPTS`), so
+    "पार्क" stays a word instead of losing its virama.
     """
     text = text.lower()
-    if keep_accents:
+    if keep_accents or text.isascii():
         return text
-    return "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    kept, base = [], ""
+    for ch in unicodedata.normalize("NFKD", text):
+        if not unicodedata.combining(ch):
+            base = ch
+        elif not (base and _marks_are_letters(base)):
+            continue
+        kept.append(ch)
+    return "".join(kept)
 
 
 def train_vocabulary(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,16 @@ def test_official_decoding_writes_unk_as_sentencepiece_itself_does(tokenizer, to
 
 def test_normalisation_lower_cases_and_strips_accents(tokenizer):
     assert normalize_caption("A Café, NAÏVE Zoë") == "a cafe, naive zoe"
+    assert normalize_caption("Việt Nam, ΆΝΘΡΩΠΟΣ, Ёлка") == "viet nam, ανθρωπος, елка"
     assert normalize_caption("A Café", keep_accents=True) == "a café"
     assert tokenizer.encode("A DOG inside a Café") == tokenizer.encode("a dog inside a cafe")
+
+
+@pytest.mark.parametrize("caption", ["एक कुत्ता पार्क में दौड़ रहा है", "สุนัขวิ่งในสวน", "がっこうのいぬ"])
+def test_normalisation_keeps_the_marks_that_are_part_of_letters(caption):
+    # Devanagari's virama and nukta, Thai vowels and tone marks, the Japanese voicing mark are
+    # combining marks too; dropping them (the official rule, made for accents) changes the words.
+    assert normalize_caption(caption) == unicodedata.normalize("NFKD", caption)
 
 
 def test_tokenizer_pickles_by_path_and_reloads(tokenizer):
