@@ -352,7 +352,7 @@ class _InstancesChecker:
                 self.problem(where, "missing or empty; the masks are trained on: add the object's polygons")
             return
         if isinstance(segm, dict):
-            if self.mask_format == "polygon" and not ann.get("iscrowd", 0):  # training skips crowd regions
+            if self.mask_format == "polygon" and not self.lvis and not ann.get("iscrowd", 0):  # crowds: not trained
                 self.problem(where, "an RLE mask, but INPUT.MASK_FORMAT is 'polygon' (detectron2 would stop at "
                              "the first batch); set INPUT.MASK_FORMAT bitmask, or export polygons")
             self._rle(segm, size, where)
