@@ -61,14 +61,20 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
+def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], str]:
     """``(width, height)`` of an image as detectron2's ``read_image`` returns it (EXIF
-    orientation applied), read from the header only. Raises ``OSError`` for a non-image."""
+    orientation applied), and its PIL mode, read from the header only. Raises ``OSError`` for a
+    non-image."""
     with Image.open(path) as image:
         width, height = image.size
         if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
-            return height, width
-    return width, height
+            return (height, width), image.mode
+        return (width, height), image.mode
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image as detectron2's ``read_image`` returns it."""
+    return image_header(path)[0]
 
 
 class ImageFiles:
@@ -97,10 +103,13 @@ class ImageFiles:
             if width is None or height is None:
                 continue
             try:
-                actual = image_size(path)
+                actual, mode = image_header(path)
             except OSError as err:
                 self.report.problem(f"{path}: not a readable image ({err}); replace the file")
                 continue
+            if mode.startswith("I;16"):
+                self.report.problem(f"{path}: a 16-bit image, which detectron2 reads clipped to white; save it "
+                                    "with 8 bits per channel")
             if actual != (width, height):
                 upright = " upright (its EXIF orientation turns it, as detectron2 does)" if actual == (height, width) else ""
                 self.report.problem(f"{path}: image is {actual[0]}x{actual[1]}{upright} but {source} says "

@@ -421,6 +421,15 @@ def test_boxes_without_area_are_counted_in_a_warning_where_trained(coco):
     assert check_coco(coco, trained=False).warnings == []
 
 
+def test_a_16_bit_image_is_named(coco):
+    image = json.loads(coco.read_text())["images"][0]
+    path = coco.parent / "val2017" / image["file_name"]
+    deep = np.full((image["height"], image["width"]), 30000, np.uint16)  # mid-grey, read by detectron2 as white
+    Image.fromarray(deep).save(path, format="PNG")  # under its .jpg name, as converters leave them
+    problem = only_problem(check_coco(coco))
+    assert problem == f"{path}: a 16-bit image, which detectron2 reads clipped to white; save it with 8 bits per channel"
+
+
 def test_size_of_an_exif_rotated_image_says_that_it_is_turned(coco):
     data = json.loads(coco.read_text())
     image = next(i for i in data["images"] if i["width"] != i["height"])
