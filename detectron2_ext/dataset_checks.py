@@ -320,8 +320,8 @@ class _InstancesChecker:
     def annotations(self, data: dict, sizes: dict[int, tuple[int, int]], category_ids: set[int]) -> None:
         for where, ann in self.entries(data, "annotations"):
             if self.evaluated and not self.lvis and ann.get("iscrowd", None) not in (0, 1):
-                self.problem(f"{where} 'iscrowd'", f"{ann.get('iscrowd', '(missing)')!r}; the COCO evaluator needs "
-                             "it: 0, or 1 for a crowd region")
+                value = repr(ann["iscrowd"]) if "iscrowd" in ann else "missing"
+                self.problem(f"{where} 'iscrowd'", f"{value}; the COCO evaluator needs it: 0, or 1 for a crowd region")
             size = sizes.get(ann.get("image_id"))
             if size is None:
                 self.problem(f"{where} 'image_id'", f"{ann.get('image_id')!r} is not an image of 'images' (it "
@@ -422,8 +422,9 @@ def check_instances_json(json_file: str, image_root: str, report: CheckReport, *
     sizes = checker.images(data, image_root)
     checker.annotations(data, sizes, category_ids)
     if trained and checker.empty_boxes:
-        report.warn(f"{json_file}: {len(checker.empty_boxes)} annotations have a box of zero width or height (e.g. "
-                    f"{checker.empty_boxes[0]}); detectron2 leaves them out of training")
+        count = len(checker.empty_boxes)
+        report.warn(f"{json_file}: {count} annotation{'s have' if count > 1 else ' has'} a box of zero width or "
+                    f"height (e.g. {checker.empty_boxes[0]}); detectron2 leaves them out of training")
     if trained and not any(isinstance(a, dict) and not a.get("iscrowd", 0) for a in data["annotations"]):
         checker.problem("'annotations'", f"no object to train on ({len(data['annotations'])} annotations, all "
                         "crowd regions or none); annotate objects with 'iscrowd' 0")

@@ -372,7 +372,7 @@ COCO_DEFECTS = {
     "image size": (lambda d: d["images"][0].update(width=d["images"][0]["width"] + 1), "image is ", "says"),
     # As annotation tools export them:
     "no iscrowd": (lambda d: d["annotations"][0].pop("iscrowd"), "annotations[0] (id 1) 'iscrowd'",
-                   "the COCO evaluator needs it"),
+                   "missing; the COCO evaluator needs it"),
     "RLE object": (lambda d: rle_of(d).update(iscrowd=0), "annotations[0] (id 1) 'segmentation'",
                    "an RLE mask, but INPUT.MASK_FORMAT is 'polygon'"),
     "flat polygon": (lambda d: d["annotations"][0].update(segmentation=[1.0, 2.0, 8.0, 2.0, 8.0, 9.0]),
