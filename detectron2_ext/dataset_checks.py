@@ -119,19 +119,33 @@ class ImageFiles:
 # --- VOC ---------------------------------------------------------------------------------------
 
 
+_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".xml")  # what a split id written as a file name ends with
+
+
 def read_split_ids(split_file: Path, report: CheckReport) -> list[str]:
     """The ids of a VOC split file as detectron2's loader and evaluator both read them."""
     if not split_file.is_file():
         report.problem(f"{split_file}: split file not found; list the image ids of the split, one per line")
         return []
-    ids = []
-    for number, line in enumerate(split_file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    ids, with_suffix = [], []
+    text = split_file.read_text(encoding="utf-8", errors="replace")
+    if text.startswith("\ufeff"):
+        report.problem(f"{split_file}: starts with a byte-order mark, which detectron2 reads as part of the first "
+                       "id; save the file without it (UTF-8 without BOM)")
+        text = text[1:]
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if len(fields) != 1:
             what = "is blank" if not fields else f"has {len(fields)} fields"
             report.problem(f"{split_file}: line {number} {what}; write exactly one image id per line")
             continue
+        if Path(fields[0]).suffix.lower() in _FILE_SUFFIXES:
+            with_suffix.append(fields[0])
+            continue
         ids.append(fields[0])
+    if with_suffix:
+        report.problem(f"{split_file}: {len(with_suffix)} ids are written as file names (e.g. {with_suffix[0]!r}); "
+                       f"write the bare id ({Path(with_suffix[0]).stem!r}), from which the XML and JPEG names follow")
     if len(ids) == 1:
         report.problem(f"{split_file}: lists a single image id; detectron2's loader (np.loadtxt) needs two or more")
     elif not ids and split_file.stat().st_size == 0:

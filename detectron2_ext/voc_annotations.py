@@ -210,9 +210,15 @@ def read_voc_annotation(path: str | os.PathLike, class_names: Sequence[str] | No
     reader = _Reader(annotation, evaluator)
     try:
         with PathManager.open(str(path), "rb") as handle:  # as detectron2 opens it, remote paths too
-            root = ET.parse(handle).getroot()
+            content = handle.read()
+        content.decode("utf-8")  # detectron2's loader reads the file as UTF-8 text, whatever it declares
+        root = ET.fromstring(content)
     except FileNotFoundError:
         annotation.problems.append(f"{path}: annotation file not found")
+        return annotation
+    except UnicodeDecodeError as err:
+        annotation.problems.append(f"{path}: not UTF-8 text (it has the byte {content[err.start]:#x}), which "
+                                   "detectron2's VOC loader cannot read; save the file as UTF-8")
         return annotation
     except ET.ParseError as err:
         annotation.problems.append(f"{path}: malformed XML ({err}); fix or regenerate the file")

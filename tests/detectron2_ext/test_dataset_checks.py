@@ -266,12 +266,26 @@ def test_malformed_xml_is_named(voc):
     assert only_problem(voc_report(voc)[0]).startswith(f"{path}: malformed XML")
 
 
+def test_xml_in_another_encoding_than_utf8_is_named(voc):
+    """LabelImg on Windows may write Latin-1 and declare it; detectron2's loader reads UTF-8 only."""
+    path = voc / "Annotations" / f"{split_ids(voc, 'trainval')[0]}.xml"
+    text = path.read_text().replace("<annotation>", "<annotation><folder>Caf\u00e9</folder>", 1)
+    path.write_bytes(('<?xml version="1.0" encoding="ISO-8859-1"?>\n' + text).encode("latin-1"))
+    assert only_problem(voc_report(voc)[0]) == (f"{path}: not UTF-8 text (it has the byte 0xe9), which detectron2's "
+                                                "VOC loader cannot read; save the file as UTF-8")
+
+
 @pytest.mark.parametrize("content, message", [
     ("000001\n", "lists a single image id; detectron2's loader (np.loadtxt) needs two or more"),
     ("000001\n\n000002\n", "line 2 is blank"),
     ("000001 1\n000002\n", "line 1 has 2 fields"),
+    ("\ufeff{ids}", "starts with a byte-order mark, which detectron2 reads as part of the first id"),
+    ("{jpgs}", "{n} ids are written as file names (e.g. '{first}.jpg'); write the bare id ('{first}')"),
 ])
 def test_split_file_format(voc, content, message):
+    ids = split_ids(voc, "trainval")
+    content = content.format(ids="\n".join(ids) + "\n", jpgs="".join(f"{i}.jpg\n" for i in ids))
+    message = message.format(first=ids[0], n=len(ids))
     split_file = voc / "ImageSets" / "Main" / "trainval.txt"
     split_file.write_text(content)
     assert any(p == f"{split_file}: {message}" or p.startswith(f"{split_file}: {message}")
