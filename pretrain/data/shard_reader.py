@@ -130,7 +130,9 @@ def _members(stream, url: str, keep: Callable[[str], bool], at: _Progress) -> It
 def _wanted(extensions: Sequence[str] | None) -> Callable[[str], bool]:
     if extensions is None:
         return lambda name: not (name.startswith("__") and name.endswith("__"))
-    return lambda name: base_plus_ext(name)[1] in extensions
+    # By the last suffix, not webdataset's extension (all after the key's first dot), so that a
+    # member whose key has a dot in it is still read and can be named as the cause.
+    return lambda name: name.rsplit(".", 1)[-1] in extensions
 
 
 def _samples_once(url: str, keep: Callable[[str], bool], at: _Progress) -> Iterator[dict[str, Any]]:
@@ -167,7 +169,7 @@ def read_shard(
     faults: list[ShardFault] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of one shard as webdataset groups them: ``{"__key__", "__url__", ext: bytes}``,
-    with only the members whose extension is in ``extensions`` when given.
+    with only the members whose last suffix is in ``extensions`` when given.
 
     An unreadable tail (or a shard unreadable from byte 0) ends the samples: the fault is
     logged, and appended to ``faults`` when given. A remote shard is first read again up to

@@ -114,7 +114,7 @@ def expand_shards(spec: str, key: str = "DATA.SHARDS") -> list[str]:
         listing = Path(spec)
         if not listing.is_file():
             raise ShardError(f"{listing}: shard list not found ({key})")
-        lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines()]  # -sig: a BOM
         shards = [
             line if is_remote(line) or os.path.isabs(line) else str(listing.parent / line)
             for line in lines
@@ -148,10 +148,23 @@ def check_caption_field(field: str) -> None:
         raise ValueError(f"the caption field (DATA.CAPTION_FIELD) must be 'txt' or 'json:FIELD', got '{field}'")
 
 
+def _no_txt_caption(raw: dict[str, Any], meta: dict[str, Any]) -> _Bad:
+    """Why a sample has no ``.txt``, where the cause can be seen: member names with a dot in their
+    key (webdataset ends a key at the first dot, so a whole shard becomes one sample whose
+    extensions are ``000001.txt``, ...), or the caption in the ``.json`` instead."""
+    dotted = sorted(name for name in raw if name.endswith(".txt"))
+    if dotted:
+        return _Bad(f"no .txt caption: a member named like '{raw.get('__key__')}.{dotted[0]}' has a dot in its key, "
+                    "and webdataset ends a key at the first dot; name the members KEY.txt, KEY.jpg with no dot in KEY")
+    if isinstance(meta.get("caption"), (str, list)):
+        return _Bad("no .txt caption, but its .json has one: set DATA.CAPTION_FIELD json:caption")
+    return _Bad("no .txt caption")
+
+
 def _captions(raw: dict[str, Any], meta: dict[str, Any], field: str) -> tuple[str, ...]:
     if field == "txt":
         if "txt" not in raw:
-            raise _Bad("no .txt caption")
+            raise _no_txt_caption(raw, meta)
         try:
             lines = raw["txt"].decode("utf-8").splitlines()
         except UnicodeDecodeError:
@@ -193,15 +206,19 @@ def sample_captions(
     check_caption_field(caption_field)
     order = np.random.default_rng(seed).permutation(len(shards)).tolist()
     captions: list[str] = []
-    skipped = 0
+    skipped, first_problem = 0, ""
     for index in order:
         for raw in read_shard(shards[index], extensions=("txt", "json")):
             try:
                 captions.extend(_captions(raw, _meta(raw), caption_field))
-            except _Bad:
+            except _Bad as bad:
                 skipped += 1
+                first_problem = first_problem or f"{shards[index]} {raw.get('__key__')}: {bad}"
             if max_captions is not None and len(captions) >= max_captions:
                 return captions[:max_captions], skipped
+    if not captions:
+        raise ShardError(f"no caption in any of the {skipped} samples of {len(shards)} shards (the first: "
+                         f"{first_problem or 'no samples'})")
     return captions, skipped
 
 
@@ -333,6 +350,7 @@ class ShardDataset(IterableDataset):
                 shards = ", ".join(self.shards[i] for i in mine)
                 faults = "; ".join(map(str, skipped.faults))
                 raise TooManyBadSamplesError(f"no usable sample in a whole epoch of reader {reader}'s shards ({shards})"
+                                             + (f"; the first: {skipped.bad[0]}" if skipped.bad else "")
                                              + (f"; unreadable: {faults}" if faults else ""))
             position = StreamPosition.start_of(epoch + 1)
 

@@ -70,7 +70,7 @@ class VocSplit:
 def _read_split_ids(path: Path) -> list[str]:
     if not path.is_file():
         raise VocLayoutError(f"{path}: split file not found")
-    ids = path.read_text(encoding="utf-8").split()
+    ids = path.read_text(encoding="utf-8-sig").split()  # -sig: a BOM is not part of the first id
     if not ids:
         raise VocLayoutError(f"{path}: empty split (no image ids)")
     if len(set(ids)) != len(ids):
@@ -83,7 +83,7 @@ def _read_class_labels(path: Path, ids: list[str]) -> np.ndarray:
     if not path.is_file():
         raise VocLayoutError(f"{path}: per-class label file not found")
     labels: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()

@@ -34,6 +34,15 @@ def test_split_labels_agree_with_the_xml_annotations(voc_root):
         assert {VOC_CLASSES[k] for k in np.flatnonzero(split.labels[row] == 1)} == names
 
 
+def test_split_files_saved_with_a_byte_order_mark_read_the_same(voc_root, tmp_path):
+    copy = tmp_path / "VOC2007"
+    shutil.copytree(voc_root, copy)
+    for path in (copy / "ImageSets" / "Main").glob("*trainval.txt"):
+        path.write_text("\ufeff" + path.read_text(), encoding="utf-8")  # Notepad's "UTF-8 with BOM"
+    split, with_bom = read_voc_split(voc_root, "trainval"), read_voc_split(copy, "trainval")
+    assert split.image_ids == with_bom.image_ids and np.array_equal(split.labels, with_bom.labels)
+
+
 def test_bad_voc_layouts_are_named(voc_root, tmp_path):
     root = tmp_path / "VOC2007"
     shutil.copytree(voc_root / "ImageSets", root / "ImageSets")

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -339,6 +340,30 @@ def test_a_shard_that_is_no_tar_is_named_and_a_reader_with_nothing_else_stops(co
     with pytest.raises(TooManyBadSamplesError, match=f"no usable sample in a whole epoch of reader 0's shards .{shard}.; "
                                                      f"unreadable: {shard}: unreadable from byte 0 .member 0. on"):
         next(iter(dataset))
+
+
+def test_shards_made_by_other_tools_say_why_they_give_no_caption(coco_root, tokenizer_path, tokenizer, tmp_path):
+    # Keys with a dot (webdataset ends a key at the first one: the shard is one sample whose
+    # members are "000001.txt", ...), and captions in the .json with the default DATA.CAPTION_FIELD.
+    dotted = write_tar(tmp_path / "dotted.tar", [{"__key__": f"00000.00000{i}", "jpg": jpeg(i), "txt": b"a dog"}
+                                                 for i in range(3)])
+    in_json = write_tar(tmp_path / "json.tar", [{"__key__": f"k{i}", "jpg": jpeg(i),
+                                                 "json": json.dumps({"caption": "a dog"}).encode()} for i in range(3)])
+    for shard, reason in ((dotted, "a member named like '00000.000000.txt' has a dot in its key"),
+                          (in_json, "no .txt caption, but its .json has one: set DATA.CAPTION_FIELD json:caption")):
+        with pytest.raises(TooManyBadSamplesError, match=re.escape(reason)):
+            next(iter(build_dataset(config(coco_root, tokenizer_path, shard), "train", tokenizer)))
+        with pytest.raises(ShardError, match=f"no caption in any of the .* samples of 1 shards .the first: {shard} "
+                                             f".*{re.escape(reason)}"):
+            sample_captions([str(shard)])  # what tools/build_vocabulary.py --shards reads
+
+
+def test_a_shard_list_saved_with_a_byte_order_mark_is_read(tmp_path):
+    write_tar(tmp_path / "0.tar", [{"__key__": "a", "jpg": jpeg(0), "txt": b"a dog"}])
+    write_tar(tmp_path / "1.tar", [{"__key__": "b", "jpg": jpeg(1), "txt": b"a cat"}])
+    listing = tmp_path / "shards.txt"
+    listing.write_text("\ufeff0.tar\n1.tar\n", encoding="utf-8")  # Notepad's "UTF-8 with BOM"
+    assert expand_shards(str(listing)) == [str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]
 
 
 def test_seeded_rng_restores_the_callers_state():
