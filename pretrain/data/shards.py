@@ -154,8 +154,9 @@ def _no_txt_caption(raw: dict[str, Any], meta: dict[str, Any]) -> _Bad:
     extensions are ``000001.txt``, ...), or the caption in the ``.json`` instead."""
     dotted = sorted(name for name in raw if name.endswith(".txt"))
     if dotted:
-        return _Bad(f"no .txt caption: a member named like '{raw.get('__key__')}.{dotted[0]}' has a dot in its key, "
-                    "and webdataset ends a key at the first dot; name the members KEY.txt, KEY.jpg with no dot in KEY")
+        return _Bad(f"no .txt caption: webdataset ends a key at its first dot, so the member "
+                    f"'{raw.get('__key__')}.{dotted[0]}' has the extension '{dotted[0]}'; name the members KEY.txt, "
+                    "KEY.jpg with no dot in KEY")
     if isinstance(meta.get("caption"), (str, list)):
         return _Bad("no .txt caption, but its .json has one: set DATA.CAPTION_FIELD json:caption")
     return _Bad("no .txt caption")

@@ -349,7 +349,7 @@ def test_shards_made_by_other_tools_say_why_they_give_no_caption(coco_root, toke
                                                  for i in range(3)])
     in_json = write_tar(tmp_path / "json.tar", [{"__key__": f"k{i}", "jpg": jpeg(i),
                                                  "json": json.dumps({"caption": "a dog"}).encode()} for i in range(3)])
-    for shard, reason in ((dotted, "a member named like '00000.000000.txt' has a dot in its key"),
+    for shard, reason in ((dotted, "the member '00000.000000.txt' has the extension '000000.txt'"),
                           (in_json, "no .txt caption, but its .json has one: set DATA.CAPTION_FIELD json:caption")):
         with pytest.raises(TooManyBadSamplesError, match=re.escape(reason)):
             next(iter(build_dataset(config(coco_root, tokenizer_path, shard), "train", tokenizer)))
