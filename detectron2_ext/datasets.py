@@ -20,6 +20,7 @@ from pretrain.config import ConfigError
 from pretrain.errors import MissingInputError
 
 _PROBE = ("coco_2017_val", "coco/annotations/instances_val2017.json")
+_OWN_DATASETS: set[str] = set()  # names registered from VIRTEX.COCO_DATASETS: their paths are the user's own
 
 
 def configured_root() -> Path:
@@ -47,18 +48,17 @@ def check_datasets_root() -> None:
 
 def check_dataset_files(names) -> None:
     """Fail, naming the path, if a registered dataset's annotation file or folder is missing."""
-    missing = []
+    missing, builtin_missing = [], False
     for name in names:
         metadata = MetadataCatalog.get(name)
         for attribute in ("json_file", "image_root", "dirname"):
             path = getattr(metadata, attribute, None)
             if path is not None and "://" not in path and not Path(path).exists():
                 missing.append(f"{name}: {attribute} {path}")
+                builtin_missing |= name not in _OWN_DATASETS
     if missing:
-        raise MissingInputError(
-            "dataset files not found (datasets resolve under DETECTRON2_DATASETS="
-            f"'{configured_root()}'):\n  " + "\n  ".join(missing)
-        )
+        where = f" (builtin datasets resolve under DETECTRON2_DATASETS='{configured_root()}')" if builtin_missing else ""
+        raise MissingInputError(f"dataset files not found{where}:\n  " + "\n  ".join(missing))
 
 
 def register_coco_datasets(entries, where: str) -> None:
@@ -78,3 +78,4 @@ def register_coco_datasets(entries, where: str) -> None:
             raise ConfigError(f"{where}: VIRTEX.COCO_DATASETS names {name!r}, which is already a dataset "
                               f"({registered.get('json_file', 'registered by detectron2')}); give yours another name")
         register_coco_instances(name, {}, json_file, image_root)
+        _OWN_DATASETS.add(name)

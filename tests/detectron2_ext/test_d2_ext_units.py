@@ -134,8 +134,15 @@ def test_dataset_root_and_files_are_checked(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="must be set before detectron2.data is imported"):
         check_datasets_root()
     MetadataCatalog.get("virtex_test_missing").set(json_file=str(tmp_path / "nope.json"), image_root=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="virtex_test_missing: json_file .*nope.json"):
+    with pytest.raises(FileNotFoundError, match="(?s)resolve under DETECTRON2_DATASETS.*virtex_test_missing: json_file .*nope.json"):
         check_dataset_files(["virtex_test_missing"])
+    # A dataset of one's own names its files itself: the hint about the variable does not apply.
+    own = ["virtex_test_own", str(tmp_path / "own.json"), str(tmp_path / "images")]
+    load_config(CONFIGS / "cpu" / "coco_segm_default_init_cpu.yaml", ["VIRTEX.COCO_DATASETS", repr([own])])
+    with pytest.raises(FileNotFoundError) as missing:
+        check_dataset_files(["virtex_test_own"])
+    assert str(missing.value) == (f"dataset files not found:\n  virtex_test_own: json_file {own[1]}\n  "
+                                  f"virtex_test_own: image_root {own[2]}")
 
 
 def make_run(directory: Path, init: str, dataset: str, results: dict, losses, **record) -> Path:
