@@ -72,11 +72,6 @@ def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], str]:
         return (width, height), image.mode
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` of an image as detectron2's ``read_image`` returns it."""
-    return image_header(path)[0]
-
-
 class ImageFiles:
     """Presence (one listing per folder) and header size of the image files a dataset names."""
 

@@ -27,7 +27,7 @@ from detectron2_ext.dataset_checks import (
     check_instances_json,
     check_voc_split,
     defaults_warning,
-    image_size,
+    image_header,
 )
 from detectron2_ext.voc_annotations import (
     evaluator_reads_with_defaults,
@@ -516,9 +516,9 @@ def test_image_size_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: detectron2's read_image transposes the pixels
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "r.jpg", exif=exif.tobytes())
-    assert image_size(tmp_path / "r.jpg") == (20, 30)
+    assert image_header(tmp_path / "r.jpg") == ((20, 30), "RGB")
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "p.jpg")
-    assert image_size(tmp_path / "p.jpg") == (30, 20)
+    assert image_header(tmp_path / "p.jpg") == ((30, 20), "RGB")
 
 
 def test_error_lists_ten_problems_and_the_count():
