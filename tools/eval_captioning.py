@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         scores["class_word_gap"] = mean_gap([w for w in words if w.word in class_words])
     for name, value in scores.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    if naming is None:
+        print(f"class words: not checked ({instances} not found; it lists the objects the class words are "
+              "checked against)")
     if args.words > 0:
         print(f"\n{'word':<16}{'count':>7}{'own image':>11}{'other image':>13}{'gap':>8}")
     for w in words[: args.words]:

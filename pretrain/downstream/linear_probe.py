@@ -213,8 +213,19 @@ def build_datasets(root: str | os.PathLike, settings: ProbeSettings) -> tuple[Im
     train_set = image_folder(root, "train", train_transform(settings.crop, settings.min_crop_scale))
     val_set = image_folder(root, "val", eval_transform(settings.resize, settings.crop))
     if train_set.classes != val_set.classes:
+        missing = sorted(set(train_set.classes) - set(val_set.classes))
+        extra = sorted(set(val_set.classes) - set(train_set.classes))
         raise BadValueError(
             f"{Path(root) / 'val'}: class folders differ from the train split's "
-            f"({len(val_set.classes)} vs {len(train_set.classes)} classes)"
+            f"({len(val_set.classes)} vs {len(train_set.classes)} classes; missing here: {_some(missing)}, "
+            f"not in train: {_some(extra)}); both splits need the same class folders"
         )
     return train_set, val_set
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """Up to ``shown`` names, and how many more."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

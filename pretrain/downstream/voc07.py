@@ -129,6 +129,18 @@ class ClassResult:
     skipped: str = ""
 
 
+def skip_reason(train_labels: np.ndarray, test_labels: np.ndarray) -> str:
+    """Why one class (its VOC file values in each split) cannot be trained and scored; empty when
+    it can. Cross-validation needs two positive and two negative training images, AP one
+    positive test image that is not "difficult"."""
+    positives, negatives = int((train_labels == 1).sum()), int((train_labels != 1).sum())
+    if min(positives, negatives) < 2:
+        return f"{positives} positive / {negatives} negative training images"
+    if not (test_labels == 1).any():
+        return "no positive test image"
+    return ""
+
+
 def train_test_class_svm(
     name: str,
     train_x: np.ndarray,
@@ -144,14 +156,12 @@ def train_test_class_svm(
     Fewer than ``folds`` positive (or negative) training images reduce the number of folds to
     that count; fewer than two make cross-validation impossible and skip the class.
     """
+    skipped = skip_reason(train_labels, test_labels)
+    if skipped:
+        return ClassResult(name, math.nan, skipped=skipped)
     y_train = np.where(train_labels == 1, 1, -1)
-    positives, negatives = int((y_train == 1).sum()), int((y_train == -1).sum())
-    n_folds = min(folds, positives, negatives)
-    if n_folds < 2:
-        return ClassResult(name, math.nan, skipped=f"{positives} positive / {negatives} negative training images")
+    n_folds = min(folds, int((y_train == 1).sum()), int((y_train == -1).sum()))
     scored = test_labels != 0
-    if not (test_labels[scored] == 1).any():
-        return ClassResult(name, math.nan, skipped="no positive test image")
 
     best_cost, best_cv_ap = None, -math.inf
     with warnings.catch_warnings():
@@ -246,6 +256,16 @@ def evaluate_backbone(
     transform = eval_transform(resize, crop)
     features = {}
     splits = {name: read_voc_split(voc_root, name) for name in ("trainval", "test")}
+    reasons = {name: skip_reason(splits["trainval"].labels[:, k], splits["test"].labels[:, k])
+               for k, name in enumerate(VOC_CLASSES)}
+    if all(reasons.values()):
+        examples = {}  # one class per distinct kind of reason
+        for name, reason in reasons.items():
+            examples.setdefault(reason == "no positive test image", f"'{name}': {reason}")
+        raise VocLayoutError(
+            f"{voc_root}: no class can be scored (e.g. {'; '.join(examples.values())}); each class needs two "
+            "positive and two negative trainval images and a positive test image"
+        )
     for name, split in splits.items():
         features[name] = extract_features(
             backbone, ImageFiles(split.image_paths, transform), device, batch_size, num_workers,

@@ -57,6 +57,21 @@ def test_max_images_scores_the_first_images_of_the_training_split(tiny_config, t
     assert result["class_naming"]["images"] == 5
 
 
+def test_captions_without_an_instances_file_say_that_class_words_are_not_checked(
+        tiny_config, tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    root = tmp_path / "coco"
+    shutil.copytree(synthetic_root / "coco" / "val2017", root / "val2017")
+    (root / "annotations").mkdir()
+    shutil.copy(synthetic_root / "coco" / "annotations" / "captions_val2017.json", root / "annotations")
+    output = tmp_path / "captions.json"
+    argv = ["--config", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--output", str(output),
+            "--num-workers", "0", "--max-images", "2", "--opts", "DATA.ROOT", str(root)]
+    assert load_tool("eval_captioning").main(argv) == 0
+    instances = root / "annotations" / "instances_val2017.json"
+    assert f"class words: not checked ({instances} not found;" in capsys.readouterr().out
+    assert json.loads(output.read_text())["class_naming"] is None
+
+
 def test_a_negative_number_of_words_is_refused(capsys):
     with pytest.raises(SystemExit):
         load_tool("eval_captioning").main(["--config", "c.yaml", "--checkpoint", "c.pth", "--words", "-1"])

@@ -84,6 +84,15 @@ def test_empty_split_and_unreadable_image_are_named(folder_root, tiny_config, tm
     assert tool.main(base + ["--data-root", str(empty)]) == 2
     assert f"{empty / 'train'}: empty split" in capsys.readouterr().err
 
+    mismatched = tmp_path / "mismatched"  # val misses a class and has one of its own
+    for split, names in (("train", ("cat", "dog", "emu")), ("val", ("cat", "dgo"))):
+        for name in names:
+            (mismatched / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(mismatched / split / name / "x.png")
+    assert tool.main(base + ["--data-root", str(mismatched)]) == 2
+    assert (f"{mismatched / 'val'}: class folders differ from the train split's (2 vs 3 classes; missing here: "
+            "dog, emu, not in train: dgo)") in capsys.readouterr().err
+
     broken = tmp_path / "broken"
     for split in ("train", "val"):
         for name in ("a", "b"):

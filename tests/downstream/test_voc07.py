@@ -19,6 +19,7 @@ from pretrain.downstream.voc07 import (
     SVM_COSTS,
     VOC_CLASSES,
     VocLayoutError,
+    evaluate_backbone,
     read_voc_split,
     train_test_class_svm,
     voc07_svm_map,
@@ -59,6 +60,16 @@ def test_bad_voc_layouts_are_named(voc_root, tmp_path):
     (main / "test.txt").write_text("\n")
     with pytest.raises(VocLayoutError, match="test.txt: empty split"):
         read_voc_split(root, "test")
+
+
+def test_a_voc_root_where_no_class_can_be_scored_is_refused_before_features_are_computed(voc_root, tmp_path):
+    root = tmp_path / "VOC2007"
+    shutil.copytree(voc_root, root)
+    for path in (root / "ImageSets" / "Main").glob("*_test.txt"):  # no class shown in any test image
+        path.write_text("".join(f"{line.split()[0]} -1\n" for line in path.read_text().splitlines()))
+    never_called = torch.nn.Module()  # calling it would raise: the check comes before any feature
+    with pytest.raises(VocLayoutError, match=r"VOC2007: no class can be scored \(e.g. .*'\w+': no positive test image\)"):
+        evaluate_backbone(never_called, root, num_workers=0)
 
 
 def _separable(n_pos: int, n_neg: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
