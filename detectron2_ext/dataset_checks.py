@@ -312,6 +312,34 @@ class _InstancesChecker:
                         self.problem(f"{where} '{key}'", "missing; the LVIS evaluator needs it (a list, may be empty)")
         return sizes
 
+    def image_category_lists(self, data: dict, category_ids: set[int]) -> None:
+        """LVIS's per-image lists name listed categories, and none that the image is said to lack
+        (``neg_category_ids``) is annotated on it: such an image is reported in a warning, since
+        the evaluator then scores the class there as on any image that shows it."""
+        annotated: dict[int, set] = {}
+        for ann in data["annotations"]:
+            if isinstance(ann, dict):
+                annotated.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
+        contradicted = []
+        for i, image in enumerate(data["images"]):
+            if not isinstance(image, dict) or not isinstance(image.get("id"), int):
+                continue  # reported by images()
+            where = f"images[{i}] (id {image['id']})"
+            for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+                listed = image.get(key)
+                unknown = [c for c in listed if c not in category_ids] if isinstance(listed, list) else []
+                if category_ids and unknown:
+                    self.problem(f"{where} '{key}'", f"{unknown[0]!r} is not in 'categories'; list category ids")
+            negative = image.get("neg_category_ids")
+            both = set(negative) & annotated.get(image["id"], set()) if isinstance(negative, list) else set()
+            if both:
+                contradicted.append(f"{where} lists {min(both)} and annotates it")
+        if contradicted:
+            count = len(contradicted)
+            self.report.warn(f"{self.json_file}: {count} image{'s list' if count > 1 else ' lists'} in "
+                             f"'neg_category_ids' a class {'they annotate' if count > 1 else 'it annotates'} "
+                             f"(e.g. {contradicted[0]}); the evaluator scores it there as a class the image shows")
+
     def _image_path(self, image: dict, image_root: str, where: str) -> str | None:
         if not self.lvis:
             if not isinstance(image.get("file_name"), str) or not image["file_name"]:
@@ -430,6 +458,8 @@ def check_instances_json(json_file: str, image_root: str, report: CheckReport, *
     category_ids = checker.categories(data, table, dataset_name)
     sizes = checker.images(data, image_root)
     checker.annotations(data, sizes, category_ids)
+    if lvis and evaluated:
+        checker.image_category_lists(data, category_ids)
     if trained and checker.empty_boxes:
         count = len(checker.empty_boxes)
         report.warn(f"{json_file}: {count} annotation{'s have' if count > 1 else ' has'} a box of zero width or "

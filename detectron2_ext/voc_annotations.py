@@ -154,9 +154,13 @@ class _Reader:
         xmin, ymin, xmax, ymax = corners
         if self.evaluator:
             return xmin, ymin, xmax, ymax
-        if xmax < xmin or ymax < ymin:
+        if xmax < xmin - 1 or ymax < ymin - 1:
             self.problem(f"{where} <bndbox>", f"inverted box ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}): "
                          "xmax must not be below xmin nor ymax below ymin; swap the corners")
+            return None
+        if xmax < xmin or ymax < ymin:  # corners are inclusive 1-based pixels: xmin = xmax is one pixel wide
+            self.problem(f"{where} <bndbox>", f"box ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) has no area (VOC "
+                         "corners are inclusive: a box one pixel wide has xmax = xmin); correct or remove it")
             return None
         width, height = self.annotation.width, self.annotation.height
         if width and height:

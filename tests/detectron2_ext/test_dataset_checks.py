@@ -235,6 +235,8 @@ def set_text(tag, text):
     (set_text("difficult", "yes"), "object 1 <difficult>", "'yes' is not an integer"),
     (set_text("xmin", "9999"), "object 1 <bndbox>", "inverted box"),
     (set_text("xmax", "9999"), "object 1 <bndbox>", "lies outside the"),
+    (lambda root: setattr(root.find("object/bndbox/xmax"), "text", str(float(root.find("object/bndbox/xmin").text) - 1)),
+     "object 1 <bndbox>", "has no area (VOC corners are inclusive"),
     (lambda root: root.find("size").remove(root.find("size/width")), "<size>/<width>", "missing"),
     (lambda root: setattr(root.find("size/height"), "text", "12.5"), "<size>/<height>", "'12.5' is not an integer"),
 ])
@@ -490,6 +492,8 @@ LVIS_DEFECTS = {
                      "must be 'r', 'c' or 'f'"),
     "no negative ids": (lambda d: d["images"][0].pop("neg_category_ids"), "'neg_category_ids'",
                         "the LVIS evaluator needs it"),
+    "unknown negative id": (lambda d: d["images"][0].update(neg_category_ids=[1300]), "'neg_category_ids'",
+                            "1300 is not in 'categories'"),
     "no coco_url": (lambda d: d["images"][0].pop("coco_url"), "'coco_url'", "LVIS locates images"),
     "short polygon": (lambda d: d["annotations"][0]["segmentation"].append([0, 0, 1, 1]), "'segmentation'[",
                       "got 4"),
@@ -501,6 +505,16 @@ def test_lvis_defects_name_file_and_key(lvis, defect):
     edit, where, message = LVIS_DEFECTS[defect]
     problem = only_problem(check_coco(lvis, edit, lvis=True))
     assert problem.startswith(f"{lvis}: ") and where in problem and message in problem
+
+
+def test_an_lvis_image_that_lists_a_class_it_annotates_as_absent_is_warned_about(lvis):
+    def contradict(data):
+        ann = data["annotations"][0]
+        image = next(i for i in data["images"] if i["id"] == ann["image_id"])
+        image["neg_category_ids"].append(ann["category_id"])
+    report = check_coco(lvis, contradict, lvis=True)
+    assert report.problems == [] and len(report.warnings) == 1
+    assert "1 image lists in 'neg_category_ids' a class it annotates (e.g. images[" in report.warnings[0]
 
 
 def test_lvis_names_follow_ids_but_another_table_is_an_error(lvis):
