@@ -1,5 +1,5 @@
 """ENGINE.COMPILE: when ``auto`` compiles, the compiled step against the eager one, the fallback
-to eager, and compiled runs through SIGKILL + ``--resume`` and under 2-rank DDP.
+to eager, and compiled runs through SIGKILL + ``--resume`` and under 2-rank DDP (equal to one process).
 
 The step tests use the tiny config's real captioning model on a real batch of the built-in
 dataset, with dropout off: compiled kernels draw their random numbers differently from eager
@@ -126,14 +126,27 @@ def test_compiled_run_killed_and_resumed_ends_with_the_uninterrupted_weights(tin
     assert_same_state(tmp_path / "run", tmp_path / "reference", 8)
 
 
-def test_two_rank_ddp_trains_compiled(tiny_overrides, tmp_path):
+def test_two_rank_ddp_trains_compiled_as_one_process_accumulating(tiny_overrides, tmp_path):
+    """2 compiled ranks × 2 images against 1 compiled process × 4 images in 2 accumulated chunks
+    of 2, as ``test_ddp_two_gloo_processes_equal_one_process`` does eagerly: both run the same
+    compiled kernels on chunks of 2, so only the all-reduce's float32 summation order differs
+    (rtol 1e-4, atol 1e-6 on every parameter after 4 steps). A compiled model outside DDP's
+    gradient averaging would leave each rank's weights its own."""
+    common = [*tiny_overrides, *COMPILE_ON, "MODEL.TEXTUAL.DROPOUT", "0.0", "OPTIM.NUM_ITERATIONS", "4"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_pretrain(single, [*common, "ENGINE.GRAD_ACCUM_STEPS", "2"])
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", str(PRETRAIN), "--config", str(TINY_CONFIG),
-         "--output-dir", str(tmp_path), *tiny_overrides, *COMPILE_ON, "OPTIM.NUM_ITERATIONS", "4"],
+         "--output-dir", str(ddp), *common],
         env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "torch.compile on" in result.stderr and "without compilation" not in result.stderr
-    final = read_training_checkpoint(tmp_path / "checkpoint_4.pth")
-    assert final["world_size"] == 2 and all(torch.isfinite(v).all() for v in final["model"].values())
+    ours, reference = read_training_checkpoint(ddp / "checkpoint_4.pth"), read_training_checkpoint(single / "checkpoint_4.pth")
+    assert ours["world_size"] == 2
+    params = [name for name, t in reference["model"].items() if "running_" not in name and "num_batches" not in name]
+    for name in params:
+        torch.testing.assert_close(ours["model"][name], reference["model"][name], rtol=1e-4, atol=1e-6, msg=name)
+    earlier = read_training_checkpoint(single / "checkpoint_2.pth")["model"]
+    assert max((earlier[n] - reference["model"][n]).abs().max().item() for n in params) > 1e-3
