@@ -29,6 +29,8 @@ from .vit_config import VITDET_BACKBONE
 
 OPTIMIZERS = ("SGD", "ADAMW")
 
+logger = logging.getLogger(__name__)
+
 
 def find_vit(model: torch.nn.Module) -> tuple[str, ViT] | None:
     """(module name, module) of the one detectron2 ``ViT`` inside ``model``, or None."""
@@ -96,15 +98,25 @@ def build_lsj_train_loader(cfg):
 def build_recipe_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The config's optimiser: ViTDet's AdamW (``SOLVER.OPTIMIZER ADAMW``) or detectron2's SGD."""
     if cfg.SOLVER.OPTIMIZER == "ADAMW":
-        return build_adamw_optimizer(cfg, model)
+        optimizer = build_adamw_optimizer(cfg, model)
+        located = find_vit(model)
+        decay = (f"layer-wise lr decay {cfg.SOLVER.VIT_LR_DECAY_RATE} over {len(located[1].blocks)} ViT blocks"
+                 if located is not None and cfg.SOLVER.VIT_LR_DECAY_RATE != 1.0 else "no layer-wise lr decay")
+        logger.info("optimizer: AdamW (ViTDet recipe), %s", decay)
+        return optimizer
     check_solver_config(cfg)  # an unknown name (also checked before launch, vit_verify.check_backbone_run)
+    logger.info("optimizer: detectron2's SGD")
     return build_optimizer(cfg, model)
 
 
 def build_recipe_train_loader(cfg):
     """The config's train loader: large-scale jitter (``INPUT.LSJ.ENABLED``) or detectron2's default."""
     if cfg.INPUT.LSJ.ENABLED:
+        lsj = cfg.INPUT.LSJ
+        logger.info("train loader: large-scale jitter, %g-%g of %dx%d", lsj.MIN_SCALE, lsj.MAX_SCALE,
+                    lsj.IMAGE_SIZE, lsj.IMAGE_SIZE)
         return build_lsj_train_loader(cfg)
+    logger.info("train loader: detectron2's (INPUT.MIN_SIZE_TRAIN resizing)")
     return build_detection_train_loader(cfg, mapper=ImageNamingMapper(cfg, is_train=True))
 
 
@@ -113,7 +125,7 @@ def disable_amp_without_cuda(cfg) -> bool:
     AMP trainer asserts CUDA. Returns whether it changed anything (the caller logs it)."""
     if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
         cfg.SOLVER.AMP.ENABLED = False
-        logging.getLogger(__name__).warning("SOLVER.AMP.ENABLED: off, this machine has no CUDA (fp32 training)")
+        logger.warning("SOLVER.AMP.ENABLED: off, this machine has no CUDA (fp32 training)")
         return True
     return False
 

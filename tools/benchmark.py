@@ -30,19 +30,21 @@ through the training loop's sampler, or with ``--format webdataset`` through its
 detectron2 training steps of a transfer config as ``tools/train_net.py`` runs them (its data loader, model and optimizer, data loading
 included; random init, since the weights do not change the cost) on the dataset the config
 trains on, with the config's recipe (ViTDet's AdamW and large-scale jitter for the ViTDet configs;
-AMP only with CUDA). A ViT pretraining config (``MODEL.VISUAL.NAME timm::...``) is timed like any
+AMP only with CUDA; the result's ``recipe`` lists the loader and optimizer it built). A ViT pretraining config (``MODEL.VISUAL.NAME timm::...``) is timed like any
 other, at ``--image-size``. Results go to the terminal and, with ``--json``, to a file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
+from logging.handlers import BufferingHandler
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 
@@ -380,7 +382,14 @@ def bench_finetune(args) -> dict:
     seed_all_rng(max(cfg.SEED, 0))  # the same images in the same order on every run
     model = build_model(cfg)
     trained = torch.compile(model) if args.compile else model
-    trainer = SimpleTrainer(trained, build_recipe_train_loader(cfg), build_recipe_optimizer(cfg, model))
+    recipe = BufferingHandler(capacity=100)  # what the recipe's builders say they built, for the result
+    recipe_logger = logging.getLogger("detectron2_ext.vit_training")
+    recipe_logger.addHandler(recipe)
+    recipe_logger.setLevel(logging.INFO)
+    try:
+        trainer = SimpleTrainer(trained, build_recipe_train_loader(cfg), build_recipe_optimizer(cfg, model))
+    finally:
+        recipe_logger.removeHandler(recipe)
 
     def step():
         trainer.run_step()
@@ -400,6 +409,7 @@ def bench_finetune(args) -> dict:
         "images_per_s": args.batch_size / median,
         "peak_rss_gib": peak_rss_gib(),
         "first_loss": first_loss,
+        "recipe": [record.getMessage() for record in recipe.buffer],
     }
 
 

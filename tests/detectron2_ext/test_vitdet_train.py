@@ -78,6 +78,13 @@ def test_converted_vit_fine_tunes_on_lvis_and_the_report_reads_the_run(synthetic
     assert_trained_and_evaluated(run, "lvis_v1_val", "LVISEvaluator", {"bbox": LVIS_METRICS, "segm": LVIS_METRICS})
     log = (run / "log.txt").read_text()
     assert "SOLVER.AMP.ENABLED: off, this machine has no CUDA" in result.stderr + log
+    # The recipe is what trained: ViTDet's AdamW with layer-wise decay, large-scale jitter, the converted weights.
+    assert "optimizer: AdamW (ViTDet recipe), layer-wise lr decay" in log
+    assert "train loader: large-scale jitter, 0.1-2 of 128x128" in log
+    assert f"Loading from {weights}" in log
+    # fvcore lists what the file did not set: of the ViT only the relative positions MAE has none of.
+    assert "backbone.net.blocks.0.attn.{rel_pos_h, rel_pos_w}" in log
+    assert not any(part in log for part in ("backbone.net.patch_embed", "backbone.net.blocks.0.mlp", "backbone.net.pos_embed"))
     assert "timm.models.layers is deprecated" not in result.stderr  # timm's warning stays out
 
     report = tmp_path / "report"

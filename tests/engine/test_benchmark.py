@@ -90,3 +90,5 @@ def test_vitdet_steps_are_timed_with_the_vitdet_recipe(tmp_path, synthetic_root)
         "INPUT.MAX_SIZE_TEST", "128", "MODEL.VIT.WINDOW_SIZE", "4", "SOLVER.AMP.ENABLED", "True"))
     assert_step_times(result, batch_size=2)
     assert math.isfinite(result["first_loss"]) and result["first_loss"] > 1
+    assert result["recipe"] == ["train loader: large-scale jitter, 0.1-2 of 128x128",
+                                "optimizer: AdamW (ViTDet recipe), layer-wise lr decay 0.7 over 12 ViT blocks"]
