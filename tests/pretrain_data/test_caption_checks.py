@@ -173,6 +173,13 @@ def _rank(rank: int, port: int, cfg, results: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     ctx = init_distributed(force_cpu=True)
+    real_check = checks.check_caption_data
+
+    def recorded_check(*args, **kwargs):  # the real check, leaving a trace of which rank ran it
+        (results / f"checked_by_rank{rank}").touch()
+        return real_check(*args, **kwargs)
+
+    checks.check_caption_data = recorded_check
     try:
         check_pretraining_data(cfg, main=ctx.is_main)
         outcome = "passed"
@@ -193,6 +200,7 @@ def test_every_rank_stops_on_the_main_ranks_verdict(coco_root, tmp_path):
     mp.spawn(_rank, args=(port, config(coco_root), tmp_path), nprocs=2)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert outcomes[0] == outcomes[1] and outcomes[0].startswith(f"{path}: cannot read image")
+    assert sorted(p.name for p in tmp_path.glob("checked_by_rank*")) == ["checked_by_rank0"]
 
 
 def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
