@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from pretrain.config import get_default_config, load_config
-from pretrain.models.captioning import CaptioningModel
 from pretrain.models.decoding import BeamSearch, NucleusSampling
 from pretrain.models.factory import build_decoder
-from pretrain.models.textual_heads import TransformerTextualHead
-from pretrain.models.visual_backbones import TorchvisionVisualBackbone
+from tests.pretrain_models.official_decoding_tables import (
+    IMAGES,
+    MAX_LENGTH,
+    MODEL_VOCAB,
+    fixed_model,
+)
 
 UNK, SOS, EOS, MASK, A, B, C, D = range(8)
 VOCAB = 8
@@ -211,23 +214,6 @@ def test_configs_mirroring_the_model_zoo_decode_with_the_official_rules():
 
 # --- token for token against the official code ------------------------------------------------
 
-MODEL_VOCAB, MAX_LENGTH, IMAGES = 40, 12, 4
-
-
-def fixed_model(decoder):
-    """A one-layer, 32-wide captioning head in float64 with weights drawn from a fixed generator
-    (not from the modules' initialisation), and fixed (B, 512, 2, 2) backbone features."""
-    textual = TransformerTextualHead(512, MODEL_VOCAB, 32, 1, 2, 64, max_caption_length=MAX_LENGTH)
-    model = CaptioningModel(TorchvisionVisualBackbone("resnet18", 512), textual, bidirectional=False,
-                            decoder=decoder)
-    generator = torch.Generator().manual_seed(2021)
-    with torch.no_grad():
-        for _, parameter in sorted(textual.named_parameters()):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * 0.5)
-    features = torch.randn(IMAGES, 512, 2, 2, generator=generator, dtype=torch.float64)
-    return model.double().eval(), features
-
-
 def decode(name, **overrides):
     cfg = _config(**{"MODEL.DECODER.NAME": name, "DATA.VOCAB_SIZE": MODEL_VOCAB,
                      "DATA.MAX_CAPTION_LENGTH": MAX_LENGTH, "MODEL.DECODER.MAX_DECODING_STEPS": MAX_LENGTH,
@@ -236,14 +222,12 @@ def decode(name, **overrides):
     return model.decode_features(features).tolist()
 
 
-# Produced once (torch 2.14.1, CPU) with the official code, kdexd/virtex at ae67b23 (after v1.4):
-# AutoRegressiveBeamSearch(eos_index=2, max_steps=12, beam_size=K) and
-# AutoRegressiveNucleusSampling(eos_index=2, max_steps=12, nucleus_size=p) after
-# torch.manual_seed(RANDOM_SEED), their .search driven (a) by fixed_model's step function and
-# (b) by the official ForwardCaptioningModel.decoding_step with these float64 weights loaded
-# into the official TransformerDecoderTextualHead; (a) and (b) gave the same tokens. In the
-# official output [EOS] and everything after it were set to 0 when these were written down, so
-# the test blanks ours the same way (the official rules keep [EOS]; the test above pins that).
+# Produced with the official code, kdexd/virtex at ae67b23 (after v1.4), torch 2.14.1 on CPU, by
+# tests/pretrain_models/official_decoding_tables.py (which regenerates them from a checkout):
+# the official searches driven by fixed_model's step function. The official
+# ForwardCaptioningModel.decoding_step, with these float64 weights loaded into the official
+# TransformerDecoderTextualHead, gave the same tokens. [EOS] and everything after it are 0 here,
+# so the test blanks ours the same way (the official rules keep [EOS]; the test above pins that).
 # The official rules generate [MASK] (3) and [SOS] (1) here; our rules would not.
 OFFICIAL_BEAM_3 = [
     [10, 37, 26, 37, 26, 37, 26, 37, 26, 37, 26, 37],
