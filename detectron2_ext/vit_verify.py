@@ -14,6 +14,7 @@ from pathlib import Path
 from detectron2.modeling import build_model
 
 from pretrain.checkpoint_io import read_checkpoint
+from pretrain.errors import MissingInputError
 
 from .convert import ConversionError
 from .verify import TargetCheck, load_exactly
@@ -83,16 +84,41 @@ def verify_vit_target(cfg, backbone: ConvertedViT, weights_path, name: str) -> T
     return TargetCheck(name, architecture, len(expected), untouched, [])
 
 
-def check_weights_fit_backbone(cfg, allow_unsafe_pickle: bool = False) -> None:
-    """Before a fine-tuning run: ConversionError when ``MODEL.WEIGHTS`` is a converted backbone
-    of the other kind (ResNet weights for a ViTDet config, or the reverse: nothing would load
-    and the run would train from random init), or a ViT whose recorded patch size, pretraining
-    image size, class slot or shape contradicts ``MODEL.VIT``. Files without a conversion record
-    (e.g. a detectron2 checkpoint to resume from) are left to detectron2."""
+def unconverted_kind(checkpoint) -> str | None:
+    """What an unconverted backbone file is (a pretraining checkpoint or a torchvision ResNet
+    state dict), or None: detectron2 would match none of its keys and train from random init."""
+    if not isinstance(checkpoint, dict):
+        return None
+    model = checkpoint.get("model")
+    if isinstance(model, dict) and any(isinstance(k, str) and k.startswith("visual.") for k in model):
+        return "a pretraining checkpoint (its 'model' holds visual.* weights)"
+    if "layer1.0.conv1.weight" in checkpoint and "fc.weight" in checkpoint:
+        return "a torchvision ResNet state dict"
+    return None
+
+
+def check_weights_fit_backbone(cfg, allow_unsafe_pickle: bool = False, resume: bool = False) -> None:
+    """Before a fine-tuning run: an input error when ``MODEL.WEIGHTS`` names a local file that
+    is missing, an unconverted backbone (a pretraining checkpoint or a torchvision state dict,
+    of which detectron2 would load nothing, silently), a converted backbone of the other kind
+    (ResNet weights for a ViTDet config, or the reverse), or a ViT whose recorded patch size,
+    pretraining image size, class slot or shape contradicts ``MODEL.VIT``. Other files (e.g. a
+    detectron2 checkpoint) are left to detectron2, and nothing is checked when ``resume`` finds
+    the run's own checkpoint, which detectron2 then loads instead."""
     weights = cfg.MODEL.WEIGHTS
-    if not weights or "://" in weights or not Path(weights).is_file():
+    if not weights or "://" in weights:
         return
+    if resume and (Path(cfg.OUTPUT_DIR) / "last_checkpoint").is_file():
+        return
+    if not Path(weights).is_file():
+        raise MissingInputError(f"MODEL.WEIGHTS {weights}: file not found")
     checkpoint = read_checkpoint(weights, allow_unsafe_pickle) if Path(weights).suffix != ".pkl" else {}
+    unconverted = unconverted_kind(checkpoint)
+    if unconverted:
+        raise ConversionError(
+            f"MODEL.WEIGHTS {weights}: {unconverted}, not detectron2 weights (nothing would load); convert "
+            f"it first: python tools/convert_backbone.py --input {weights} --output <name>.pth --config-file <this config>"
+        )
     record = checkpoint.get("conversion") if isinstance(checkpoint, dict) else None
     if not isinstance(record, dict):
         return
@@ -108,11 +134,11 @@ def check_weights_fit_backbone(cfg, allow_unsafe_pickle: bool = False) -> None:
         raise ConversionError(f"{weights}: " + "; ".join(problems))
 
 
-def check_backbone_run(cfg, allow_unsafe_pickle: bool = False) -> None:
+def check_backbone_run(cfg, allow_unsafe_pickle: bool = False, resume: bool = False) -> None:
     """Everything about the backbone that can be judged before a fine-tuning run starts: the
     optimiser name, the ViTDet keys (window size against the grid, padding, strides) and whether
     ``MODEL.WEIGHTS`` fits the backbone. Errors are input errors naming the key or the file."""
     check_solver_config(cfg)
     if config_kind(cfg) == "vit":
         check_vit_config(cfg)
-    check_weights_fit_backbone(cfg, allow_unsafe_pickle)
+    check_weights_fit_backbone(cfg, allow_unsafe_pickle, resume)

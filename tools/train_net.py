@@ -153,7 +153,7 @@ def cli() -> int:
     print("Command Line Args:", args)
     warnings = check_datasets(args)  # a DatasetCheckError: run_tool lists the problems, status 2
     # optimiser, ViTDet keys, MODEL.WEIGHTS of the right backbone kind and shape
-    check_backbone_run(load_config(args.config_file, args.opts), args.allow_unsafe_pickle)
+    check_backbone_run(load_config(args.config_file, args.opts), args.allow_unsafe_pickle, args.resume)
     launch(
         main,
         args.num_gpus,

@@ -19,6 +19,7 @@ from detectron2_ext.vit_backbone import build_vit
 from detectron2_ext.vit_convert import convert_vit_state_dict
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.config import ConfigError
+from pretrain.errors import MissingInputError
 from pretrain.models.vit import TimmViTBackbone, import_timm, initial_vit_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,6 +156,37 @@ def test_a_run_refuses_weights_of_the_other_kind_or_size_before_training(tmp_pat
         check_backbone_run(load_config(r18, ["SOLVER.OPTIMIZER", "ADAMW", "SOLVER.VIT_LR_DECAY_RATE", "0.7"]))
     with pytest.raises(ConfigError, match="SOLVER.OPTIMIZER is 'LAMB'; must be one of SGD, ADAMW"):
         check_backbone_run(load_config(r18, ["SOLVER.OPTIMIZER", "LAMB"]))
+
+
+def test_a_run_refuses_unconverted_or_missing_weights_unless_it_resumes_its_own(tmp_path):
+    """detectron2 would load none of an unconverted file's keys and train from random init, with
+    only its list of missing keys to tell; a missing file would fail after the model is built."""
+    r18 = REPO / "configs" / "detectron2" / "builtin" / "lvis_segm_R_18_FPN_builtin.yaml"
+    pretraining = tmp_path / "checkpoint_600.pth"  # ours and the official code's: visual.* under "model"
+    torch.save({"model": {"visual.cnn.conv1.weight": torch.zeros(1), "textual.x": torch.zeros(1)}, "iteration": 600},
+               pretraining)
+    torchvision_file = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)},
+               torchvision_file)
+    for config in (r18, BUILTIN_T):
+        with pytest.raises(ConversionError, match=rf"MODEL.WEIGHTS {pretraining}: a pretraining checkpoint .* "
+                                                  rf"convert it first: python tools/convert_backbone.py --input"):
+            check_backbone_run(load_config(config, ["MODEL.WEIGHTS", str(pretraining)]))
+    with pytest.raises(ConversionError, match=rf"MODEL.WEIGHTS {torchvision_file}: a torchvision ResNet state dict"):
+        check_backbone_run(load_config(r18, ["MODEL.WEIGHTS", str(torchvision_file)]))
+    missing = tmp_path / "converted.pth"
+    with pytest.raises(MissingInputError, match=rf"MODEL.WEIGHTS {missing}: file not found"):
+        check_backbone_run(load_config(r18, ["MODEL.WEIGHTS", str(missing)]))
+    # Resuming a run that has its own checkpoint: detectron2 loads that one, MODEL.WEIGHTS is not read.
+    run = tmp_path / "run"
+    run.mkdir()
+    opts = ["MODEL.WEIGHTS", str(missing), "OUTPUT_DIR", str(run)]
+    with pytest.raises(MissingInputError):
+        check_backbone_run(load_config(r18, opts), resume=True)
+    (run / "last_checkpoint").write_text("model_0000099.pth")
+    check_backbone_run(load_config(r18, opts), resume=True)
+    with pytest.raises(MissingInputError):
+        check_backbone_run(load_config(r18, opts), resume=False)
 
 
 def test_convert_tool_names_layerscale_in_one_line_and_exits_2(tmp_path):
