@@ -15,8 +15,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 from pretrain.checkpoint_io import read_checkpoint, save_checkpoint
 from pretrain.errors import OutputExistsError
+from pretrain.models.vit import is_vit_name, parse_vit_name, vit_num_heads
 
 from .convert import (
     ConversionError,
@@ -70,9 +73,24 @@ def holds_vit(state) -> bool:
         return True
 
 
-def convert_weights(state, source: str, output_path, targets, force=False):
+def pretraining_vit_arch(state) -> str | None:
+    """The timm ViT that a pretraining checkpoint of ours was made with (its saved config's
+    MODEL.VISUAL.NAME), or None for any other file."""
+    text = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        name = yaml.safe_load(text)["MODEL"]["VISUAL"]["NAME"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
+    return parse_vit_name(name) if isinstance(name, str) and is_vit_name(name) else None
+
+
+def convert_weights(state, source: str, output_path, targets, force=False, vit_arch: str | None = None):
     """:func:`convert_checkpoint_file` for weights already in memory (``source`` names them in
-    errors and in the output's ``__author__``), e.g. a freshly initialised ResNet."""
+    errors and in the output's ``__author__``), e.g. a freshly initialised ResNet. A ViT's head
+    count, which its weights do not show, is recorded from ``vit_arch`` (timm's name) or from the
+    pretraining config the checkpoint holds, where either is known."""
     output = check_output_path(output_path, force)
     if not targets:
         raise ConversionError("no target config to verify the converted weights against")
@@ -84,6 +102,8 @@ def convert_weights(state, source: str, output_path, targets, force=False):
             checkpoint, verify = to_detectron2_checkpoint(backbone, Path(source).name), verify_target
         else:
             backbone = convert_vit_state_dict(state_dict, vit_prefix)
+            arch = vit_arch or pretraining_vit_arch(state)
+            backbone.num_heads = vit_num_heads(arch) if arch else None
             checkpoint, verify = to_detectron2_vit_checkpoint(backbone, Path(source).name), verify_vit_target
     except ConversionError as e:
         raise ConversionError(f"{source}: {e}") from None

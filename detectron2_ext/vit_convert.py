@@ -65,6 +65,7 @@ class ConvertedViT:
     source_prefix: str
     dropped_keys: list = field(default_factory=list)
     ignored_keys: int = 0  # keys outside the ViT (e.g. the textual head)
+    num_heads: int | None = None  # known from the pretraining config, not from the weights
 
     @property
     def metadata(self) -> dict:
@@ -79,6 +80,7 @@ class ConvertedViT:
             "had_class_token": self.had_class_token,
             "mlp_ratio": self.mlp_ratio,
             "qkv_bias": self.qkv_bias,
+            **({"num_heads": self.num_heads} if self.num_heads is not None else {}),
         }
 
 
@@ -190,9 +192,11 @@ def describe_vit(backbone: ConvertedViT, source) -> str:
     """One-line summary of a ViT conversion."""
     prefix = f"'{backbone.source_prefix}*'" if backbone.source_prefix else "top-level keys"
     cls = "with a class slot in pos_embed" if backbone.pretrain_use_cls_token else "without a class slot"
+    heads = (f"{backbone.num_heads} heads" if backbone.num_heads is not None
+             else "heads not recorded: MODEL.VIT.NUM_HEADS must be the pretraining's")
     text = (
-        f"ViT (width {backbone.embed_dim}, depth {backbone.depth}, patch {backbone.patch_size}, pretrained at "
-        f"{backbone.pretrain_img_size} px, {cls}) from {prefix} of {source}: {len(backbone.state_dict)} tensors"
+        f"ViT (width {backbone.embed_dim}, depth {backbone.depth}, {heads}, patch {backbone.patch_size}, pretrained "
+        f"at {backbone.pretrain_img_size} px, {cls}) from {prefix} of {source}: {len(backbone.state_dict)} tensors"
     )
     if backbone.dropped_keys:
         shown = ", ".join(k[len(backbone.source_prefix):] for k in backbone.dropped_keys[:6])

@@ -2,7 +2,8 @@
 ``MODEL.WEIGHTS`` against its backbone before training.
 
 For each target config, ``MODEL.VIT`` must describe the converted ViT (width, depth, patch size,
-pretraining image size, class slot, MLP ratio, qkv bias); the model is then built, the file loaded
+pretraining image size, class slot, MLP ratio, qkv bias, and the head count where the source
+records it); the model is then built, the file loaded
 through detectron2's checkpointer exactly as ``MODEL.WEIGHTS`` is for training, and every
 ``backbone.net.*`` tensor but the relative-position tables (which the pretraining ViT has not)
 must come from the file, with its exact value.
@@ -32,6 +33,7 @@ RECORDED = {
     "PRETRAIN_USE_CLS_TOKEN": "pretrain_use_cls_token",
     "MLP_RATIO": "mlp_ratio",
     "QKV_BIAS": "qkv_bias",
+    "NUM_HEADS": "num_heads",  # recorded where the source says (a pretraining config), else unchecked
 }
 
 

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     defaults = DEFAULT_VIT_TARGETS if holds_vit(state) else DEFAULT_TARGETS
     config_files = [Path(p) for p in args.config_file] if args.config_file else defaults
     targets = [(path.name, load_config(path, args.opts)) for path in config_files]
-    backbone, checks = convert_weights(state, str(source), args.output, targets, force=args.force)
+    backbone, checks = convert_weights(state, str(source), args.output, targets, force=args.force, vit_arch=args.vit)
     print(f"Converted {describe(backbone, source)}")
     for check in checks:
         print(f"  verified {check.summary()}")

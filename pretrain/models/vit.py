@@ -84,6 +84,15 @@ def create_timm_vit(arch: str, image_size: int, drop_path: float = 0.0) -> nn.Mo
     return vit
 
 
+def vit_num_heads(arch: str) -> int:
+    """Attention heads of timm's ``arch``: its weights do not show them (the qkv projection is
+    as wide for any count), so they are read from the model built on the meta device (no memory)."""
+    timm = import_timm()
+    with torch.device("meta"):
+        vit = timm.create_model(arch, pretrained=False)
+    return vit.blocks[0].attn.num_heads
+
+
 class TimmViTBackbone(VisualBackbone):
     """A timm ViT whose forward maps (B, 3, H, W) images to (B, D, H/p, W/p) normed patch tokens.
 

@@ -14,11 +14,12 @@ import torch
 
 from detectron2_ext import load_config
 from detectron2_ext.convert import ConversionError
-from detectron2_ext.transfer import convert_weights
+from detectron2_ext.transfer import convert_weights, describe
 from detectron2_ext.vit_backbone import build_vit
 from detectron2_ext.vit_convert import convert_vit_state_dict
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.config import ConfigError
+from pretrain.config import load_config as load_pretrain_config
 from pretrain.errors import MissingInputError
 from pretrain.models.vit import TimmViTBackbone, import_timm, initial_vit_state
 
@@ -156,6 +157,29 @@ def test_a_run_refuses_weights_of_the_other_kind_or_size_before_training(tmp_pat
         check_backbone_run(load_config(r18, ["SOLVER.OPTIMIZER", "ADAMW", "SOLVER.VIT_LR_DECAY_RATE", "0.7"]))
     with pytest.raises(ConfigError, match="SOLVER.OPTIMIZER is 'LAMB'; must be one of SGD, ADAMW"):
         check_backbone_run(load_config(r18, ["SOLVER.OPTIMIZER", "LAMB"]))
+
+
+def test_the_head_count_of_a_pretraining_checkpoint_is_recorded_and_checked(tmp_path):
+    """The weights of a ViT with 3 heads and with 12 are alike (qkv is as wide for any count):
+    the count comes from the checkpoint's pretraining config, or from --init random's name."""
+    pretraining = load_pretrain_config(str(REPO / "configs" / "builtin" / "bicaptioning_ViT_T_16_L1_H192.yaml"))
+    weights = initial_vit_state("vit_tiny_patch16_224", 128, 0)
+    state = {"model": {f"visual.vit.{k}": v for k, v in weights.items()}, "config": pretraining.dump()}
+    converted = tmp_path / "t.pth"
+    backbone, _ = convert_weights(state, "checkpoint_600.pth", converted, [("t", load_config(BUILTIN_T))])
+    assert backbone.num_heads == 3 and torch.load(converted, weights_only=True)["conversion"]["num_heads"] == 3
+    with pytest.raises(ConversionError, match=r"t.pth: MODEL.VIT.NUM_HEADS is 12; the weights need 3"):
+        check_backbone_run(load_config(BUILTIN_T, ["MODEL.WEIGHTS", str(converted), "MODEL.VIT.NUM_HEADS", "12"]))
+    with pytest.raises(ConversionError, match=r"MODEL.VIT.NUM_HEADS is 12; the weights need 3"):
+        convert_weights(state, "checkpoint_600.pth", tmp_path / "u.pth",
+                        [("t", load_config(BUILTIN_T, ["MODEL.VIT.NUM_HEADS", "12"]))])
+    backbone, _ = convert_weights(weights, "random", tmp_path / "r.pth", [("t", load_config(BUILTIN_T))],
+                                  vit_arch="vit_tiny_patch16_224")
+    assert backbone.num_heads == 3
+    # A plain state dict (MAE's, DeiT's) does not say: recorded as unknown, and the summary says so.
+    backbone, _ = convert_weights(weights, "mae.pth", tmp_path / "m.pth", [("t", load_config(BUILTIN_T))])
+    assert backbone.num_heads is None and "num_heads" not in backbone.metadata
+    assert "heads not recorded: MODEL.VIT.NUM_HEADS must be the pretraining's" in describe(backbone, "mae.pth")
 
 
 def test_a_run_refuses_unconverted_or_missing_weights_unless_it_resumes_its_own(tmp_path):
