@@ -20,7 +20,7 @@ from pretrain.distributed import (
 )
 from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.setup import Training
-from pretrain.errors import OutputExistsError
+from pretrain.errors import InputError, OutputExistsError
 
 logger = logging.getLogger("pretrain.engine")
 
@@ -50,6 +50,20 @@ def restore(training: Training, state: dict) -> int:
 
 class ResumeError(RuntimeError):
     """The ranks could not agree on the checkpoint to resume from; every rank stops."""
+
+
+class ResumeMismatchError(InputError, ValueError):
+    """The config builds a model (or optimizer) that the checkpoint's weights do not fit."""
+
+
+def _mismatch_message(err: Exception, path: Path, state: dict, cfg) -> str:
+    """One line: the checkpoint, torch's first complaint, and the config keys that changed."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0] if lines else ""
+    changed = config_differences(state["config"], cfg, ignore=EXECUTION_ONLY_KEYS) if "config" in state else []
+    keys = f"; the config differs from the checkpoint's in {'; '.join(changed)}" if changed else ""
+    return (f"{path}: does not fit the model of this config ({first.rstrip('.')}){keys}; resume with the "
+            "checkpoint's config (config.yaml in the output folder) or start another output directory")
 
 
 def agreed_resume_state(manager: CheckpointManager, ctx: DistContext) -> dict | None:
@@ -101,7 +115,11 @@ def start_or_resume(training: Training, manager: CheckpointManager, output_dir: 
     if state is None:
         logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
         return 0
-    start = restore(training, state)
+    try:
+        start = restore(training, state)
+    except (RuntimeError, ValueError) as err:  # torch: the saved model or optimizer has another shape
+        raise ResumeMismatchError(_mismatch_message(err, checkpoint_path(output_dir, state["iteration"]), state,
+                                                    training.cfg)) from err
     logger.info("resumed from %s", checkpoint_path(output_dir, start))
     if "config" in state:
         _report_config_changes(state["config"], training.cfg, start)

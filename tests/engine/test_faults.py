@@ -91,6 +91,21 @@ def test_resume_with_another_config_names_every_changed_key(tiny_overrides, refe
     assert note.endswith("ENGINE.LOG_PERIOD: 2 -> 7"), note
 
 
+def test_resume_with_a_config_whose_model_the_checkpoint_does_not_fit_stops_in_one_line(
+        tiny_overrides, reference_run, tmp_path):
+    (tmp_path / "checkpoint_6.pth").write_bytes((reference_run / "checkpoint_6.pth").read_bytes())
+    wider = [*tiny_overrides, "MODEL.TEXTUAL.NAME", "transdec_postnorm::L1_H48_A2_F96"]
+    result = subprocess.run(pretrain_command(tmp_path, wider, resume=True), env=subprocess_env(), check=False,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"pretrain: error: {tmp_path / 'checkpoint_6.pth'}: does not fit the model of this "
+                           "config (size mismatch for ") and "checkpoint_6" in line
+    assert "; the config differs from the checkpoint's in MODEL.TEXTUAL.NAME: transdec_postnorm::L1_H32" in line
+    assert line.endswith("resume with the checkpoint's config (config.yaml in the output folder) or start another "
+                         "output directory")
+
+
 def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_overrides, reference_run, tmp_path):
     (tmp_path / "checkpoint_2.pth").write_bytes((reference_run / "checkpoint_2.pth").read_bytes())
     result = subprocess.run(pretrain_command(tmp_path, tiny_overrides), env=subprocess_env(), check=False, capture_output=True, text=True)
