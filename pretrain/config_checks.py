@@ -21,6 +21,7 @@ from fvcore.common.config import CfgNode
 from pretrain.config import ConfigError
 from pretrain.data.build import FORMATS
 from pretrain.data.checks import CHECK_IMAGES_MODES
+from pretrain.data.transforms import TRANSFORMS, output_size
 from pretrain.precision import AMP_DTYPES
 from pretrain.schedule import DECAYS
 
@@ -138,6 +139,7 @@ def value_problems(cfg: CfgNode) -> list[str]:
         problems.append(_describe("OPTIM.BATCH_SIZE", optim.BATCH_SIZE,
                                   f"divisible by ENGINE.GRAD_ACCUM_STEPS ({cfg.ENGINE.GRAD_ACCUM_STEPS})",
                                   "each step's batch is split into that many chunks"))
+    problems += transform_problems(cfg)
     if decoder.MAX_DECODING_STEPS > cfg.DATA.MAX_CAPTION_LENGTH:
         problems.append(_describe("MODEL.DECODER.MAX_DECODING_STEPS", decoder.MAX_DECODING_STEPS,
                                   f"<= DATA.MAX_CAPTION_LENGTH ({cfg.DATA.MAX_CAPTION_LENGTH})",
@@ -161,6 +163,31 @@ def name_problems(cfg: CfgNode) -> list[str]:
             parse(name)
         except ValueError as err:  # their messages name the key, the value and the accepted forms
             problems.append(str(err))
+    return problems
+
+
+def transform_problems(cfg: CfgNode) -> list[str]:
+    """Image transform lists that pad with black borders (a centre crop larger than the resize
+    before it), and, for a ViT, lists whose images are not a multiple of its patch size (timm
+    refuses them mid-run). Lists with unknown names are left to the transform builder."""
+    from pretrain.models.vit import is_vit_name, parse_vit_name, vit_patch_size
+
+    visual = cfg.MODEL.VISUAL.NAME
+    patch = vit_patch_size(parse_vit_name(visual)) if is_vit_name(visual) else None
+    problems = []
+    for key in ("IMAGE_TRANSFORM_TRAIN", "IMAGE_TRANSFORM_VAL", "IMAGE_TRANSFORM_CAPTION_EVAL"):
+        names = list(cfg.DATA.get(key, []))
+        if any(name.partition("@")[0] not in TRANSFORMS for name in names):
+            continue
+        side, padded = output_size(names, cfg.DATA.IMAGE_CROP_SIZE)
+        if padded:
+            problems.append(f"DATA.{key} is {names}: {padded}; crop at most the resized size (DATA.IMAGE_CROP_SIZE "
+                            f"is {cfg.DATA.IMAGE_CROP_SIZE})")
+        elif patch and (side is None or side % patch):
+            made = "images of varying size" if side is None else f"{side} px images"
+            problems.append(f"DATA.{key} is {names}: {made}, but {visual} needs a multiple of its patch size "
+                            f"{patch}; end with a crop or global_resize to such a size (DATA.IMAGE_CROP_SIZE is "
+                            f"{cfg.DATA.IMAGE_CROP_SIZE})")
     return problems
 
 

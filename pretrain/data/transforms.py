@@ -138,6 +138,29 @@ def make_transform(names: Sequence[str], size: int, source: str = "transform lis
     return CaptionCompose([TRANSFORMS[base](int(own_size) if own_size else size) for _, base, own_size in parsed])
 
 
+#: transforms that make every image the same square size, and the one that fixes the shorter side
+SQUARE_OUTPUT = ("random_resized_crop", "global_resize", "center_crop")
+SHORTER_SIDE = "smallest_resize"
+
+
+def output_size(names: Sequence[str], size: int) -> tuple[int | None, str | None]:
+    """The square side of the images a transform list (known names) ends with, None when it
+    varies with the input; and a description of a centre crop larger than the image it crops
+    (torchvision pads it with black borders), None when there is none."""
+    side, shorter, padded = None, None, None
+    for name in names:
+        base, _, own = name.partition("@")
+        step = int(own) if own else size
+        if base == SHORTER_SIDE:
+            side, shorter = None, step
+        elif base in SQUARE_OUTPUT:
+            smaller = side if side is not None else shorter
+            if base == "center_crop" and smaller is not None and step > smaller and padded is None:
+                padded = f"{name} ({step} px) crops an image resized to {smaller} px: the rest is black borders"
+            side, shorter = step, None
+    return side, padded
+
+
 def build_transform(cfg, split: str) -> CaptionCompose:
     """The pipeline for ``split`` ("train" or "val") from ``DATA.IMAGE_TRANSFORM_TRAIN/VAL``."""
     if split not in ("train", "val"):

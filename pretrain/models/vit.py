@@ -24,6 +24,7 @@ it exactly as a ResNet's feature map.
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -82,6 +83,11 @@ def create_timm_vit(arch: str, image_size: int, drop_path: float = 0.0) -> nn.Mo
     if vit.num_prefix_tokens != 0:
         raise RuntimeError(f"timm {arch} still has {vit.num_prefix_tokens} prefix tokens; expected none")
     return vit
+
+
+def vit_patch_size(arch: str) -> int:
+    """The patch size of one of :data:`SUPPORTED_VITS`, which its name states (``..._patch16_...``)."""
+    return int(re.search(r"_patch(\d+)_", arch).group(1))
 
 
 def vit_num_heads(arch: str) -> int:
