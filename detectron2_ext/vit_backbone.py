@@ -17,6 +17,9 @@ from torch import nn
 from pretrain.config import ConfigError
 from pretrain.models.vit import import_timm
 
+#: the scale factors detectron2's ``SimpleFeaturePyramid`` has layers for
+SFP_SCALE_FACTORS = (4.0, 2.0, 1.0, 0.5)
+
 
 def check_vit_config(cfg) -> None:
     """:class:`ConfigError` naming the key where ``MODEL.VIT``/``MODEL.SFP`` cannot be right."""
@@ -39,10 +42,23 @@ def check_vit_config(cfg) -> None:
                 f"(MODEL.VIT.IMG_SIZE {vit.IMG_SIZE} / PATCH_SIZE {vit.PATCH_SIZE}); pick a divisor or set "
                 f"MODEL.VIT.ALLOW_WINDOW_PADDING True to pad every window block"
             )
-    strides = [vit.PATCH_SIZE / s for s in sfp.SCALE_FACTORS]
-    if any(s != int(s) or math.log2(s) != int(math.log2(s)) for s in strides):
-        raise ConfigError(f"MODEL.SFP.SCALE_FACTORS {list(sfp.SCALE_FACTORS)} give strides {strides}; they must be powers of 2")
-    coarsest = int(max(strides)) * 2  # LastLevelMaxPool halves the last level once more
+    unsupported = [s for s in sfp.SCALE_FACTORS if s not in SFP_SCALE_FACTORS]
+    if unsupported:
+        raise ConfigError(f"MODEL.SFP.SCALE_FACTORS {list(sfp.SCALE_FACTORS)}: detectron2's SimpleFeaturePyramid "
+                          f"implements only {', '.join(f'{s:g}' for s in SFP_SCALE_FACTORS)}")
+    if math.log2(vit.PATCH_SIZE) != int(math.log2(vit.PATCH_SIZE)):
+        raise ConfigError(f"MODEL.VIT.PATCH_SIZE {vit.PATCH_SIZE} is not a power of 2, so neither are the feature "
+                          "pyramid's strides; ViTDet needs a ViT with patch 16 (a *_patch16_* one)")
+    strides = [int(vit.PATCH_SIZE / s) for s in sfp.SCALE_FACTORS]
+    coarsest = max(strides) * 2  # LastLevelMaxPool halves the last level once more
+    made = {f"p{int(math.log2(s))}" for s in [*strides, coarsest]}
+    wanted = sorted({*cfg.MODEL.RPN.IN_FEATURES, *cfg.MODEL.ROI_HEADS.IN_FEATURES} - made)
+    if wanted:
+        raise ConfigError(
+            f"MODEL.VIT.PATCH_SIZE {vit.PATCH_SIZE} with MODEL.SFP.SCALE_FACTORS {list(sfp.SCALE_FACTORS)} gives "
+            f"the features {', '.join(sorted(made))}, but MODEL.RPN.IN_FEATURES and MODEL.ROI_HEADS.IN_FEATURES also "
+            f"take {', '.join(wanted)}; the ViTDet configs need patch 16 (a *_patch16_* ViT)"
+        )
     if sfp.SQUARE_PAD % coarsest:
         raise ConfigError(f"MODEL.SFP.SQUARE_PAD {sfp.SQUARE_PAD} is not a multiple of the coarsest stride {coarsest}")
     if cfg.INPUT.LSJ.ENABLED and sfp.SQUARE_PAD and sfp.SQUARE_PAD < cfg.INPUT.LSJ.IMAGE_SIZE:

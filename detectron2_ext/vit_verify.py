@@ -66,6 +66,7 @@ def check_vit_target_config(cfg, backbone: ConvertedViT, name: str) -> None:
     problems = record_mismatches(cfg, backbone.metadata)
     if problems:
         raise ConversionError(f"{name}: " + "; ".join(problems))
+    check_vit_config(cfg)  # a model that detectron2 could not build or feed
 
 
 def verify_vit_target(cfg, backbone: ConvertedViT, weights_path, name: str) -> TargetCheck:

@@ -54,15 +54,15 @@ BAD_VALUES = [
     (["MODEL.TEXTUAL.NAME", "transdec_postnorm::L1_H256"], "MODEL.TEXTUAL.NAME 'transdec_postnorm::L1_H256' is not of"),
     # a centre crop larger than the resize before it: torchvision pads the rest with black
     (["DATA.IMAGE_CROP_SIZE", "288", "DATA.IMAGE_TRANSFORM_CAPTION_EVAL", "['smallest_resize@256','center_crop','normalize']"],
-     "DATA.IMAGE_TRANSFORM_CAPTION_EVAL is ['smallest_resize@256', 'center_crop', 'normalize']: center_crop (288 px) "
-     "crops an image resized to 256 px: the rest is black borders"),
+     ("DATA.IMAGE_TRANSFORM_CAPTION_EVAL is ['smallest_resize@256', 'center_crop', 'normalize']: center_crop (288 px) "
+     "crops an image resized to 256 px: the rest is black borders")),
     # a ViT takes only multiples of its patch size (timm asserted mid-run)
     (["MODEL.VISUAL.NAME", "timm::vit_tiny_patch16_224", "DATA.IMAGE_CROP_SIZE", "100"],
-     "DATA.IMAGE_TRANSFORM_TRAIN is ['global_resize', 'horizontal_flip', 'normalize']: 100 px images, but "
-     "timm::vit_tiny_patch16_224 needs a multiple of its patch size 16"),
+     ("DATA.IMAGE_TRANSFORM_TRAIN is ['global_resize', 'horizontal_flip', 'normalize']: 100 px images, but "
+     "timm::vit_tiny_patch16_224 needs a multiple of its patch size 16")),
     (["MODEL.VISUAL.NAME", "timm::vit_tiny_patch16_224", "DATA.IMAGE_TRANSFORM_CAPTION_EVAL", "['smallest_resize','normalize']"],
-     "DATA.IMAGE_TRANSFORM_CAPTION_EVAL is ['smallest_resize', 'normalize']: images of varying size, but "
-     "timm::vit_tiny_patch16_224 needs a multiple of its patch size 16"),
+     ("DATA.IMAGE_TRANSFORM_CAPTION_EVAL is ['smallest_resize', 'normalize']: images of varying size, but "
+     "timm::vit_tiny_patch16_224 needs a multiple of its patch size 16")),
 ]
 
 

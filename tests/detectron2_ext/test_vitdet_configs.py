@@ -5,6 +5,7 @@ of the model-zoo ``common/models/mask_rcnn_vitdet.py`` that ships with detectron
 built-in versions keep the recipe, changing only sizes."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,24 @@ def test_small_versions_keep_the_recipe(name):
     grid = cfg.MODEL.VIT.IMG_SIZE // cfg.MODEL.VIT.PATCH_SIZE
     assert grid % cfg.MODEL.VIT.WINDOW_SIZE == 0 and cfg.MODEL.SFP.SQUARE_PAD == cfg.INPUT.LSJ.IMAGE_SIZE
     assert set(cfg.MODEL.VIT.WINDOW_BLOCK_INDEXES) < set(range(cfg.MODEL.VIT.DEPTH))  # global blocks remain
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # patch 32: the pyramid starts at p3, the RPN asked for p2 and detectron2 failed with KeyError 'p2'
+    (["MODEL.VIT.PATCH_SIZE", "32", "MODEL.VIT.WINDOW_SIZE", "2"],
+     ("MODEL.VIT.PATCH_SIZE 32 with MODEL.SFP.SCALE_FACTORS [4.0, 2.0, 1.0, 0.5] gives the features p3, p4, p5, p6, "
+      "p7, but MODEL.RPN.IN_FEATURES and MODEL.ROI_HEADS.IN_FEATURES also take p2; the ViTDet configs need patch 16")),
+    (["MODEL.VIT.PATCH_SIZE", "8", "MODEL.VIT.WINDOW_SIZE", "8"], "also take p6"),
+    (["MODEL.VIT.PATCH_SIZE", "14", "MODEL.VIT.IMG_SIZE", "112", "MODEL.VIT.PRETRAIN_IMG_SIZE", "112",
+      "MODEL.VIT.WINDOW_SIZE", "2"], "MODEL.VIT.PATCH_SIZE 14 is not a power of 2"),
+    (["MODEL.SFP.SCALE_FACTORS", "[8.0, 4.0, 2.0, 1.0]"],
+     "MODEL.SFP.SCALE_FACTORS [8.0, 4.0, 2.0, 1.0]: detectron2's SimpleFeaturePyramid implements only 4, 2, 1, 0.5"),
+])
+def test_a_pyramid_detectron2_cannot_build_or_feed_is_named_before_the_model(overrides, message):
+    from detectron2_ext.vit_backbone import check_vit_config
+    from pretrain.config import ConfigError
+
+    cfg = load_config(CONFIGS / "builtin" / "lvis_segm_ViTDet_T_builtin.yaml", overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_vit_config(cfg)
+    check_vit_config(load_config(CONFIGS / "builtin" / "lvis_segm_ViTDet_T_builtin.yaml"))  # the config as shipped
