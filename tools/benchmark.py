@@ -77,9 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="auto = what training with the config uses (AMP, AMP_DTYPE): with AMP on, fp16 + GradScaler "
                             "on accelerators, bf16 on CPUs with native bf16, else fp32")
     train.add_argument("--no-channels-last", action="store_true", help="keep the CNN in contiguous layout")
-    train.add_argument("--compile", nargs="?", const="true", default="auto", choices=("auto", "true", "false"),
-                       help="torch.compile the step: auto (default) decides as ENGINE.COMPILE would for a run of "
-                            "the config's OPTIM.NUM_ITERATIONS; --compile alone = true")
+    train.add_argument("--compile", nargs="?", const="true", default=None, choices=("auto", "true", "false"),
+                       help="torch.compile the step (default: the config's ENGINE.COMPILE, auto unless set); auto "
+                            "decides as for a run of the config's OPTIM.NUM_ITERATIONS; --compile alone = true")
     train.add_argument("--no-official", action="store_true",
                        help="skip the official step at its best that is otherwise timed after ours in the same run")
     train.add_argument("--official-baseline", action="store_true",
@@ -230,7 +230,8 @@ def bench_pretrain(args, cfg) -> dict:
     )
     sync = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
     # A benchmark stands for a long training run: "auto" decides as for the config's full length.
-    compilation = decide_compile("false" if baseline else args.compile, device, cfg.OPTIM.NUM_ITERATIONS,
+    setting = "false" if baseline else args.compile or cfg.ENGINE.COMPILE
+    compilation = decide_compile(setting, device, cfg.OPTIM.NUM_ITERATIONS,
                                  cfg.ENGINE.COMPILE_MIN_ITERATIONS)
     if baseline:
         step, losses = official_step(cfg, device, dtype, batch)

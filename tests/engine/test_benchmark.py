@@ -46,6 +46,12 @@ def test_pretrain_mode_reports_step_time_throughput_and_memory(tmp_path):
                         / result["matmul_peak_tflops"])
 
 
+def test_pretrain_mode_compiles_as_the_config_says_unless_the_flag_does(tmp_path):
+    result = run_benchmark(tmp_path, "pretrain", "--batch-size", "2", "--image-size", "64", "--no-official",
+                           overrides=("DATA.MAX_CAPTION_LENGTH", "30", "ENGINE.COMPILE", "false"))
+    assert not result["compile"] and result["compile_reason"] == "ENGINE.COMPILE False"
+
+
 def test_pretrain_mode_compiled_reports_the_compilation_time(tmp_path):
     result = run_benchmark(tmp_path, "pretrain", "--batch-size", "2", "--image-size", "64", "--compile",
                            "--no-official")
