@@ -98,6 +98,24 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path, case):
     assert last.startswith(f"{tool}: error: ") and expected in last, result.stderr[-3000:]
 
 
+DEVICE_TOOLS = {
+    "caption": ["--checkpoint", "c.pth", "--images", "."],
+    "eval_captioning": ["--checkpoint", "c.pth"],
+    "visualize_attention": ["--checkpoint", "c.pth", "--output-dir", "a"],
+    "clf_voc07": ["--random-init"],
+}
+
+
+@pytest.mark.parametrize("tool", sorted(DEVICE_TOOLS))
+def test_an_unknown_device_is_refused_in_one_line_by_every_tool_that_takes_one(tool):
+    """``--device`` (virtex_d2.cli.add_common_flags) is checked as it is parsed: "gpu" used to
+    reach torch and end in its traceback once the model was built."""
+    result = run_tool(tool, "--config", "c.yaml", *DEVICE_TOOLS[tool], "--device", "gpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{tool}.py: error: --device gpu is not a torch device (use cpu, cuda or cuda:N)")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     missing = tmp_path / "missing.yaml"
     quiet = run_tool("caption", "--config", missing, "--checkpoint", "x.pth", "--images", tmp_path)

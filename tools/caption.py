@@ -33,14 +33,15 @@ from pretrain.downstream.caption_eval import (
 )
 from pretrain.errors import OutputExistsError
 from pretrain.files import write_json_atomic
-from virtex_d2.cli import add_common_flags, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = tool_parser(__doc__)
     parser.add_argument("--images", required=True, help="folder of images to caption")
     parser.add_argument("--output", default="captions.json", help="JSON file to write (default: captions.json)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, action=in_range(1),
+                        help="images per forward pass (default: 8)")
     add_common_flags(parser)
     return parser.parse_args(argv)
 
