@@ -24,6 +24,7 @@ it exactly as a ResNet's feature map.
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -42,6 +43,11 @@ SUPPORTED_VITS = (
     "vit_large_patch16_224",
     "vit_huge_patch14_224",
 )
+
+
+def vit_patch_size(arch: str) -> int:
+    """The patch size of a timm ViT of :data:`SUPPORTED_VITS`, as its name gives it (``patch16``: 16)."""
+    return int(re.search(r"_patch(\d+)_", arch).group(1))
 
 
 def is_vit_name(name: str) -> bool:
