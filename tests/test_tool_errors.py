@@ -38,6 +38,31 @@ def test_help_runs_clean_and_names_existing_configs(tool):
         assert not re.search(r"\S {5,}[^\s#]", line), f"{tool} --help runs lines together: {line.strip()}"
 
 
+CAPTION_EVAL_TRANSFORM = "DATA.IMAGE_TRANSFORM_CAPTION_EVAL"
+
+
+@pytest.mark.parametrize("tool, says", [
+    ("caption", [CAPTION_EVAL_TRANSFORM]),
+    ("eval_captioning", [CAPTION_EVAL_TRANSFORM]),
+    ("visualize_attention", [CAPTION_EVAL_TRANSFORM]),
+    ("pretrain", ["tcmalloc", "MALLOC_MMAP_MAX_=0", "VIRTEX_D2_MALLOC=default", "LD_PRELOAD"]),
+])
+def test_help_says_what_the_tool_does(tool, says):
+    """The caption tools transform images with DATA.IMAGE_TRANSFORM_CAPTION_EVAL, not the val
+    transforms their help named; tools/pretrain.py prefers tcmalloc and honours VIRTEX_D2_MALLOC,
+    where its help told of tuned glibc only; tools/caption.py reads every suffix that
+    list_image_files reads (its help left out .gif and .tif)."""
+    from pretrain.data.images import IMAGE_SUFFIXES
+    from tests.tool_main import Tool
+
+    description = " ".join(Tool(tool).module.__doc__.split())  # what --help prints above the flags
+    for text in says:
+        assert text in description, f"{tool} --help does not say {text}"
+    assert "validation transforms" not in description
+    if tool == "caption":
+        assert f"(not recursive; {' '.join(IMAGE_SUFFIXES)})" in description
+
+
 def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:
     """(tool, arguments, what the one line must say) for every tool."""
     empty = tmp / "empty"

@@ -5,8 +5,10 @@
         --output outputs/run/captions_val.json [--opts MODEL.DECODER.BEAM_SIZE 5]
 
 Images of ``DATA.ROOT/val2017`` (references in ``DATA.ROOT/annotations/captions_val2017.json``)
-go through the config's validation transforms and are decoded by the forward head with
-MODEL.DECODER (beam search, beam 5, by default). Reported: CIDEr-D and BLEU-4 (as in the
+go through the config's DATA.IMAGE_TRANSFORM_CAPTION_EVAL (by default the official evaluation's:
+shorter side 256, centre crop; not DATA.IMAGE_TRANSFORM_VAL of the validation during
+pretraining) and are decoded by the forward head with MODEL.DECODER (beam search, beam 5, by
+default). Reported: CIDEr-D and BLEU-4 (as in the
 pretraining logs), and METEOR and SPICE when their Java dependencies are present on this
 machine (otherwise "unavailable" with the reason), and the grounding gap: the val loss with
 each caption's own image against the loss with the images of a batch rotated, which is zero for
