@@ -38,6 +38,31 @@ def test_help_runs_clean_and_names_existing_configs(tool):
         assert not re.search(r"\S {5,}[^\s#]", line), f"{tool} --help runs lines together: {line.strip()}"
 
 
+CAPTION_EVAL_TRANSFORM = "DATA.IMAGE_TRANSFORM_CAPTION_EVAL"
+
+
+@pytest.mark.parametrize("tool, says", [
+    ("caption", [CAPTION_EVAL_TRANSFORM]),
+    ("eval_captioning", [CAPTION_EVAL_TRANSFORM]),
+    ("visualize_attention", [CAPTION_EVAL_TRANSFORM]),
+    ("pretrain", ["tcmalloc", "MALLOC_MMAP_MAX_=0", "VIRTEX_D2_MALLOC=default", "LD_PRELOAD"]),
+])
+def test_help_says_what_the_tool_does(tool, says):
+    """The caption tools transform images with DATA.IMAGE_TRANSFORM_CAPTION_EVAL, not the val
+    transforms their help named; tools/pretrain.py prefers tcmalloc and honours VIRTEX_D2_MALLOC,
+    where its help told of tuned glibc only; tools/caption.py reads every suffix that
+    list_image_files reads (its help left out .gif and .tif)."""
+    from pretrain.data.images import IMAGE_SUFFIXES
+    from tests.tool_main import Tool
+
+    description = " ".join(Tool(tool).module.__doc__.split())  # what --help prints above the flags
+    for text in says:
+        assert text in description, f"{tool} --help does not say {text}"
+    assert "validation transforms" not in description
+    if tool == "caption":
+        assert f"(not recursive; {' '.join(IMAGE_SUFFIXES)})" in description
+
+
 def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:
     """(tool, arguments, what the one line must say) for every tool."""
     empty = tmp / "empty"
@@ -96,6 +121,24 @@ def test_bad_input_ends_with_one_line_and_status_2(tmp_path, case):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{tool}: error: ") and expected in last, result.stderr[-3000:]
+
+
+DEVICE_TOOLS = {
+    "caption": ["--checkpoint", "c.pth", "--images", "."],
+    "eval_captioning": ["--checkpoint", "c.pth"],
+    "visualize_attention": ["--checkpoint", "c.pth", "--output-dir", "a"],
+    "clf_voc07": ["--random-init"],
+}
+
+
+@pytest.mark.parametrize("tool", sorted(DEVICE_TOOLS))
+def test_an_unknown_device_is_refused_in_one_line_by_every_tool_that_takes_one(tool):
+    """``--device`` (virtex_d2.cli.add_common_flags) is checked as it is parsed: "gpu" used to
+    reach torch and end in its traceback once the model was built."""
+    result = run_tool(tool, "--config", "c.yaml", *DEVICE_TOOLS[tool], "--device", "gpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{tool}.py: error: --device gpu is not a torch device (use cpu, cuda or cuda:N)")
 
 
 def test_debug_shows_the_traceback(tmp_path):

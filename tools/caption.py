@@ -5,13 +5,15 @@
         --checkpoint checkpoint_500000.pth --images photos/ --output captions.json
 
 The checkpoint may be an official VirTex file or one of ours (both keep the weights under
-``"model"``). Images (.jpg .jpeg .png .bmp .webp, not recursive) go through the config's
-validation transforms and are decoded by the forward head with MODEL.DECODER (beam search or
-nucleus sampling); override any config key after ``--opts``, e.g.
-``--opts MODEL.DECODER.BEAM_SIZE 3``. The output is a JSON list of
-``{"image": <file name>, "caption": <text>}`` in file-name order. The official decoders' captions
-(the default ``beam_search``) read as the official ``scripts/eval_captioning.py`` writes them: a
-generated ``<unk>`` is " \u2047 " (``prediction_text`` in ``pretrain/downstream/caption_eval.py``).
+``"model"``). The images of the folder (not recursive; IMAGE_SUFFIXES)
+go through the config's DATA.IMAGE_TRANSFORM_CAPTION_EVAL (by default the official evaluation's:
+shorter side 256, centre crop; not DATA.IMAGE_TRANSFORM_VAL of the validation during
+pretraining) and are decoded by the forward head with MODEL.DECODER (beam search or nucleus
+sampling); override any config key after ``--opts``, e.g. ``--opts MODEL.DECODER.BEAM_SIZE 3``.
+The output is a JSON list of ``{"image": <file name>, "caption": <text>}`` in file-name order.
+The official decoders' captions (the default ``beam_search``) read as the official
+``scripts/eval_captioning.py`` writes them: a generated ``<unk>`` is " \u2047 "
+(``prediction_text`` in ``pretrain/downstream/caption_eval.py``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 import torch
 
 from pretrain.config import load_config
-from pretrain.data.images import list_image_files, load_rgb_image
+from pretrain.data.images import IMAGE_SUFFIXES, list_image_files, load_rgb_image
 from pretrain.data.transforms import build_transform
 from pretrain.distributed import select_device
 from pretrain.downstream.caption_eval import (
@@ -33,14 +35,17 @@ from pretrain.downstream.caption_eval import (
 )
 from pretrain.errors import OutputExistsError
 from pretrain.files import write_json_atomic
-from virtex_d2.cli import add_common_flags, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
+
+__doc__ = __doc__.replace("IMAGE_SUFFIXES", " ".join(IMAGE_SUFFIXES))  # the suffixes list_image_files reads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = tool_parser(__doc__)
     parser.add_argument("--images", required=True, help="folder of images to caption")
     parser.add_argument("--output", default="captions.json", help="JSON file to write (default: captions.json)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, action=in_range(1),
+                        help="images per forward pass (default: 8)")
     add_common_flags(parser)
     return parser.parse_args(argv)
 

@@ -38,7 +38,7 @@ from pretrain.downstream.linear_probe import (
     train_linear_probe,
 )
 from pretrain.errors import OutputExistsError
-from virtex_d2.cli import add_common_flags, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
 
 DEFAULTS = ProbeSettings()
 
@@ -49,21 +49,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--random-init", action="store_true", help="randomly initialised backbone (baseline)")
     parser.add_argument("--data-root", required=True, help="folder with train/<class>/ and val/<class>/")
     parser.add_argument("--output-dir", required=True, help="TensorBoard events, linear layer, metrics")
-    parser.add_argument("--iterations", type=int, default=DEFAULTS.iterations)
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch size")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    parser.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    parser.add_argument("--warmup-iterations", type=int, default=DEFAULTS.warmup_iterations)
-    parser.add_argument("--crop", type=int, default=DEFAULTS.crop, help="training and val crop size")
-    parser.add_argument("--resize", type=int, default=DEFAULTS.resize, help="val shorter side before the crop")
-    parser.add_argument("--min-crop-scale", type=float, default=DEFAULTS.min_crop_scale)
-    parser.add_argument("--eval-period", type=int, default=DEFAULTS.eval_period, help="0: evaluate at the end only")
-    parser.add_argument("--log-period", type=int, default=DEFAULTS.log_period)
-    parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers, help="DataLoader workers per rank")
+    parser.add_argument("--iterations", type=int, default=DEFAULTS.iterations, action=in_range(1))
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, action=in_range(1),
+                        help="global batch size")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, action=in_range(0, low_open=True))
+    parser.add_argument("--momentum", type=float, default=DEFAULTS.momentum, action=in_range(0))
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, action=in_range(0))
+    parser.add_argument("--warmup-iterations", type=int, default=DEFAULTS.warmup_iterations, action=in_range(0),
+                        help="at most --iterations")
+    parser.add_argument("--crop", type=int, default=DEFAULTS.crop, action=in_range(1), help="training and val crop size")
+    parser.add_argument("--resize", type=int, default=DEFAULTS.resize, action=in_range(1),
+                        help="val shorter side before the crop")
+    parser.add_argument("--min-crop-scale", type=float, default=DEFAULTS.min_crop_scale,
+                        action=in_range(0, 1, low_open=True), help="smallest share of the image a training crop covers")
+    parser.add_argument("--eval-period", type=int, default=DEFAULTS.eval_period, action=in_range(0),
+                        help="0: evaluate at the end only")
+    parser.add_argument("--log-period", type=int, default=DEFAULTS.log_period, action=in_range(1))
+    parser.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers, action=in_range(0),
+                        help="DataLoader workers per rank")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     add_common_flags(parser, force_help="overwrite results already in --output-dir", checkpoint=source, device=False)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.warmup_iterations > args.iterations:
+        parser.error(f"--warmup-iterations ({args.warmup_iterations}) must be at most --iterations "
+                     f"({args.iterations}): the run would end before its learning rate is warmed up")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

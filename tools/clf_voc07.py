@@ -37,7 +37,7 @@ from pretrain.downstream.voc07 import (
 )
 from pretrain.errors import MissingInputError, OutputExistsError
 from pretrain.files import write_json_atomic, write_text_atomic
-from virtex_d2.cli import add_common_flags, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
 
 
 def default_voc_root() -> str:
@@ -52,12 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--voc-root", default=default_voc_root(),
                         help="VOC2007 folder (default: $DETECTRON2_DATASETS/VOC2007, else datasets/VOC2007)")
     parser.add_argument("--output-dir", default="outputs/voc07", help="where results are written")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--jobs", type=int, default=1, help="classes whose SVMs are trained in parallel")
-    parser.add_argument("--resize", type=int, default=256, help="shorter image side before the crop (default 256)")
-    parser.add_argument("--crop", type=int, default=224, help="centre crop size (default 224)")
-    parser.add_argument("--costs", type=float, nargs="+", default=list(SVM_COSTS), help="SVM costs to cross-validate")
+    parser.add_argument("--batch-size", type=int, default=64, action=in_range(1),
+                        help="images per feature-extraction batch")
+    parser.add_argument("--num-workers", type=int, default=2, action=in_range(0), help="DataLoader worker processes")
+    parser.add_argument("--jobs", type=int, default=1, action=in_range(1),
+                        help="classes whose SVMs are trained in parallel")
+    parser.add_argument("--resize", type=int, default=256, action=in_range(1),
+                        help="shorter image side before the crop (default 256)")
+    parser.add_argument("--crop", type=int, default=224, action=in_range(1), help="centre crop size (default 224)")
+    parser.add_argument("--costs", type=float, nargs="+", default=list(SVM_COSTS), action=in_range(0, low_open=True),
+                        help="SVM costs to cross-validate")
     add_common_flags(parser, config_help="pretraining config (YAML) of the checkpoint(s)", checkpoint_help="one checkpoint file (.pth)", force_help="overwrite results already in --output-dir", checkpoint=source)
     return parser.parse_args(argv)
 

@@ -53,8 +53,8 @@ from pretrain.models.visual_backbones import (
     check_torchvision_weights_file,
     initial_resnet_state,
 )
-from pretrain.models.vit import SUPPORTED_VITS, initial_vit_state
-from virtex_d2.cli import run_tool
+from pretrain.models.vit import SUPPORTED_VITS, initial_vit_state, vit_patch_size
+from virtex_d2.cli import in_range, run_tool
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 DEFAULT_TARGETS = [CONFIG_DIR / "coco_segm_default_init_2x.yaml", CONFIG_DIR / "voc_det_default_init_24k.yaml"]
@@ -77,8 +77,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of --init random (default: 0)")
     parser.add_argument("--vit", choices=SUPPORTED_VITS, default=None,
                         help="--init random: a timm ViT of this architecture instead of a ResNet")
-    parser.add_argument("--image-size", type=int, default=224,
-                        help="--init random --vit: the image size its position embeddings are for (default: 224)")
+    parser.add_argument("--image-size", type=int, default=224, action=in_range(1),
+                        help="--init random --vit: the image size its position embeddings are for, a multiple of "
+                             "the patch size (default: 224)")
     parser.add_argument("--output", required=True, help="detectron2 weights to write (.pth)")
     parser.add_argument("--config-file", action="append", default=None, metavar="FILE",
                         help="target detectron2 config to verify against (repeatable; default: the "
@@ -93,6 +94,12 @@ def parse_args(argv=None):
         parser.error("--input is required, except with --init random (which takes none)")
     if args.vit and args.init != "random":
         parser.error("--vit only chooses the architecture of --init random")
+    if args.vit and args.image_size % vit_patch_size(args.vit):
+        patch = vit_patch_size(args.vit)
+        below = args.image_size - args.image_size % patch
+        sizes = " or ".join(str(size) for size in sorted({max(below, patch), below + patch}))
+        parser.error(f"--image-size {args.image_size} is not a multiple of {args.vit}'s patch size {patch} "
+                     f"(the position embeddings are for whole patches; use {sizes})")
     return args
 
 

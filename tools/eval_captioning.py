@@ -5,8 +5,10 @@
         --output outputs/run/captions_val.json [--opts MODEL.DECODER.BEAM_SIZE 5]
 
 Images of ``DATA.ROOT/val2017`` (references in ``DATA.ROOT/annotations/captions_val2017.json``)
-go through the config's validation transforms and are decoded by the forward head with
-MODEL.DECODER (beam search, beam 5, by default). Reported: CIDEr-D and BLEU-4 (as in the
+go through the config's DATA.IMAGE_TRANSFORM_CAPTION_EVAL (by default the official evaluation's:
+shorter side 256, centre crop; not DATA.IMAGE_TRANSFORM_VAL of the validation during
+pretraining) and are decoded by the forward head with MODEL.DECODER (beam search, beam 5, by
+default). Reported: CIDEr-D and BLEU-4 (as in the
 pretraining logs), and METEOR and SPICE when their Java dependencies are present on this
 machine (otherwise "unavailable" with the reason), and the grounding gap: the val loss with
 each caption's own image against the loss with the images of a batch rotated, which is zero for
@@ -50,25 +52,25 @@ from pretrain.errors import OutputExistsError
 from pretrain.files import write_json_atomic
 from pretrain.tasks import build_dataset
 from pretrain.tokenizer import first_word_index
-from virtex_d2.cli import add_common_flags, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
+
+PAIRS = " (the grounding gap pairs images)"
+ROTATES = " (the grounding gap pairs each caption with another image of its batch)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = tool_parser(__doc__)
     parser.add_argument("--split", default="val", choices=("val", "train"), help="COCO split to caption (default: val)")
     parser.add_argument("--output", default=None, help="JSON file for scores and captions (default: print only)")
-    parser.add_argument("--max-images", type=int, default=None,
+    parser.add_argument("--max-images", type=int, default=None, action=in_range(2, why=PAIRS),
                         help="score only the first N images of the split (e.g. to choose a decoder on training images)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per decoding batch")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--words", type=int, default=20, help="most frequent words whose grounding gap is printed")
+    parser.add_argument("--batch-size", type=int, default=32, action=in_range(2, why=ROTATES),
+                        help="images per decoding batch (at least 2: the grounding gap rotates a batch's images)")
+    parser.add_argument("--num-workers", type=int, default=2, action=in_range(0), help="DataLoader worker processes")
+    parser.add_argument("--words", type=int, default=20, action=in_range(0),
+                        help="most frequent words whose grounding gap is printed")
     add_common_flags(parser, force_help="overwrite an existing --output file")
-    args = parser.parse_args(argv)
-    if args.words < 0:
-        parser.error(f"--words must be 0 or more, got {args.words}")
-    if args.max_images is not None and args.max_images < 2:
-        parser.error(f"--max-images must be at least 2 (the grounding gap pairs images), got {args.max_images}")
-    return args
+    return parser.parse_args(argv)
 
 
 def _rate(value: float | None) -> str:

@@ -8,9 +8,11 @@
 ``KEY VALUE`` pairs override config keys (``OPTIM.BATCH_SIZE 64``). ``--resume`` continues from
 the newest valid checkpoint in the output directory. SIGTERM saves a checkpoint and exits 0.
 
-On Linux with glibc the script re-executes itself once with ``MALLOC_MMAP_MAX_=0`` and
-``MALLOC_TRIM_THRESHOLD_=10^12`` unless ``MALLOC_MMAP_MAX_`` is already set (see
-``pretrain/malloc.py``; set ``MALLOC_MMAP_MAX_`` yourself to opt out).
+On Linux with glibc the script re-executes itself once for a faster allocator (see
+``pretrain/malloc.py``): with tcmalloc preloaded where it is installed (``libtcmalloc-minimal4``),
+else with glibc tuned (``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_=10^12``). It keeps the
+allocator it started with when ``LD_PRELOAD`` already names one, when ``MALLOC_MMAP_MAX_`` is set,
+or with ``VIRTEX_D2_MALLOC=default``.
 """
 from __future__ import annotations
 

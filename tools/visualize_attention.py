@@ -6,9 +6,10 @@
     python tools/visualize_attention.py --config CFG --checkpoint CKPT --output-dir outputs/attention
         # no --images: the first --max-images images of the config's COCO val split
 
-Each image goes through the config's validation transforms, is captioned with MODEL.DECODER,
-and every generated word gets a heat-map of the decoder's cross-attention over the image
-(averaged over heads; ``--layer`` picks the decoder layer, the last by default). Written to
+Each image goes through the config's DATA.IMAGE_TRANSFORM_CAPTION_EVAL (as in tools/caption.py;
+by default shorter side 256, centre crop), is captioned with MODEL.DECODER, and every generated
+word gets a heat-map of the decoder's cross-attention over the image (averaged over heads;
+``--layer`` picks the decoder layer, the last by default). Written to
 ``--output-dir``: ``<image>_attention.png`` (a grid per image), ``tiles/`` and ``index.html``,
 a page to open in a browser. The checkpoint must fit the config's model exactly.
 """

@@ -18,6 +18,7 @@ import errno
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from pretrain.errors import InputError
 
@@ -59,9 +60,70 @@ def add_common_flags(
     elif checkpoint is not False:
         checkpoint.add_argument("--checkpoint", help=checkpoint_help)
     if device:
-        parser.add_argument("--device", default=None, help=DEVICE_HELP)
+        parser.add_argument("--device", default=None, action=DeviceFlag, help=DEVICE_HELP)
     parser.add_argument("--force", action="store_true", help=force_help)
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+
+
+class CheckedFlag(argparse.Action):
+    """An argparse action that checks each value of its flag (each of a list with ``nargs``)
+    with :meth:`problem` and ends the parse with ``<flag> <problem>`` (status 2) on the first
+    that does not fit. Subclasses (:func:`in_range`, :class:`DeviceFlag`) say what fits."""
+
+    def problem(self, value: Any) -> str | None:
+        raise NotImplementedError
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for value in values if isinstance(values, list) else [values]:
+            problem = self.problem(value)
+            if problem is not None:
+                parser.error(f"{option_string} {problem}")
+        setattr(namespace, self.dest, values)
+
+
+def in_range(low: float, high: float | None = None, *, low_open: bool = False, why: str = "") -> type[CheckedFlag]:
+    """The ``action=`` of a number flag that must be ``low`` or more (more than ``low`` with
+    ``low_open``) and at most ``high``: ``--batch-size must be 1 or more, got 0``. ``why`` (e.g.
+    ``" (the gap pairs images)"``) follows the range in the message."""
+    if high is None:
+        allowed = f"more than {low}" if low_open else f"{low} or more"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}]"
+
+    class InRange(CheckedFlag):
+        def problem(self, value):
+            if value < low or (low_open and value == low) or (high is not None and value > high):
+                return f"must be {allowed}{why}, got {value}"
+            return None
+
+    return InRange
+
+
+class DeviceFlag(CheckedFlag):
+    """``--device``: a torch device string of a device this machine has (``cpu``, ``cuda``,
+    ``cuda:1``, ...), checked before any model is built."""
+
+    def problem(self, value: str) -> str | None:
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            return f"{value} is not a torch device (use cpu, cuda or cuda:N)"
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            kind = "CUDA"
+        else:
+            accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+            count = torch.accelerator.device_count() if accelerator and accelerator.type == device.type else 0
+            kind = device.type
+        if count == 0:
+            return f"{value}: this machine has no {kind} device (use --device cpu, or leave --device out)"
+        if device.index is not None and device.index >= count:
+            return f"{value}: this machine has {count} {kind} device{'s' if count > 1 else ''} ({device.type}:0 to {device.type}:{count - 1})"
+        return None
 
 
 def report_error(tool: str, error: BaseException, status: int = BAD_INPUT_STATUS) -> int:

@@ -109,14 +109,29 @@ def decode_dataset(
 def _batches_to_compare(
     model: nn.Module, dataset: Dataset, device: torch.device | str, batch_size: int, num_workers: int, desc: str
 ) -> Iterator[dict[str, Any]]:
-    """Each batch of ``dataset`` on ``device``, ``model`` in eval mode there; batches of one image
-    are left out, as they have no other image to pair a caption with."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
+    """Each batch of ``dataset`` on ``device``, ``model`` in eval mode there. Every image is in
+    one: a last batch of one image, which has no other image to pair its caption with, joins the
+    batch before it (:func:`comparison_batches`); only a dataset of one image yields nothing."""
+    if batch_size < 2:
+        raise BadValueError(f"the {desc} needs batches of at least 2 images (it pairs each caption with another "
+                            f"image of its batch), got a batch size of {batch_size}")
+    loader = DataLoader(dataset, batch_sampler=comparison_batches(len(dataset), batch_size), num_workers=num_workers,
+                        collate_fn=collate_fn)
     model.to(device).eval()
     move = make_batch_mover(torch.device(device), channels_last=False)
     for batch in tqdm(loader, desc=desc, unit="batch", mininterval=2.0):
         if batch["image"].size(0) >= 2:
             yield move(batch)
+
+
+def comparison_batches(size: int, batch_size: int) -> list[list[int]]:
+    """The indices of ``size`` images in order, ``batch_size`` a batch, except that a last batch
+    of one image joins the batch before it (which then has ``batch_size + 1``)."""
+    batches = [list(range(start, min(start + batch_size, size))) for start in range(0, size, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = batches[-2] + batches[-1]
+        del batches[-1]
+    return batches
 
 
 @torch.no_grad()
@@ -130,6 +145,8 @@ def grounding_gap(
     """How much the captioning loss depends on the image: the mean loss with each caption's own
     image, and with the images of every batch rotated by one so that each caption meets another
     image. A model that ignores the image (a language model in disguise) has a gap of zero.
+    Every image of ``dataset`` counts: a last batch of one image joins the batch before it
+    (``batch_size`` must be 2 or more). The losses are means over the batches.
     """
     matched = shuffled = 0.0
     batches = 0

@@ -102,6 +102,13 @@ class TrainingMonitor:
     def smoothed(self) -> dict[str, float]:
         return {name: meter.median for name, meter in self.meters.items()}
 
+    def loss_summary(self) -> str:
+        """The smoothed losses as the log line shows them, saying what they are: each the median
+        of its own last iterations, so ``loss`` is not the sum of the per-head medians beside it."""
+        window = max((len(meter.values) for meter in self.meters.values()), default=0)
+        values = ", ".join(f"{name} {value:.4f}" for name, value in self.smoothed().items())
+        return f"{values} (medians of the last {window} iteration{'s' if window != 1 else ''})"
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -220,7 +220,7 @@ class PretrainingLoop:
         monitor.write_scalars(iteration, scalars)
         logger.info(
             "iteration %d: %s, lr %s, %.2f images/s, data %.3f s",
-            iteration, ", ".join(f"{k} {v:.4f}" for k, v in smoothed.items()),
+            iteration, monitor.loss_summary(),
             ", ".join(f"{k} {v:.3g}" for k, v in lr.items()), images_per_s, data_time,
         )
 

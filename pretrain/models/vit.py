@@ -45,6 +45,11 @@ SUPPORTED_VITS = (
 )
 
 
+def vit_patch_size(arch: str) -> int:
+    """The patch size of a timm ViT of :data:`SUPPORTED_VITS`, as its name gives it (``patch16``: 16)."""
+    return int(re.search(r"_patch(\d+)_", arch).group(1))
+
+
 def is_vit_name(name: str) -> bool:
     """Whether ``MODEL.VISUAL.NAME`` asks for a timm ViT (``timm::...``)."""
     return name.startswith("timm::")
@@ -83,11 +88,6 @@ def create_timm_vit(arch: str, image_size: int, drop_path: float = 0.0) -> nn.Mo
     if vit.num_prefix_tokens != 0:
         raise RuntimeError(f"timm {arch} still has {vit.num_prefix_tokens} prefix tokens; expected none")
     return vit
-
-
-def vit_patch_size(arch: str) -> int:
-    """The patch size of one of :data:`SUPPORTED_VITS`, which its name states (``..._patch16_...``)."""
-    return int(re.search(r"_patch(\d+)_", arch).group(1))
 
 
 def vit_num_heads(arch: str) -> int:

@@ -22,6 +22,7 @@ from pretrain.config import ConfigError
 from pretrain.config import load_config as load_pretrain_config
 from pretrain.errors import MissingInputError
 from pretrain.models.vit import TimmViTBackbone, import_timm, initial_vit_state
+from tests.tool_main import Tool
 
 REPO = Path(__file__).resolve().parents[2]
 VITDET_B = REPO / "configs" / "detectron2" / "vitdet" / "coco_mask_rcnn_vitdet_b_100ep.yaml"
@@ -108,6 +109,25 @@ def test_random_init_vit_baseline_is_seeded_and_loads_into_the_builtin_config(tm
                                         [("builtin", load_config(BUILTIN_T))])
     assert backbone.pretrain_img_size == 128 and not backbone.had_class_token
     assert check.loaded == len(state) - 2  # all but the final norm
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--vit", "vit_tiny_patch16_224", "--image-size", "100"],
+     ("--image-size 100 is not a multiple of vit_tiny_patch16_224's patch size 16 (the position embeddings are for "
+      "whole patches; use 96 or 112)")),
+    (["--vit", "vit_huge_patch14_224", "--image-size", "10"],
+     ("--image-size 10 is not a multiple of vit_huge_patch14_224's patch size 14 (the position embeddings are for "
+      "whole patches; use 14)")),
+    (["--image-size", "0"], "--image-size must be 1 or more, got 0"),
+])
+def test_random_vit_image_size_that_is_no_whole_number_of_patches_is_refused(tmp_path, capsys, flags, message):
+    """--image-size 100 used to be floored to 96 patches' worth and then refused by the target
+    config check ("MODEL.VIT.PRETRAIN_IMG_SIZE is 100; the weights need 96")."""
+    with pytest.raises(SystemExit) as exit_:
+        Tool("convert_backbone").main(["--init", "random", *flags, "--output", str(tmp_path / "r.pth")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")
+    assert not (tmp_path / "r.pth").exists()
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -78,6 +78,18 @@ def test_a_negative_number_of_words_is_refused(capsys):
     assert "--words must be 0 or more, got -1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "1"], ("--batch-size must be 2 or more (the grounding gap pairs each caption with another "
+                             "image of its batch), got 1")),
+    (["--max-images", "1"], "--max-images must be 2 or more (the grounding gap pairs images), got 1"),
+    (["--num-workers", "-1"], "--num-workers must be 0 or more, got -1"),
+])
+def test_flags_out_of_range_are_refused_before_anything_is_decoded(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("eval_captioning").main(["--config", "c.yaml", "--checkpoint", "c.pth", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_missing_java_metrics_are_unavailable_not_zero(monkeypatch):
     monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)
     scores = caption_eval.score_captions({1: "a red car"}, {1: ["a red car", "a car"]})
@@ -122,6 +134,22 @@ def test_grounding_gap_is_zero_for_a_model_blind_to_the_image(tiny_config):
     gap = caption_eval.grounding_gap(_blind(model), dataset, batch_size=4, num_workers=0)
     assert gap["grounding_gap"] == pytest.approx(0.0, abs=1e-6)
     assert gap["loss_matched_images"] > 0
+
+
+def test_a_last_batch_of_one_image_joins_the_gap_of_the_batch_before(tiny_config):
+    """4 images in batches of 3: the 4th joins the first batch, so both gaps score the same
+    single batch of all 4 (it used to be left out: a batch of one has no other image)."""
+    model, dataset = _val_model_and_data(tiny_config)
+    assert len(dataset) == 4
+    assert caption_eval.comparison_batches(7, 3) == [[0, 1, 2], [3, 4, 5, 6]]
+    assert caption_eval.comparison_batches(6, 3) == [[0, 1, 2], [3, 4, 5]]
+    gaps = []
+    for batch_size in (3, 4):
+        torch.manual_seed(0)  # the same caption drawn for each image
+        gaps.append(caption_eval.grounding_gap(model, dataset, batch_size=batch_size, num_workers=0))
+    assert gaps[0] == pytest.approx(gaps[1], rel=1e-6)
+    with pytest.raises(ValueError, match="needs batches of at least 2 images"):
+        caption_eval.grounding_gap(model, dataset, batch_size=1, num_workers=0)
 
 
 def _word_grounding(model, dataset, first_word_index, seed=0):

@@ -100,3 +100,24 @@ def test_empty_split_and_unreadable_image_are_named(folder_root, tiny_config, tm
             (broken / split / name / "x.jpg").write_bytes(b"\xff\xd8 truncated")
     assert tool.main(base + ["--data-root", str(broken)]) == 2
     assert "x.jpg: cannot read image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be 1 or more, got 0"),
+    (["--crop", "0"], "--crop must be 1 or more, got 0"),
+    (["--min-crop-scale", "2"], "--min-crop-scale must be in (0, 1], got 2.0"),
+    (["--min-crop-scale", "0"], "--min-crop-scale must be in (0, 1], got 0.0"),
+    (["--lr", "-1"], "--lr must be more than 0, got -1.0"),
+    (["--iterations", "0"], "--iterations must be 1 or more, got 0"),
+    (["--iterations", "10", "--warmup-iterations", "20"],
+     ("--warmup-iterations (20) must be at most --iterations (10): the run would end before its learning rate is "
+      "warmed up")),
+])
+def test_flags_out_of_range_are_refused_in_one_line(tmp_path, capsys, flags, message):
+    """Each used to end in a torch traceback (batch size, crop, crop scale, LR), or to run and
+    exit 0 (0 iterations with no metrics; a warm-up the run never finishes)."""
+    argv = ["--config", "c.yaml", "--random-init", "--data-root", str(tmp_path), "--output-dir", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("clf_linear").main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")

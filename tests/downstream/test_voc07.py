@@ -165,3 +165,17 @@ def test_clf_voc07_tool_scores_every_checkpoint_of_a_directory(voc_root, tiny_co
     assert scalars == pytest.approx({7: 100 * results["checkpoint_7.pth"]["mAP"], 12: 100 * results["checkpoint_12.pth"]["mAP"]}, rel=1e-6)
     # Existing results are not overwritten silently.
     assert tool.main(argv) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be 1 or more, got 0"),
+    (["--crop", "0"], "--crop must be 1 or more, got 0"),
+    (["--resize", "0"], "--resize must be 1 or more, got 0"),
+    (["--jobs", "0"], "--jobs must be 1 or more, got 0"),
+    (["--costs", "0.1", "-1"], "--costs must be more than 0, got -1.0"),
+])
+def test_flags_out_of_range_are_refused_in_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("clf_voc07").main(["--config", "c.yaml", "--random-init", *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")

@@ -267,3 +267,18 @@ def test_launcher_reexecutes_with_the_best_allocator(tmp_path, opt_out):
     else:
         expected = "tcmalloc True" if find_tcmalloc() else "glibc-tuned False"
     assert out.split() == expected.split()
+
+
+def test_the_log_line_says_its_losses_are_medians_of_the_last_iterations():
+    """Each loss of the log line is the median of its own window, so ``loss`` need not be the
+    sum of the per-head medians beside it: the line says so, and over how many iterations."""
+    from pretrain.engine.monitor import TrainingMonitor
+
+    monitor = TrainingMonitor("unused", is_main=False, start_iteration=0, num_iterations=30)
+    for forward, backward in [(1.0, 5.0), (5.0, 1.0), (2.0, 2.0)]:
+        monitor.update(loss=forward + backward, captioning_forward=forward, captioning_backward=backward)
+    assert monitor.loss_summary() == (
+        "loss 6.0000, captioning_forward 2.0000, captioning_backward 2.0000 (medians of the last 3 iterations)")
+    for _ in range(25):
+        monitor.update(loss=1.0, captioning_forward=0.5, captioning_backward=0.5)
+    assert monitor.loss_summary().endswith("(medians of the last 20 iterations)")

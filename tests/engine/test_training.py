@@ -37,6 +37,7 @@ def test_short_run_loss_falls_and_is_recorded(tiny_overrides, tmp_path):
     assert "resnet18" in (tmp_path / "config.yaml").read_text() == state["config"]
     log = (tmp_path / "log_rank0.txt").read_text()
     assert "iteration 12" in log and "precision torch.bfloat16" in log
+    assert "captioning_backward" in log and "(medians of the last 12 iterations), lr " in log  # not sums
 
 
 def test_ddp_two_gloo_processes_equal_one_process(tiny_overrides, tmp_path):

@@ -116,3 +116,27 @@ def test_errors_name_the_bad_input(setup, capsys):
     assert load_tool().main(base + ["--checkpoint", str(setup["checkpoint"]), "--images", str(empty)]) == 2
     assert "empty: no image files" in capsys.readouterr().err
     assert not (setup["root"] / "never.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be 1 or more, got 0"),
+    (["--device", "gpu"], "--device gpu is not a torch device (use cpu, cuda or cuda:N)"),
+])
+def test_flags_out_of_range_are_refused_in_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        load_tool().main(["--config", "c.yaml", "--checkpoint", "c.pth", "--images", ".", *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")
+
+
+@pytest.mark.parametrize("cuda_devices, device, message", [
+    (0, "cuda", "--device cuda: this machine has no CUDA device (use --device cpu, or leave --device out)"),
+    (1, "cuda:3", "--device cuda:3: this machine has 1 CUDA device (cuda:0 to cuda:0)"),
+])
+def test_a_cuda_device_this_machine_lacks_is_refused_in_one_line(monkeypatch, capsys, cuda_devices, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    with pytest.raises(SystemExit) as exit_:
+        load_tool().main(["--config", "c.yaml", "--checkpoint", "c.pth", "--images", ".", "--device", device])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: {message}")
