@@ -30,7 +30,7 @@ from pretrain.distributed import (
     seed_everything,
     shutdown_distributed,
 )
-from pretrain.downstream.features import load_frozen_backbone
+from pretrain.downstream.features import check_crop_fits, load_frozen_backbone
 from pretrain.downstream.linear_probe import (
     LinearProbe,
     ProbeSettings,
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if metrics_file.exists() and not args.force:
             raise OutputExistsError(f"{metrics_file}: results already exist (pass --force to overwrite)")
         cfg = load_config(args.config, args.opts)
+        check_crop_fits(cfg, settings.crop)
         seed_everything(settings.seed)  # the same linear-layer init on every rank
         backbone = load_frozen_backbone(cfg, None if args.random_init else args.checkpoint)
         train_set, val_set = build_datasets(args.data_root, settings)

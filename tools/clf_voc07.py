@@ -29,7 +29,7 @@ from pretrain.checkpoint_io import (
 )
 from pretrain.config import load_config
 from pretrain.distributed import select_device
-from pretrain.downstream.features import load_frozen_backbone
+from pretrain.downstream.features import check_crop_fits, load_frozen_backbone
 from pretrain.downstream.voc07 import (
     SVM_COSTS,
     evaluate_backbone,
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     cfg = load_config(args.config, args.opts)
+    check_crop_fits(cfg, args.crop)
     device = args.device or select_device(0)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,17 @@ def load_frozen_backbone(cfg: CfgNode, checkpoint: str | os.PathLike | None) -> 
     return backbone.eval()
 
 
+def check_crop_fits(cfg: CfgNode, crop: int) -> None:
+    """:class:`BadValueError` when the config's backbone is a ViT whose patch size does not divide
+    ``--crop`` (timm would refuse the first batch)."""
+    from pretrain.models.vit import is_vit_name, parse_vit_name, vit_patch_size
+
+    name = cfg.MODEL.VISUAL.NAME
+    if is_vit_name(name) and crop % (patch := vit_patch_size(parse_vit_name(name))):
+        raise BadValueError(f"--crop {crop}: {name} needs a multiple of its patch size {patch} "
+                            f"(e.g. {crop // patch * patch or patch})")
+
+
 def eval_transform(resize: int = 256, crop: int = 224) -> v2.Compose:
     """Shorter side to ``resize``, central ``crop`` x ``crop``, ImageNet normalisation (the
     official evaluation transform: 256 then 224)."""

@@ -69,3 +69,16 @@ def test_a_vit_checkpoint_for_a_resnet_config_is_named_in_one_line(vit_run, tiny
     assert load_tool("caption").main(argv) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.endswith(f"{checkpoint}: holds a ViT visual backbone, but the config's MODEL.VISUAL.NAME builds a ResNet")
+
+
+@pytest.mark.parametrize("tool", ["clf_linear", "clf_voc07"])
+def test_a_crop_the_vits_patch_does_not_divide_is_refused_before_any_image_is_read(vit_run, tmp_path, capsys, tool):
+    config, _ = vit_run
+    argv = ["--config", str(config), "--random-init", "--crop", "100", "--resize", "112", "--output-dir", str(tmp_path)]
+    if tool == "clf_linear":
+        argv += ["--data-root", str(tmp_path / "no_such_folder")]  # never reached
+    else:
+        argv += ["--voc-root", str(tmp_path / "no_such_folder")]
+    assert load_tool(tool).main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"{tool}: error: --crop 100: timm::vit_tiny_patch16_224 needs a multiple of its patch size 16 (e.g. 96)")
