@@ -141,6 +141,19 @@ def test_an_unknown_device_is_refused_in_one_line_by_every_tool_that_takes_one(t
         f"{tool}.py: error: --device gpu is not a torch device (use cpu, cuda or cuda:N)")
 
 
+@pytest.mark.parametrize(("tool", "args", "message"), [
+    # no image to show: the page was written into a folder never made (FileNotFoundError traceback)
+    ("visualize_attention", ["--config", "c.yaml", "--checkpoint", "c.pth", "--output-dir", "a", "--max-images", "0"],
+     "--max-images must be 1 or more, got 0"),
+    # SentencePiece's internal check "(trainer_spec.vocab_size()) > (0)", after reading every caption
+    ("build_vocabulary", ["--captions", "c.json", "--output", "v", "--vocab-size", "0"],
+     "--vocab-size must be 1 or more, got 0"),
+])
+def test_a_count_flag_below_one_is_refused_before_any_input_is_read(tool, args, message):
+    result = run_tool(tool, *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"{tool}.py: error: {message}"
+
+
 def test_debug_shows_the_traceback(tmp_path):
     missing = tmp_path / "missing.yaml"
     quiet = run_tool("caption", "--config", missing, "--checkpoint", "x.pth", "--images", tmp_path)

@@ -24,7 +24,7 @@ import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pret
 from pretrain.data.captions import read_caption_records
 from pretrain.data.shards import expand_shards, sample_captions
 from pretrain.tokenizer import train_vocabulary
-from virtex_d2.cli import run_tool
+from virtex_d2.cli import in_range, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --shards: captions to sample at most (default: 2000000)")
     parser.add_argument("--seed", type=int, default=0, help="with --shards: seed of the shard order (default: 0)")
     parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab-size", type=int, default=10000, help="number of pieces (default: 10000)")
+    parser.add_argument("--vocab-size", type=int, default=10000, action=in_range(1), help="number of pieces (default: 10000)")
     parser.add_argument(
         "--keep-accents", action="store_true", help="keep accents in the training text (default: NFKD, then drop combining marks); "
         "note that the datasets, like the official ones, always drop accents before encoding"

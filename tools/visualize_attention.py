@@ -34,14 +34,14 @@ from pretrain.downstream.attention import (
 from pretrain.downstream.caption_eval import caption_eval_config, load_captioning_model
 from pretrain.errors import MissingInputError, OutputExistsError
 from pretrain.tokenizer import first_word_index
-from virtex_d2.cli import add_common_flags, run_tool, tool_parser
+from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = tool_parser(__doc__)
     parser.add_argument("--images", nargs="*", default=[], help="image files and/or folders (default: COCO val split)")
     parser.add_argument("--output-dir", required=True, help="folder for the PNGs and index.html")
-    parser.add_argument("--max-images", type=int, default=16, help="visualise at most this many images")
+    parser.add_argument("--max-images", type=int, default=16, action=in_range(1), help="visualise at most this many images")
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer whose attention is shown (default: last)")
     add_common_flags(parser, force_help="write into a non-empty --output-dir")
     return parser.parse_args(argv)
