@@ -23,6 +23,8 @@ import logging
 import os
 import pickle
 import re
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +148,19 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
         logger.warning("%s: loading with full unpickling (%s was given)", path, UNSAFE_OPT_IN_FLAG)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err2:  # a corrupt pickle raises anything from EOFError to ImportError
+        except (*DAMAGED_BYTES, ImportError, AttributeError) as err2:  # also a class the pickle names but no module has
             raise CheckpointError(f"{path}: corrupt checkpoint: {_first_line(err2)}") from err2
     except OSError:  # the file could not be read (e.g. a network filesystem's fault): nothing is known of its bytes
         raise
-    except Exception as err:  # torch's readers fail on damaged bytes with many exception types
+    except DAMAGED_BYTES as err:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {_first_line(err)}") from err
+
+
+#: what torch's readers raise on damaged bytes: a broken zip archive (RuntimeError from its
+#: stream reader), a cut or garbled pickle. Anything else (a TypeError from how we call it, a
+#: MemoryError) is not the file's fault and is raised as it is.
+DAMAGED_BYTES = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError, struct.error,
+                 zipfile.BadZipFile, KeyError, IndexError)
 
 
 def _first_line(error: Exception) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 from fvcore.common.config import CfgNode
 
@@ -181,6 +182,19 @@ def _choices_as_text(loaded: dict, source: str) -> dict:
     return loaded
 
 
+@contextmanager
+def _naming(config_file: str):
+    """fvcore's and yacs's complaints about a config file, as a :class:`ConfigError` naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except KeyError as err:  # fvcore: "Non-existent config key: X"
+        raise ConfigError(f"{config_file}: {err.args[0]}") from None
+    except (ValueError, TypeError, AssertionError) as err:  # yacs: a value of the wrong type
+        raise ConfigError(f"{config_file}: {err}; fix the value in the file") from None
+
+
 def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -> CfgNode:
     """Defaults, then ``config_file`` (with its ``_BASE_`` chain), then ``KEY VALUE`` overrides.
 
@@ -191,14 +205,11 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -
     if config_file is not None:
         if not os.path.isfile(config_file):
             raise ConfigError(f"{config_file}: config file not found")
-        try:
-            cfg.merge_from_other_cfg(CfgNode(_choices_as_text(cfg.load_yaml_with_base(config_file), config_file)))
-        except ConfigError:
-            raise
-        except KeyError as err:  # fvcore: "Non-existent config key: X"
-            raise ConfigError(f"{config_file}: {err.args[0]}") from None
-        except (ValueError, TypeError, AssertionError) as err:  # yacs: a value of the wrong type
-            raise ConfigError(f"{config_file}: {err}; fix the value in the file") from None
+        with _naming(config_file):
+            loaded = cfg.load_yaml_with_base(config_file)
+        loaded = _choices_as_text(loaded, config_file)  # our code, outside: its bugs are not the file's
+        with _naming(config_file):
+            cfg.merge_from_other_cfg(CfgNode(loaded))
     overrides = list(overrides)
     if len(overrides) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {overrides}")

@@ -119,10 +119,7 @@ def value_problems(cfg: CfgNode) -> list[str]:
     """Every key of ``cfg`` whose value is out of range, one description each (empty: all fit)."""
     problems = []
     for key, (ok, allowed, purpose) in RULES.items():
-        try:
-            value = _get(cfg, key)
-        except KeyError:  # a key another version of the schema lacks is not checked here
-            continue
+        value = _get(cfg, key)  # every rule's key is a default: a KeyError here is a typo in RULES
         if not ok(value):
             problems.append(_describe(key, value, allowed, purpose))
     if problems:  # the relations below assume each key is in range

@@ -79,6 +79,18 @@ def test_every_bad_value_is_listed_at_once():
     assert all(key in str(caught.value) for key in ("OPTIM.BATCH_SIZE", "OPTIM.LR", "DATA.NUM_WORKERS"))
 
 
+def test_a_fault_of_our_own_while_reading_a_config_file_is_not_blamed_on_the_file(monkeypatch):
+    """Only fvcore's and yacs's complaints about the file become a ConfigError naming it."""
+    import pretrain.config as config_module
+
+    def broken(loaded, source):
+        raise KeyError("ENGINE")  # as a bug in the choice-key conversion would
+    monkeypatch.setattr(config_module, "_choices_as_text", broken)
+    with pytest.raises(KeyError) as caught:
+        load_config(CONFIG)
+    assert not isinstance(caught.value, ConfigError)
+
+
 def test_every_shipped_config_passes():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         if "detectron2" not in path.parts:

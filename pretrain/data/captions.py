@@ -53,7 +53,7 @@ def read_caption_records(captions_json: str | os.PathLike) -> list[ImageRecord]:
     """The captioned images of a COCO captions file, sorted by image id.
 
     Raises :class:`~pretrain.data.dataset_root.DatasetLayoutError` for a missing or non-JSON
-    file and ``ValueError`` for a malformed entry, an image id listed twice (which of the two
+    file and :class:`~pretrain.errors.BadValueError` for a malformed entry, an image id listed twice (which of the two
     files its captions describe is unknown), an empty caption (it would train ``[SOS] [EOS]``) or
     a caption of an image the file does not list; both name the file. Images without any caption
     cannot be trained on; they are left out and their number is logged.

@@ -86,7 +86,7 @@ def check_caption_split(root: str | os.PathLike, split: str, report: CheckReport
     image_dir = root / f"{split}2017"
     try:
         records = read_caption_records(captions_json)
-    except (DatasetLayoutError, ValueError) as err:  # both name the file and the entry
+    except (DatasetLayoutError, BadValueError) as err:  # both name the file and the entry
         report.problem(f"{err}; fix the captions file (COCO Captions format)")
         return 0
     if not records:

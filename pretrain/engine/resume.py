@@ -25,11 +25,21 @@ from pretrain.errors import InputError, OutputExistsError
 logger = logging.getLogger("pretrain.engine")
 
 
-def restore(training: Training, state: dict) -> int:
-    """Load a checkpoint into the run's objects and this rank's RNG; returns its iteration."""
+def restore(training: Training, state: dict, path: Path) -> int:
+    """Load checkpoint ``path`` (read as ``state``) into the run's objects and this rank's RNG;
+    returns its iteration. Weights or optimizer groups that the config's model does not fit are
+    a :class:`ResumeMismatchError`; any other failure is raised as it is."""
     ctx, seed = training.ctx, training.cfg.RANDOM_SEED
-    training.model.load_state_dict(state["model"])
-    training.optimizer.load_state_dict(state["optimizer"])
+    try:
+        training.model.load_state_dict(state["model"])
+    except RuntimeError as err:  # torch: "Error(s) in loading state_dict": missing, unexpected or resized tensors
+        raise ResumeMismatchError(_mismatch_message(err, path, state, training.cfg)) from err
+    try:
+        training.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        if "parameter group" not in str(err):  # torch's words for groups of another number or size
+            raise
+        raise ResumeMismatchError(_mismatch_message(err, path, state, training.cfg)) from err
     training.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:  # empty when saved without fp16 (e.g. on CPU); the scale then starts afresh
         training.scaler.load_state_dict(state["scaler"])
@@ -115,11 +125,7 @@ def start_or_resume(training: Training, manager: CheckpointManager, output_dir: 
     if state is None:
         logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
         return 0
-    try:
-        start = restore(training, state)
-    except (RuntimeError, ValueError) as err:  # torch: the saved model or optimizer has another shape
-        raise ResumeMismatchError(_mismatch_message(err, checkpoint_path(output_dir, state["iteration"]), state,
-                                                    training.cfg)) from err
+    start = restore(training, state, checkpoint_path(output_dir, state["iteration"]))
     logger.info("resumed from %s", checkpoint_path(output_dir, start))
     if "config" in state:
         _report_config_changes(state["config"], training.cfg, start)

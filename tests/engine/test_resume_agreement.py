@@ -96,3 +96,28 @@ def test_after_a_fallback_the_next_save_survives_pruning(tmp_path):
     assert manager.choose_latest()["iteration"] == 4
     manager.save(5, {"model": {"w": torch.ones(1)}})
     assert [it for it, _ in list_checkpoints(tmp_path)] == [4, 5]
+
+
+def test_only_weights_or_groups_that_do_not_fit_are_called_a_config_mismatch(tmp_path):
+    """``restore`` turns torch's state-dict mismatch into one line about the config; a failure
+    of our own optimizer code while restoring stays a bug (it was reported as a mismatch)."""
+    from types import SimpleNamespace
+
+    from pretrain.distributed import DistContext
+    from pretrain.engine.resume import ResumeMismatchError, restore
+
+    class BrokenOptimizer:
+        def load_state_dict(self, state):
+            raise RuntimeError("Tensor lists must have the same number of tensors, got 103 and 102")
+
+    def training(model, optimizer):
+        return SimpleNamespace(ctx=DistContext(0, 0, 1, torch.device("cpu")), cfg=SimpleNamespace(RANDOM_SEED=0), model=model, optimizer=optimizer)
+
+    saved = torch.nn.Linear(3, 2)
+    state = {"model": saved.state_dict(), "optimizer": {}, "iteration": 4}
+    with pytest.raises(ResumeMismatchError, match=r"checkpoint_4.pth: does not fit the model of this config \(size "
+                                                   r"mismatch for weight"):
+        restore(training(torch.nn.Linear(3, 5), BrokenOptimizer()), state, tmp_path / "checkpoint_4.pth")
+    with pytest.raises(RuntimeError, match="Tensor lists") as caught:
+        restore(training(torch.nn.Linear(3, 2), BrokenOptimizer()), state, tmp_path / "checkpoint_4.pth")
+    assert not isinstance(caught.value, ResumeMismatchError)

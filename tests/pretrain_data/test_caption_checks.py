@@ -167,6 +167,15 @@ def test_run_pretraining_stops_before_the_model_is_built(coco_root, tmp_path, mo
     assert not list((tmp_path / "run").glob("checkpoint_*.pth"))
 
 
+def test_a_fault_of_the_caption_reader_itself_is_not_reported_as_a_dataset_problem(coco_root, monkeypatch):
+    def broken(path):
+        raise ValueError("too many values to unpack (expected 2)")  # a bug, naming no file
+    monkeypatch.setattr(checks, "read_caption_records", broken)
+    with pytest.raises(ValueError, match="too many values") as caught:
+        checks.check_caption_split(coco_root, "val", CheckReport(), check_images="none", progress=False)
+    assert not isinstance(caught.value, DatasetCheckError)
+
+
 def _rank(rank: int, port: int, cfg, results: Path) -> None:
     from pretrain.distributed import init_distributed, shutdown_distributed
 

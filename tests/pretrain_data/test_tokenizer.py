@@ -107,6 +107,16 @@ def test_training_on_too_few_captions_names_the_output(tmp_path):
     assert not (tmp_path / "small.model").exists()
 
 
+def test_a_sentencepiece_complaint_about_its_arguments_is_not_blamed_on_the_captions(tmp_path, monkeypatch):
+    """Only the corpus-size message is the input's fault; "unknown field name" (our call) stays a bug."""
+    def refuse(**kwargs):
+        raise RuntimeError('NOT_FOUND: unknown field name "character_coverge" in TrainerSpec.')
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", refuse)
+    with pytest.raises(RuntimeError, match="unknown field name") as caught:
+        train_vocabulary(["a dog", "a cat"], tmp_path / "v", vocab_size=10)
+    assert not isinstance(caught.value, ValueError)
+
+
 def test_command_line_tool(tmp_path, capsys):
     tool = load_tool()
     captions = tmp_path / "captions_train2017.json"

@@ -60,6 +60,19 @@ def test_missing_corrupt_and_truncated_files(tmp_path):
         load_model_state(truncated)
 
 
+def test_a_fault_that_is_not_the_files_is_not_blamed_on_it(tmp_path, monkeypatch):
+    """A wrong call of torch.load (as a bug of ours would make) or a full memory says nothing
+    about the file's bytes: it is raised as it is, not as a corrupt checkpoint (exit status 1)."""
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": small_model().state_dict()}, whole)
+    for fault in (TypeError("Unpickler.__init__() got an unexpected keyword argument"), MemoryError()):
+        def failing_load(*args, fault=fault, **kwargs):
+            raise fault
+        monkeypatch.setattr(torch, "load", failing_load)
+        with pytest.raises(type(fault)):
+            load_model_state(whole)
+
+
 def test_files_needing_arbitrary_unpickling_are_refused(tmp_path):
     path = tmp_path / "pickled.pth"
     torch.save({"model": {}, "extra": Opaque()}, path)
