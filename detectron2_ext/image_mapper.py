@@ -10,6 +10,7 @@ from __future__ import annotations
 from detectron2.data import DatasetMapper
 
 from pretrain.data.images import BadImageError
+from pretrain.errors import is_machine_fault
 
 
 class ImageNamingMapper(DatasetMapper):
@@ -19,5 +20,7 @@ class ImageNamingMapper(DatasetMapper):
         try:
             return super().__call__(dataset_dict)
         except OSError as err:  # PIL's "image file is truncated", "cannot identify image file", a missing file
+            if is_machine_fault(err):
+                raise
             raise BadImageError(f"{dataset_dict.get('file_name')}: cannot read image ({err}); replace the file or "
                                 "remove its entry from the dataset") from None

@@ -17,6 +17,7 @@ raise, live here. This module imports nothing of the project, so any package may
 """
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Sequence
 
@@ -25,6 +26,18 @@ KEPT_PROBLEMS = 1000  # problems kept in memory; beyond this only counted
 # What torch's DataLoader puts between "Caught X in DataLoader worker process N." and the
 # worker's own traceback when it raises the worker's error again in the main process.
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
+
+
+#: OSError numbers that tell of the machine (disk, memory, descriptors, network file systems),
+#: not of the file being read: a read failing with one of them is not the file's fault.
+MACHINE_FAULTS = frozenset({errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EAGAIN,
+                            errno.ESTALE, errno.ETIMEDOUT, errno.ENXIO, errno.EDQUOT})
+
+
+def is_machine_fault(error: OSError) -> bool:
+    """Whether ``error`` came from the machine (:data:`MACHINE_FAULTS`); a decoder's complaint
+    about a file's bytes carries no error number."""
+    return error.errno in MACHINE_FAULTS
 
 
 class InputError(Exception):
@@ -60,7 +73,11 @@ class OutputExistsError(InputError, FileExistsError):
 
 class OutputNotWritableError(InputError, OSError):
     """An output folder the user named where no file can be written (a file in the way,
-    permissions, a read-only mount), found before any compute is spent."""
+    permissions, a read-only mount), found before any compute is spent. Built as
+    ``OutputNotWritableError(errno, message)``; it reads as the message alone."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class DatasetCheckError(InputError, ValueError):

@@ -154,6 +154,21 @@ def test_a_count_flag_below_one_is_refused_before_any_input_is_read(tool, args, 
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"{tool}.py: error: {message}"
 
 
+@pytest.mark.parametrize("tool", ["caption", "eval_captioning"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_checkpoint_is_read(tool, tmp_path):
+    """An --output under a file used to fail with a FileExistsError traceback after all the
+    captioning; the unreadable checkpoint shows that nothing before the output check ran."""
+    a_file = tmp_path / "photo.png"
+    a_file.write_bytes(b"not a folder")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    images = ["--images", str(tmp_path)] if tool == "caption" else []
+    result = run_tool(tool, "--config", PRETRAIN_CONFIG, "--checkpoint", garbage, *images,
+                      "--output", a_file / "captions.json")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"{tool}: error: {a_file}: cannot write files there")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     missing = tmp_path / "missing.yaml"
     quiet = run_tool("caption", "--config", missing, "--checkpoint", "x.pth", "--images", tmp_path)

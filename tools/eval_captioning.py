@@ -49,7 +49,7 @@ from pretrain.downstream.caption_eval import (
 )
 from pretrain.downstream.class_words import class_vocabulary, evaluate_class_naming
 from pretrain.errors import OutputExistsError
-from pretrain.files import write_json_atomic
+from pretrain.files import ensure_writable_directory, write_json_atomic
 from pretrain.tasks import build_dataset
 from pretrain.tokenizer import first_word_index
 from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output and Path(args.output).exists() and not args.force:
         raise OutputExistsError(f"{args.output}: already exists (pass --force to overwrite)")
+    if args.output:
+        ensure_writable_directory(Path(args.output).parent)  # before any decoding
     cfg = caption_eval_config(load_config(args.config, args.opts))
     model, tokenizer = load_captioning_model(cfg, args.checkpoint)
     dataset = build_dataset(cfg, args.split, tokenizer)
@@ -115,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         for name, c in sorted(naming["per_class"].items(), key=lambda kv: -kv[1]["present"]):
             print(f"{name:<16}{c['named']:>7}{c['present']:>7}{_rate(c['precision']):>11}{_rate(c['recall']):>8}")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "checkpoint": args.checkpoint,
             "split": args.split,

@@ -9,7 +9,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from pretrain.errors import InputError, MissingInputError
+from pretrain.errors import InputError, MissingInputError, is_machine_fault
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +34,25 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO, name: str | None = None) 
     inside a transform.
     """
     name = name or path
-    try:
+    try:  # the file's part: its errors are the file's, unless the machine failed
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
-            if image.mode == "RGB":
-                return image
-            if image.mode in _SIXTEEN_BIT_MODES:
-                image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")  # PIL's route for palettes with a transparent index
-            return image.convert("RGB")
     except FileNotFoundError:
         raise BadImageError(f"{name}: image file not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except OSError as err:
+        if is_machine_fault(err):
+            raise
         raise BadImageError(f"{name}: cannot read image ({err})") from None
+    except (ValueError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"{name}: cannot read image ({err})") from None
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL's route for palettes with a transparent index
+    return image.convert("RGB")
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:

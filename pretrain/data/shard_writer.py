@@ -27,8 +27,13 @@ from pathlib import Path
 import webdataset as wds
 
 from pretrain.data.captions import read_caption_records
-from pretrain.data.images import BadImageError, load_rgb_image
-from pretrain.errors import BadValueError, MissingInputError, OutputExistsError
+from pretrain.data.images import load_rgb_image
+from pretrain.errors import (
+    BadValueError,
+    MissingInputError,
+    OutputExistsError,
+    is_machine_fault,
+)
 from pretrain.files import atomic_write, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -171,7 +176,9 @@ def write_shards(
         except FileNotFoundError:
             report.left_out.append((str(path), "image file not found"))
             continue
-        except (BadImageError, OSError) as err:
+        except OSError as err:  # a BadImageError, or the file's own read error; not the machine's
+            if is_machine_fault(err):
+                raise
             report.left_out.append((str(path), str(err).split(": ", 1)[-1]))
             continue
         pending.append(_sample(f"{report.num_samples:09d}", image, extension, data))

@@ -217,6 +217,23 @@ def test_saved_results_record_how_many_detections_the_model_made(tmp_path):
     assert record["detections"] == 5 and record["results"] == {"bbox": {"AP": 1.0}}
 
 
+def test_a_machine_fault_in_the_mapper_is_raised_as_it_is(monkeypatch):
+    import errno
+
+    from detectron2.data import DatasetMapper
+
+    from detectron2_ext.image_mapper import ImageNamingMapper
+    from pretrain.data.images import BadImageError
+
+    def failing_call(self, dataset_dict):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(DatasetMapper, "__call__", failing_call)
+    mapper = object.__new__(ImageNamingMapper)  # __call__ is all that is exercised
+    with pytest.raises(OSError) as caught:
+        mapper({"file_name": "a.jpg"})
+    assert not isinstance(caught.value, BadImageError)
+
+
 def test_an_unreadable_image_met_while_training_is_named_in_one_line(synthetic_root, tmp_path):
     """detectron2 decodes images batch by batch, long after the header-only dataset checks: a
     truncated file must end the run with its name, also from inside a DataLoader worker."""

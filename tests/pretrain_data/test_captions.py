@@ -249,3 +249,25 @@ def test_missing_files_and_folders_are_named(coco_root, tokenizer):
     (coco_root / "val2017").rename(coco_root / "elsewhere")
     with pytest.raises(FileNotFoundError, match="val2017: image folder not found"):
         make_dataset(coco_root, tokenizer, split="val")
+
+
+def test_a_machine_fault_while_reading_an_image_is_not_blamed_on_the_file(tmp_path, monkeypatch):
+    """A disk error (EIO) or too many open files says nothing about the image: raised as it is
+    (a traceback, status 1), while a decoder's complaint about the bytes stays BadImageError."""
+    import errno
+
+    from pretrain.data import images
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (4, 4)).save(path)
+    for number in (errno.EIO, errno.EMFILE):
+        def failing_open(*args, number=number, **kwargs):
+            raise OSError(number, "the machine failed")
+        monkeypatch.setattr(images.Image, "open", failing_open)
+        with pytest.raises(OSError) as caught:
+            images.load_rgb_image(path)
+        assert not isinstance(caught.value, images.BadImageError) and caught.value.errno == number
+    monkeypatch.undo()
+    path.write_bytes(path.read_bytes()[:20])  # truncated: the file's fault
+    with pytest.raises(images.BadImageError, match="x.png: cannot read image"):
+        images.load_rgb_image(path)
