@@ -137,7 +137,8 @@ def _wanted(extensions: Sequence[str] | None) -> Callable[[str], bool]:
 
 def _samples_once(url: str, keep: Callable[[str], bool], at: _Progress) -> Iterator[dict[str, Any]]:
     """One attempt: the shard's samples (held back by one, so the sample a fault falls in can
-    be dropped); a fault (opening included) sets ``at.cut``."""
+    be dropped); a fault (opening included) sets ``at.cut``. A file name twice in a sample is
+    that shard's fault; any other ``ValueError`` is ours and is raised."""
     try:
         stream = gopen(url)
     except READ_ERRORS as err:
@@ -151,8 +152,12 @@ def _samples_once(url: str, keep: Callable[[str], bool], at: _Progress) -> Itera
             held = sample
         if held is not None and (at.cut is None or at.cut.keep_last):
             yield held
-    except ValueError as err:  # webdataset's grouping: a file name twice in one sample
-        at.stop(f"{err.args[0] if err.args else err}")
+    except ValueError as err:
+        if "duplicate file name" not in str(err):  # webdataset's grouping names only that; the rest is a bug
+            raise
+        at.stop(f"{err.args[0]}")
+        if held is not None:  # complete: the name came twice in the sample after it
+            yield held
     finally:
         try:
             stream.close()

@@ -95,6 +95,31 @@ def test_garbage_after_some_members_ends_the_shard_there(tmp_path):
     assert keys(full) == ([str(i) for i in range(6)], [])  # the intact shard: every sample, no fault
 
 
+def test_a_member_twice_in_one_sample_ends_the_shard_and_a_fault_of_ours_does_not(tmp_path, monkeypatch):
+    """webdataset's grouping refuses a file name twice in a sample: that shard's fault. Any other
+    ValueError while reading comes from our code and is raised (it used to end the shard)."""
+    import io
+
+    from pretrain.data import shard_reader
+
+    path = tmp_path / "twice.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("0.jpg", "0.txt", "1.jpg", "1.txt", "1.txt", "2.jpg", "2.txt"):
+            data = jpeg() if name.endswith(".jpg") else b"a caption"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got, (fault,) = keys(path)
+    assert got == ["0"] and "1.txt: duplicate file name" in fault.reason
+
+    def broken(*args, **kwargs):
+        raise ValueError("not enough values to unpack")
+        yield
+    monkeypatch.setattr(shard_reader, "_members", broken)
+    with pytest.raises(ValueError, match="not enough values"):
+        keys(source_order_shards(tmp_path / "intact", [2])[0])
+
+
 def test_a_cut_gzipped_shard_gives_the_samples_before_the_cut(tmp_path):
     """A ``.tar.gz`` (webdataset reads it through tarfile's stream decompression) cut at 60 %
     of its compressed bytes: offsets are in the uncompressed tar."""
