@@ -225,6 +225,9 @@ class _InstancesChecker:
         self.mask_format = mask_format  # INPUT.MASK_FORMAT where the file's masks are trained, else None
         self.format = "LVIS" if lvis else "COCO"
         self.empty_boxes: list[str] = []  # where: annotations whose box has no area
+        # LVIS, evaluated: image id -> (where, its neg_category_ids), and the categories annotated on it
+        self.negatives: dict[int, tuple[str, set]] = {}
+        self.annotated: dict[int, set] = {}
 
     def problem(self, where: str, what: str) -> None:
         self.report.problem(f"{self.json_file}: {where}: {what}")
@@ -292,8 +295,9 @@ class _InstancesChecker:
             seen.add(entry["id"])
             yield where, entry
 
-    def images(self, data: dict, image_root: str) -> dict[int, tuple[int, int]]:
-        """``{image id: (width, height)}``; also queues each file for the presence/size check."""
+    def images(self, data: dict, image_root: str, category_ids: set[int]) -> dict[int, tuple[int, int]]:
+        """``{image id: (width, height)}``; also queues each file for the presence/size check and,
+        for the LVIS evaluator, checks that the per-image category lists name listed categories."""
         sizes: dict[int, tuple[int, int]] = {}
         self.expected_files = []
         for where, image in self.entries(data, "images"):
@@ -308,30 +312,23 @@ class _InstancesChecker:
                 self.expected_files.append((path, width, height, source, source))
             if self.lvis and self.evaluated:
                 for key in ("neg_category_ids", "not_exhaustive_category_ids"):
-                    if not isinstance(image.get(key), list):
+                    listed = image.get(key)
+                    if not isinstance(listed, list):
                         self.problem(f"{where} '{key}'", "missing; the LVIS evaluator needs it (a list, may be empty)")
+                        continue
+                    unknown = [c for c in listed if c not in category_ids]
+                    if category_ids and unknown:
+                        self.problem(f"{where} '{key}'", f"{unknown[0]!r} is not in 'categories'; list category ids")
+                    if key == "neg_category_ids":
+                        self.negatives[image["id"]] = (where, set(listed))
         return sizes
 
-    def image_category_lists(self, data: dict, category_ids: set[int]) -> None:
-        """LVIS's per-image lists name listed categories, and none that the image is said to lack
-        (``neg_category_ids``) is annotated on it: such an image is reported in a warning, since
-        the evaluator then scores the class there as on any image that shows it."""
-        annotated: dict[int, set] = {}
-        for ann in data["annotations"]:
-            if isinstance(ann, dict):
-                annotated.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
+    def warn_contradicted_negatives(self) -> None:
+        """An LVIS image listing in ``neg_category_ids`` a class annotated on it is reported in a
+        warning, since the evaluator then scores the class there as on any image that shows it."""
         contradicted = []
-        for i, image in enumerate(data["images"]):
-            if not isinstance(image, dict) or not isinstance(image.get("id"), int):
-                continue  # reported by images()
-            where = f"images[{i}] (id {image['id']})"
-            for key in ("neg_category_ids", "not_exhaustive_category_ids"):
-                listed = image.get(key)
-                unknown = [c for c in listed if c not in category_ids] if isinstance(listed, list) else []
-                if category_ids and unknown:
-                    self.problem(f"{where} '{key}'", f"{unknown[0]!r} is not in 'categories'; list category ids")
-            negative = image.get("neg_category_ids")
-            both = set(negative) & annotated.get(image["id"], set()) if isinstance(negative, list) else set()
+        for image_id, (where, negative) in self.negatives.items():
+            both = negative & self.annotated.get(image_id, set())
             if both:
                 contradicted.append(f"{where} lists {min(both)} and annotates it")
         if contradicted:
@@ -359,6 +356,8 @@ class _InstancesChecker:
             if self.evaluated and not self.lvis and ann.get("iscrowd", None) not in (0, 1):
                 value = repr(ann["iscrowd"]) if "iscrowd" in ann else "missing"
                 self.problem(f"{where} 'iscrowd'", f"{value}; the COCO evaluator needs it: 0, or 1 for a crowd region")
+            if self.lvis and self.evaluated:  # for warn_contradicted_negatives
+                self.annotated.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
             size = sizes.get(ann.get("image_id"))
             if size is None:
                 self.problem(f"{where} 'image_id'", f"{ann.get('image_id')!r} is not an image of 'images' (it "
@@ -456,10 +455,9 @@ def check_instances_json(json_file: str, image_root: str, report: CheckReport, *
         return 0, None
     table = builtin_class_table(dataset_name, lvis) if dataset_name else None
     category_ids = checker.categories(data, table, dataset_name)
-    sizes = checker.images(data, image_root)
+    sizes = checker.images(data, image_root, category_ids)
     checker.annotations(data, sizes, category_ids)
-    if lvis and evaluated:
-        checker.image_category_lists(data, category_ids)
+    checker.warn_contradicted_negatives()
     if trained and checker.empty_boxes:
         count = len(checker.empty_boxes)
         report.warn(f"{json_file}: {count} annotation{'s have' if count > 1 else ' has'} a box of zero width or "

@@ -19,7 +19,7 @@ import yaml
 
 from pretrain.checkpoint_io import read_checkpoint, save_checkpoint
 from pretrain.errors import OutputExistsError
-from pretrain.models.vit import is_vit_name, parse_vit_name, vit_num_heads
+from pretrain.models.vit import requested_vit, vit_num_heads
 
 from .convert import (
     ConversionError,
@@ -83,7 +83,7 @@ def pretraining_vit_arch(state) -> str | None:
         name = yaml.safe_load(text)["MODEL"]["VISUAL"]["NAME"]
     except (yaml.YAMLError, KeyError, TypeError):
         return None
-    return parse_vit_name(name) if isinstance(name, str) and is_vit_name(name) else None
+    return requested_vit(name) if isinstance(name, str) else None
 
 
 def convert_weights(state, source: str, output_path, targets, force=False, vit_arch: str | None = None):

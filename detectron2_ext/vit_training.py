@@ -58,7 +58,11 @@ def build_adamw_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     ``SOLVER.VIT_LR_DECAY_RATE`` per block above it, and detectron2's optional gradient clipping."""
     check_solver_config(cfg)
     solver = cfg.SOLVER
-    lr_factor = vit_lr_factor(model, solver.VIT_LR_DECAY_RATE) if solver.VIT_LR_DECAY_RATE != 1.0 else None
+    lr_factor, decay = None, "no layer-wise lr decay"
+    if solver.VIT_LR_DECAY_RATE != 1.0:
+        lr_factor = vit_lr_factor(model, solver.VIT_LR_DECAY_RATE)
+        decay = f"layer-wise lr decay {solver.VIT_LR_DECAY_RATE} over {lr_factor.keywords['num_layers']} ViT blocks"
+    logger.info("optimizer: AdamW (ViTDet recipe), %s", decay)
     params = get_default_optimizer_params(
         model,
         base_lr=solver.BASE_LR,
@@ -98,12 +102,7 @@ def build_lsj_train_loader(cfg):
 def build_recipe_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The config's optimiser: ViTDet's AdamW (``SOLVER.OPTIMIZER ADAMW``) or detectron2's SGD."""
     if cfg.SOLVER.OPTIMIZER == "ADAMW":
-        optimizer = build_adamw_optimizer(cfg, model)
-        located = find_vit(model)
-        decay = (f"layer-wise lr decay {cfg.SOLVER.VIT_LR_DECAY_RATE} over {len(located[1].blocks)} ViT blocks"
-                 if located is not None and cfg.SOLVER.VIT_LR_DECAY_RATE != 1.0 else "no layer-wise lr decay")
-        logger.info("optimizer: AdamW (ViTDet recipe), %s", decay)
-        return optimizer
+        return build_adamw_optimizer(cfg, model)
     check_solver_config(cfg)  # an unknown name (also checked before launch, vit_verify.check_backbone_run)
     logger.info("optimizer: detectron2's SGD")
     return build_optimizer(cfg, model)

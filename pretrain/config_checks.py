@@ -167,13 +167,14 @@ def transform_problems(cfg: CfgNode) -> list[str]:
     """Image transform lists that pad with black borders (a centre crop larger than the resize
     before it), and, for a ViT, lists whose images are not a multiple of its patch size (timm
     refuses them mid-run). Lists with unknown names are left to the transform builder."""
-    from pretrain.models.vit import is_vit_name, parse_vit_name, vit_patch_size
+    from pretrain.models.vit import requested_vit, vit_patch_size
 
     visual = cfg.MODEL.VISUAL.NAME
-    patch = vit_patch_size(parse_vit_name(visual)) if is_vit_name(visual) else None
+    arch = requested_vit(visual)
+    patch = vit_patch_size(arch) if arch else None
     problems = []
     for key in ("IMAGE_TRANSFORM_TRAIN", "IMAGE_TRANSFORM_VAL", "IMAGE_TRANSFORM_CAPTION_EVAL"):
-        names = list(cfg.DATA.get(key, []))
+        names = list(cfg.DATA[key])
         if any(name.partition("@")[0] not in TRANSFORMS for name in names):
             continue
         side, padded = output_size(names, cfg.DATA.IMAGE_CROP_SIZE)

@@ -55,11 +55,11 @@ def load_frozen_backbone(cfg: CfgNode, checkpoint: str | os.PathLike | None) -> 
 def check_crop_fits(cfg: CfgNode, crop: int) -> None:
     """:class:`BadValueError` when the config's backbone is a ViT whose patch size does not divide
     ``--crop`` (timm would refuse the first batch)."""
-    from pretrain.models.vit import is_vit_name, parse_vit_name, vit_patch_size
+    from pretrain.models.vit import requested_vit, vit_patch_size
 
-    name = cfg.MODEL.VISUAL.NAME
-    if is_vit_name(name) and crop % (patch := vit_patch_size(parse_vit_name(name))):
-        raise BadValueError(f"--crop {crop}: {name} needs a multiple of its patch size {patch} "
+    arch = requested_vit(cfg.MODEL.VISUAL.NAME)
+    if arch and crop % (patch := vit_patch_size(arch)):
+        raise BadValueError(f"--crop {crop}: {cfg.MODEL.VISUAL.NAME} needs a multiple of its patch size {patch} "
                             f"(e.g. {crop // patch * patch or patch})")
 
 

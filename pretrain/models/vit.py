@@ -45,6 +45,11 @@ SUPPORTED_VITS = (
 )
 
 
+def requested_vit(visual_name: str) -> str | None:
+    """timm's name of the ViT that ``MODEL.VISUAL.NAME`` asks for; None for another backbone."""
+    return parse_vit_name(visual_name) if is_vit_name(visual_name) else None
+
+
 def vit_patch_size(arch: str) -> int:
     """The patch size of a timm ViT of :data:`SUPPORTED_VITS`, as its name gives it (``patch16``: 16)."""
     return int(re.search(r"_patch(\d+)_", arch).group(1))
