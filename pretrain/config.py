@@ -71,7 +71,7 @@ def get_default_config() -> CfgNode:
     # webdataset: a shard whose tail is unreadable (a cut or garbage) gives its samples up to the
     # fault; stop once more than this fraction of the distinct shards a rank read had such a tail
     C.DATA.MAX_BAD_SHARD_FRACTION = 0.1
-    C.DATA.SHARD_RETRIES = 3  # webdataset: reads of a remote shard (URL, pipe:) retried, 1 s, 2 s, 4 s apart
+    C.DATA.SHARD_RETRIES = 3  # reads of a remote shard (URL, pipe:), or of any the machine failed, retried 1, 2, 4 s apart
     # Images decoded by the data check before a run (pretrain.data.checks): "sample" (1000 per
     # split, so all of a small split and not 118K COCO images before every run), "all" or "none".
     C.DATA.CHECK_IMAGES = "sample"

@@ -15,6 +15,13 @@ unless the failing member is known to start a later sample, since it may be inco
 A remote shard (URL or ``pipe:``) is read again after a fault, up to ``retries`` times,
 ``retry_delay`` seconds × 1, 2, 4, ... apart, skipping the samples already given; only then
 is its tail a fault. A local file is not retried: a cut file stays cut.
+
+A fault of the machine rather than of the shard (an ``OSError`` whose number is in
+:data:`pretrain.errors.MACHINE_FAULTS`: EIO, ESTALE, EMFILE, ...) is retried the same way,
+local files included, since a network file system often recovers; if it persists it is
+raised, naming the shard, and not counted as a cut shard: skipping shards one by one would
+train on less data, or stop the run as if the dataset were damaged, for what is the machine's
+fault.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ from typing import Any, NamedTuple
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys
+
+from pretrain.errors import is_machine_fault
 
 logger = logging.getLogger("pretrain.data.shards")
 
@@ -75,11 +84,13 @@ class _EndRecordingTarInfo(tarfile.TarInfo):
 
 class _Cut(Exception):
     """Reading stopped before the end of the archive; ``keep_last``: the sample read last is
-    complete (the failing member started another one)."""
+    complete (the failing member started another one); ``machine_fault``: the ``OSError`` of
+    the machine that stopped it, if that is what did."""
 
-    def __init__(self, offset: int, member: int, reason: str, keep_last: bool):
+    def __init__(self, offset: int, member: int, reason: str, keep_last: bool, machine_fault: OSError | None):
         super().__init__(reason)
         self.offset, self.member, self.reason, self.keep_last = offset, member, reason, keep_last
+        self.machine_fault = machine_fault
 
 
 def _reason(err: BaseException) -> str:
@@ -93,8 +104,10 @@ class _Progress:
     def __init__(self):
         self.offset, self.member, self.cut = 0, 0, None
 
-    def stop(self, reason: str, keep_last: bool = False, offset: int | None = None) -> None:
-        self.cut = _Cut(self.offset if offset is None else offset, self.member, reason, keep_last)
+    def stop(self, reason: str, keep_last: bool = False, offset: int | None = None,
+             error: BaseException | None = None) -> None:
+        machine_fault = error if isinstance(error, OSError) and is_machine_fault(error) else None
+        self.cut = _Cut(self.offset if offset is None else offset, self.member, reason, keep_last, machine_fault)
 
 
 def _members(stream, url: str, keep: Callable[[str], bool], at: _Progress) -> Iterator[dict[str, Any]]:
@@ -114,7 +127,7 @@ def _members(stream, url: str, keep: Callable[[str], bool], at: _Progress) -> It
                     try:
                         data = tar.extractfile(info).read()
                     except READ_ERRORS as err:
-                        at.stop(f"{name}: {_reason(err)}", keep_last=prefix != last_prefix)
+                        at.stop(f"{name}: {_reason(err)}", keep_last=prefix != last_prefix, error=err)
                         return
                     yield {"fname": name, "data": data, "__url__": url}
                     last_prefix = prefix
@@ -124,7 +137,7 @@ def _members(stream, url: str, keep: Callable[[str], bool], at: _Progress) -> It
             if not isinstance(end, tarfile.EOFHeaderError):
                 at.stop(_END_REASONS.get(type(end), _reason(end)), offset=tar.offset)
     except READ_ERRORS as err:
-        at.stop(_reason(err))
+        at.stop(_reason(err), error=err)
 
 
 def _wanted(extensions: Sequence[str] | None) -> Callable[[str], bool]:
@@ -142,7 +155,7 @@ def _samples_once(url: str, keep: Callable[[str], bool], at: _Progress) -> Itera
     try:
         stream = gopen(url)
     except READ_ERRORS as err:
-        at.stop(f"cannot open: {_reason(err)}")
+        at.stop(f"cannot open: {_reason(err)}", error=err)
         return
     try:
         held = None
@@ -177,13 +190,13 @@ def read_shard(
     with only the members whose last suffix is in ``extensions`` when given.
 
     An unreadable tail (or a shard unreadable from byte 0) ends the samples: the fault is
-    logged, and appended to ``faults`` when given. A remote shard is first read again up to
-    ``retries`` times (see the module docstring).
+    logged, and appended to ``faults`` when given. A remote shard, or any shard the machine
+    failed to read, is first read again up to ``retries`` times; a machine fault that persists
+    is raised (see the module docstring).
     """
     keep = _wanted(extensions)
     given = 0
-    attempts = max(0, retries) + 1 if is_remote(url) else 1
-    for attempt in range(attempts):
+    for attempt in itertools.count():
         at = _Progress()
         with closing(_samples_once(url, keep, at)) as samples:
             for sample in itertools.islice(samples, given, None):
@@ -192,11 +205,16 @@ def read_shard(
         if at.cut is None:
             return
         cut = at.cut
-        if attempt + 1 < attempts:
-            delay = retry_delay * 2**attempt
-            logger.warning("reading shard %s failed at byte %d (%s): retry %d of %d in %g s",
-                           url, cut.offset, cut.reason, attempt + 1, retries, delay)
-            time.sleep(delay)
+        if attempt >= max(0, retries) or not (is_remote(url) or cut.machine_fault):
+            break
+        delay = retry_delay * 2**attempt
+        logger.warning("reading shard %s failed at byte %d (%s): retry %d of %d in %g s",
+                       url, cut.offset, cut.reason, attempt + 1, retries, delay)
+        time.sleep(delay)
+    if cut.machine_fault:
+        error = cut.machine_fault
+        raise OSError(error.errno, f"reading shard {url} at byte {cut.offset} (member {cut.member}): "
+                                   f"{error.strerror or error}; the machine's fault, not the shard's") from error
     fault = ShardFault(url, cut.offset, cut.member, cut.reason)
     logger.warning("skipping the rest of shard %s (%d samples read before the fault)", fault, given)
     if faults is not None:

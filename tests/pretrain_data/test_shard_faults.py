@@ -159,6 +159,62 @@ def test_a_local_cut_shard_is_not_retried_and_a_remote_one_is(tmp_path, caplog):
     assert got == [str(i) for i in range(len(got))] and len(got) < 6
 
 
+class _FailingFile:
+    """A local shard's bytes whose reads raise ``error`` once past byte ``at`` (how a disk or a
+    network file system fails mid-read; the machine here cannot be made to)."""
+
+    def __init__(self, path: str, at: int, error: OSError):
+        self.file, self.at, self.error = open(path, "rb"), at, error
+
+    def read(self, size: int = -1) -> bytes:
+        if self.file.tell() >= self.at:
+            raise self.error
+        return self.file.read(size if 0 <= size <= self.at - self.file.tell() else self.at - self.file.tell())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def test_a_machine_fault_is_retried_on_a_local_shard_and_raised_if_it_persists(tmp_path, monkeypatch, caplog):
+    """EIO mid-read is the machine's fault, not the shard's: read again (a network file system
+    often recovers), and if it persists raised with the shard named, never counted as a cut
+    shard (that would drop the data, or stop the run as if the dataset were damaged)."""
+    import errno
+
+    from pretrain.data import shard_reader
+
+    (full,) = source_order_shards(tmp_path, [6])
+    fail_at = members(full)[6].offset_data + 100  # in sample 3
+    opened = []
+
+    def flaky(url, failures):
+        opened.append(url)
+        eio = OSError(errno.EIO, os.strerror(errno.EIO))
+        return _FailingFile(url, fail_at, eio) if len(opened) <= failures else open(url, "rb")
+
+    monkeypatch.setattr(shard_reader, "gopen", lambda url: flaky(url, failures=1))
+    with caplog.at_level(logging.WARNING, logger="pretrain.data.shards"):
+        got, faults = keys(full, retries=3, retry_delay=0.01)
+    assert got == [str(i) for i in range(6)] and faults == [] and len(opened) == 2
+    assert "retry 1 of 3" in caplog.text and "Input/output error" in caplog.text
+
+    opened.clear()
+    monkeypatch.setattr(shard_reader, "gopen", lambda url: flaky(url, failures=99))
+    given, faults = [], []
+    with pytest.raises(OSError, match=rf"reading shard {full} at byte .*Input/output error.*not the shard") as err:
+        for raw in read_shard(str(full), retries=2, retry_delay=0.01, faults=faults):
+            given.append(raw["__key__"])
+    assert err.value.errno == errno.EIO and len(opened) == 3 and faults == []
+    assert given == ["0", "1", "2"]  # each sample before the fault once, over three attempts
+
+    # A fault of the file's bytes (no error number) on a local file is still not retried.
+    opened.clear()
+    cut = OSError("unexpected end of data")
+    monkeypatch.setattr(shard_reader, "gopen", lambda url: (opened.append(url), _FailingFile(url, fail_at, cut))[1])
+    got, (fault,) = keys(full, retries=3, retry_delay=0.01)
+    assert got == ["0", "1", "2"] and len(opened) == 1 and "unexpected end of data" in fault.reason
+
+
 class _DroppingServer(ThreadingHTTPServer):
     """Serves one file over HTTP; the first ``drops`` requests get the full Content-Length but
     only the first 60 % of the bytes, then the connection closes (a download cut mid-way)."""
