@@ -164,7 +164,8 @@ class _FailingFile:
     network file system fails mid-read; the machine here cannot be made to)."""
 
     def __init__(self, path: str, at: int, error: OSError):
-        self.file, self.at, self.error = open(path, "rb"), at, error
+        self.file = open(path, "rb")  # noqa: SIM115 -- a stream the reader closes, as gopen's are
+        self.at, self.error = at, error
 
     def read(self, size: int = -1) -> bytes:
         if self.file.tell() >= self.at:
