@@ -36,6 +36,7 @@ from pretrain.data.shards import (
 )
 from pretrain.data.stream_layout import finished_shards, layout_of
 from pretrain.distributed import DistContext, all_gather_objects
+from pretrain.engine.workers import batches_of, ignore_stop_signals
 
 logger = logging.getLogger("pretrain.engine")
 
@@ -108,13 +109,15 @@ class StreamLoader:
             num_workers=workers,
             pin_memory=ctx.device.type != "cpu",
             generator=torch.Generator().manual_seed(cfg.RANDOM_SEED + ctx.rank),  # keeps the global RNG untouched
+            worker_init_fn=ignore_stop_signals,
         )
 
     def __iter__(self) -> Iterator[dict]:
         try:
-            for batch, metas in self.loader:
-                self.progress.update(metas)
-                yield batch
+            with batches_of(self.loader) as batches:
+                for batch, metas in batches:
+                    self.progress.update(metas)
+                    yield batch
         except (ShardError, TooManyBadSamplesError, TooManyBadShardsError) as err:
             raise type(err)(_worker_message(err)) from None
 
@@ -131,9 +134,10 @@ def val_stream_batches(dataset: ShardDataset, cfg: CfgNode, ctx: DistContext, co
     """One pass over this rank's share of the val shards, as plain batches."""
     dataset.configure(ctx.rank, ctx.world_size)
     loader = DataLoader(dataset, batch_size=cfg.OPTIM.BATCH_SIZE // ctx.world_size, collate_fn=StreamCollate(collate_fn),
-                        num_workers=cfg.DATA.NUM_WORKERS)
-    for batch, _ in loader:
-        yield batch
+                        num_workers=cfg.DATA.NUM_WORKERS, worker_init_fn=ignore_stop_signals)
+    with batches_of(loader) as batches:
+        for batch, _ in batches:
+            yield batch
 
 
 def _worker_message(error: Exception) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from pretrain.engine.streaming import (
     val_stream_batches,
 )
 from pretrain.engine.validation import evaluate, val_batches
+from pretrain.engine.workers import batches_of, ignore_stop_signals
 from pretrain.files import ensure_writable_directory, write_text_atomic
 from pretrain.malloc import allocator_in_use
 from pretrain.models.captioning import CaptioningModel
@@ -146,6 +147,7 @@ class PretrainingLoop:
             num_workers=cfg.DATA.NUM_WORKERS,
             pin_memory=ctx.device.type != "cpu",
             generator=torch.Generator().manual_seed(cfg.RANDOM_SEED + ctx.rank),  # keeps the global RNG untouched
+            worker_init_fn=ignore_stop_signals,
         )
 
     def run(self) -> Path | None:
@@ -160,32 +162,37 @@ class PretrainingLoop:
             "on" if self.compilation.compile else "off", self.compilation.reason,
         )
         try:
-            batches = iter(self.loader)
-            tick = time.perf_counter()
-            for iteration in range(self.start + 1, self.num_iterations + 1):
-                batch = training.move(next(batches))
-                data_time = time.perf_counter() - tick
-                losses, grad_norm, stop_agreed = self._step(iteration, batch, stop.received)
-                step_time = time.perf_counter() - tick
-                if iteration == self.start + 1 and training.compiled:
-                    logger.info("torch.compile: the first step took %.1f s, compilation included", step_time)
-                self._log(iteration, losses, grad_norm, step_time, data_time)
-                finished = iteration == self.num_iterations
-                if stop_agreed or finished or iteration % cfg.ENGINE.CHECKPOINT_PERIOD == 0:
-                    self.last_saved = self.save(iteration)
-                if stop_agreed:
-                    logger.warning("%s received: saved %s and stopping; continue with --resume", stop.name or "stop signal",
-                                   self.last_saved)
-                    break
-                if self.validation is not None and cfg.ENGINE.VAL_PERIOD and (
-                    finished or iteration % cfg.ENGINE.VAL_PERIOD == 0
-                ):
-                    self.validate(iteration)
-                tick = time.perf_counter()
-            return self.last_saved
+            with batches_of(self.loader) as batches:
+                return self._train(batches, stop)
         finally:
             stop.restore()
             self.monitor.close()
+
+    def _train(self, batches: Iterator[dict], stop: StopSignal) -> Path | None:
+        """The iterations after ``self.start``, until the last or until a stop signal."""
+        cfg, training = self.cfg, self.training
+        tick = time.perf_counter()
+        for iteration in range(self.start + 1, self.num_iterations + 1):
+            batch = training.move(next(batches))
+            data_time = time.perf_counter() - tick
+            losses, grad_norm, stop_agreed = self._step(iteration, batch, stop.received)
+            step_time = time.perf_counter() - tick
+            if iteration == self.start + 1 and training.compiled:
+                logger.info("torch.compile: the first step took %.1f s, compilation included", step_time)
+            self._log(iteration, losses, grad_norm, step_time, data_time)
+            finished = iteration == self.num_iterations
+            if stop_agreed or finished or iteration % cfg.ENGINE.CHECKPOINT_PERIOD == 0:
+                self.last_saved = self.save(iteration)
+            if stop_agreed:
+                logger.warning("%s received: saved %s and stopping; continue with --resume", stop.name or "stop signal",
+                               self.last_saved)
+                break
+            if self.validation is not None and cfg.ENGINE.VAL_PERIOD and (
+                finished or iteration % cfg.ENGINE.VAL_PERIOD == 0
+            ):
+                self.validate(iteration)
+            tick = time.perf_counter()
+        return self.last_saved
 
     def _step(self, iteration: int, batch: dict, stop_requested: bool) -> tuple[dict, torch.Tensor, bool]:
         """Forward and backward, the ranks' agreement, then the optimizer step; returns losses,
@@ -251,12 +258,14 @@ class PretrainingLoop:
                 batch_sampler=val_batches(len(val_set), cfg.OPTIM.BATCH_SIZE // ctx.world_size, ctx.rank, ctx.world_size),
                 collate_fn=self.collate_fn,
                 num_workers=cfg.DATA.NUM_WORKERS,
+                worker_init_fn=ignore_stop_signals,
             )
-        results = evaluate(
-            self.training.model, loader, ctx, self.training.move,
-            self.validation.decode if self.caption_metrics else None, self.references,
-            cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), self.training.autocast,
-        )
+        with batches_of(loader) as batches:
+            results = evaluate(
+                self.training.model, batches, ctx, self.training.move,
+                self.validation.decode if self.caption_metrics else None, self.references,
+                cfg.DATA.EOS_INDEX, first_word_index(cfg.DATA), self.training.autocast,
+            )
         set_rng_state(rng_state)
         logger.info("iteration %d validation: %s", iteration, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         self.monitor.write_scalars(iteration, results)

@@ -7,13 +7,12 @@ scores are gathered on rank 0 and scored there (captions by
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 from torch import nn
-from torch.utils.data import DataLoader
 
 from pretrain.caption_metrics import caption_metrics
 from pretrain.distributed import DistContext, all_gather_objects, all_reduce_sum
@@ -40,7 +39,7 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[dict],
     ctx: DistContext,
     move_batch: Callable[[dict], dict],
     decode: Callable[[list[int]], str] | None,

@@ -8,8 +8,10 @@ and every RNG state is checkpointed, so a resumed CPU run repeats the same arith
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -55,14 +57,30 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_overrides, reference
     assert_same_final_state(tmp_path, reference_run)
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_overrides, reference_run, tmp_path):
-    process = start_and_interrupt(tmp_path, tiny_overrides, signal.SIGTERM, after=2)
-    _, stderr = process.communicate()
+def test_sigterm_to_every_process_saves_at_the_stop_then_resumes(tiny_overrides, reference_run, tmp_path):
+    """At a preemption or a time limit Slurm signals every process of the step, the DataLoader
+    workers too (they died of it, and the main process raised before it could save: status 1).
+    No periodic checkpoint falls inside the run, so the one there was saved at the stop."""
+    overrides = [*tiny_overrides, "DATA.NUM_WORKERS", "2", "ENGINE.CHECKPOINT_PERIOD", "100"]
+    process = subprocess.Popen(pretrain_command(tmp_path, overrides), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    stderr = []
+    try:
+        for line in process.stderr:
+            stderr.append(line)
+            if "iteration 2:" in line:
+                os.killpg(process.pid, signal.SIGTERM)  # the main process and its workers, as Slurm does
+        process.wait()
+    finally:
+        watchdog.cancel()
+    stderr = "".join(stderr)
     assert process.returncode == 0, stderr[-3000:]
-    stopped_at = list_checkpoints(tmp_path)[-1][0]
+    ((stopped_at, saved),) = list_checkpoints(tmp_path)
     assert 2 <= stopped_at < 8
-    assert f"SIGTERM received: saved {tmp_path / f'checkpoint_{stopped_at}.pth'}" in stderr
-    run_pretrain(tmp_path, tiny_overrides, resume=True)
+    assert f"SIGTERM received: saved {saved}" in stderr
+    run_pretrain(tmp_path, overrides, resume=True)
     assert_same_final_state(tmp_path, reference_run)
 
 
