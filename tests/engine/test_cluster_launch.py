@@ -183,12 +183,12 @@ def test_sbatch_template_on_slurm_saves_at_the_time_limit_and_at_preemption(slur
     process, srun included, gets SIGTERM and KillWait (30 s) before SIGKILL; the ranks save
     within it. (3) Released again, it resumes and finishes."""
     output = tmp_path / "run"
-    env = {**slurm_env(), "PRETRAIN_CHECKOUT": str(REPO), "PRETRAIN_RANKS_PER_NODE": "2",
-           "PRETRAIN_PORT": str(free_port())}
+    env = {**slurm_env(), "PRETRAIN_CHECKOUT": str(REPO), "PRETRAIN_RANKS_PER_NODE": "2"}
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--time=10", f"--signal=B:USR1@{LEAD_S}", "--cpus-per-task=2",
          f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out", str(SBATCH), str(TINY_CONFIG), str(output),
-         *tiny_overrides, "OPTIM.NUM_ITERATIONS", str(SLURM_ITERATIONS), *OUT_OF_REACH],
+         *tiny_overrides, "OPTIM.NUM_ITERATIONS", str(SLURM_ITERATIONS), *OUT_OF_REACH,
+         "DATA.NUM_WORKERS", "1"],  # a preemption signals the DataLoader workers too
         check=True, env=env, capture_output=True, text=True)
     job_id = submitted.stdout.strip().split(";")[0]
     try:
@@ -204,6 +204,7 @@ def test_sbatch_template_on_slurm_saves_at_the_time_limit_and_at_preemption(slur
     finally:
         subprocess.run(["scancel", job_id], check=False)
     assert slurm_log.count("time limit near") == 1, slurm_log[-4000:]
+    assert f":{15000 + int(job_id) % 15000}" in re.search(r"rendezvous (\S+)", slurm_log).group(1)  # the job's own port
     assert_stops_and_resumes(output, [("SIGUSR1",), ("SIGTERM",)])
 
 
