@@ -26,7 +26,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -234,5 +234,42 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, force: bool = False) -> P
         raise OutputExistsError(f"{path}: already exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as handle:
-        torch.save(obj, handle)
+        _save_raising_write_faults(obj, handle)
     return path
+
+
+class _WriteFaultRecorder:
+    """A binary handle for ``torch.save`` that keeps the first ``OSError`` its ``write()`` raised.
+
+    torch's zip writer does not let that error out: a full disk (``ENOSPC``), a quota or a file
+    size limit ends ``torch.save`` in ``RuntimeError: [enforce fail at inline_container.cc] ...
+    unexpected pos``, which names neither the cause nor the file.
+    """
+
+    def __init__(self, handle: IO[bytes]):
+        self._handle = handle
+        self.fault: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as err:
+            if self.fault is None:
+                self.fault = err
+            raise
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def _save_raising_write_faults(obj: Any, handle: IO[bytes]) -> None:
+    """``torch.save(obj, handle)``; if it fails after a ``write()`` to ``handle`` failed, that
+    write's ``OSError`` is raised instead of torch's own error, so callers see a full disk as the
+    ``OSError`` it is. torch's errors with no failed write behind them are raised as they are."""
+    recorder = _WriteFaultRecorder(handle)
+    try:
+        torch.save(obj, recorder)
+    except Exception:
+        if recorder.fault is None:
+            raise
+        raise recorder.fault

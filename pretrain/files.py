@@ -3,12 +3,15 @@
 A file is written to a temporary name in its own folder, flushed to disk, then renamed over
 its final name, so a crash, a kill or a full disk at any moment leaves either the previous file
 or the complete new one, never a partial one. Readers (a resumed run, the demo's skip logic, a
-report) can therefore trust any file that exists.
+report) can therefore trust any file that exists. Its permissions are those a plain ``open()``
+gives (0666 less the umask, or the folder's default ACL), so teammates who share an output
+folder can read what the project writes there.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +30,15 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty file next to ``path`` to write it under, open for writing: its descriptor and
+    name. Created like ``open(name, "x")`` does (mode 0666, which the kernel narrows by the umask
+    or the folder's default ACL), unlike ``tempfile.mkstemp``'s fixed 0600, which the rename
+    would hand on to the final file. ``O_EXCL`` never opens an existing file."""
+    name = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """``with atomic_write(path, "wb") as handle:`` writes ``path`` atomically.
@@ -37,7 +49,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = _create_temporary(path)
     try:
         with os.fdopen(fd, mode, encoding=None if mode == "wb" else encoding) as handle:
             yield handle
@@ -45,7 +57,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp_name.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
 

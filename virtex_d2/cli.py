@@ -8,8 +8,8 @@ output without ``--force``, defective dataset files: every :class:`~pretrain.err
 ends a tool with one line, ``<tool>: error: <what and what to do>``, and exit status 2, as
 argparse does for bad flags: :func:`run_tool`. A traceback is shown only with ``--debug`` on the
 command line or ``VIRTEX_D2_DEBUG=1`` in the environment. Anything else is a bug or a fault of
-the machine and ends with its traceback and exit status 1; a full disk (or quota) is told in one
-line naming the file, since its traceback says nothing more.
+the machine and ends with its traceback and exit status 1; a full disk, a quota or a file size
+limit is told in one line naming the file, since its traceback says nothing more.
 """
 from __future__ import annotations
 
@@ -26,8 +26,13 @@ from pretrain.errors import InputError
 BAD_INPUT_STATUS = 2
 #: Exit status for everything else: bugs, and faults of the machine such as a full disk.
 FAILURE_STATUS = 1
-#: OSError numbers that mean the storage is full: told in one line, naming the file.
-FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: OSError numbers that mean the storage takes no more bytes, told in one line naming the file:
+#: errno -> (what happened, what to do).
+STORAGE_FULL = {
+    errno.ENOSPC: ("disk full", "free space there or choose another output"),
+    errno.EDQUOT: ("disk full", "free space there or choose another output"),
+    errno.EFBIG: ("file size limit reached", "raise the limit (ulimit -f) or choose another output"),
+}
 DEBUG_FLAG = "--debug"
 DEBUG_VARIABLE = "VIRTEX_D2_DEBUG"
 
@@ -146,11 +151,12 @@ def report_error(tool: str, error: BaseException, status: int = BAD_INPUT_STATUS
     return status
 
 
-def full_disk_message(error: OSError) -> str:
-    """What a full disk stopped and where: the file, named by the error's filename or, as the
-    project's writers do, at the start of its message."""
+def storage_full_message(error: OSError) -> str:
+    """What a full disk (an errno of :data:`STORAGE_FULL`) stopped and where: the file, named by
+    the error's filename or, as the project's writers do, at the start of its message."""
+    what, remedy = STORAGE_FULL[error.errno]
     where = f"{error.filename}: " if error.filename else ""
-    return f"disk full while writing {where}{error.strerror or error}; free space there or choose another output"
+    return f"{what} while writing {where}{error.strerror or error}; {remedy}"
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -161,10 +167,11 @@ def debug_requested(argv: list[str]) -> bool:
 def run_tool(tool: str, main: Callable[[], int | None]) -> int:
     """Run a tool's ``main()`` on ``sys.argv``: bad input becomes one line and exit status 2.
 
-    Only :class:`~pretrain.errors.InputError` counts as bad input. A full disk is one line and
-    exit status 1. Any other exception (a ``KeyError`` from a bug, a shape mismatch in torch)
-    propagates, so Python prints its traceback and exits with status 1. ``--debug`` is taken out
-    of ``sys.argv`` before ``main`` parses it and lets every traceback through.
+    Only :class:`~pretrain.errors.InputError` counts as bad input. A full disk (or quota, or
+    file size limit) is one line and exit status 1. Any other exception (a ``KeyError`` from a
+    bug, a shape mismatch in torch) propagates, so Python prints its traceback and exits with
+    status 1. ``--debug`` is taken out of ``sys.argv`` before ``main`` parses it and lets every
+    traceback through.
     """
     debug = debug_requested(sys.argv)
     if debug:  # also for the tool's own handlers, and for the tools it runs (the demo's stages)
@@ -177,6 +184,6 @@ def run_tool(tool: str, main: Callable[[], int | None]) -> int:
             raise
         return report_error(tool, err)
     except OSError as err:
-        if debug or err.errno not in FULL_DISK_ERRNOS:
+        if debug or err.errno not in STORAGE_FULL:
             raise
-        return report_error(tool, RuntimeError(full_disk_message(err)), FAILURE_STATUS)
+        return report_error(tool, RuntimeError(storage_full_message(err)), FAILURE_STATUS)

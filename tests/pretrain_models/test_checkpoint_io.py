@@ -1,13 +1,25 @@
-"""Checkpoint reading: official/our format, and clear errors for bad or unsafe files."""
+"""Checkpoint reading: official/our format, and clear errors for bad or unsafe files; what a failed write raises."""
 import pytest
 import torch
 from torch import nn
 
-from pretrain.checkpoint_io import CheckpointError, load_model_state, load_model_weights
+from pretrain.checkpoint_io import (
+    CheckpointError,
+    load_model_state,
+    load_model_weights,
+    save_checkpoint,
+)
 
 
 class Opaque:
     """A class torch's weights-only unpickler does not allow."""
+
+
+class Unsaveable:
+    """An object whose pickling fails in torch.save with a RuntimeError that no write caused."""
+
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
 
 
 def small_model():
@@ -71,6 +83,15 @@ def test_a_fault_that_is_not_the_files_is_not_blamed_on_it(tmp_path, monkeypatch
         monkeypatch.setattr(torch, "load", failing_load)
         with pytest.raises(type(fault)):
             load_model_state(whole)
+
+
+def test_an_error_of_torch_save_that_no_failed_write_caused_is_raised_as_it_is(tmp_path):
+    """Only the OSError of a failed write replaces torch.save's error (a full disk); any other
+    error of torch.save, a RuntimeError too, is not told as a machine fault."""
+    with pytest.raises(RuntimeError, match="cannot pickle this") as raised:
+        save_checkpoint({"model": {}, "extra": Unsaveable()}, tmp_path / "checkpoint_2.pth")
+    assert not isinstance(raised.value, OSError)
+    assert list(tmp_path.iterdir()) == [], "no partial or temporary file left"
 
 
 def test_files_needing_arbitrary_unpickling_are_refused(tmp_path):
