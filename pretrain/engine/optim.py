@@ -139,7 +139,8 @@ class Lookahead:
 
         An official entry is the inner optimizer's state alone, with one group per tensor in
         ``named_parameters`` order; its per-tensor state is mapped onto these groups by name, and
-        the slow weights restart from the current weights (as the official code does).
+        the slow weights restart from the current weights (as the official code does). Alpha and
+        k stay this optimizer's, the config's, as the other hyper-parameters do on ``--resume``.
         """
         if "inner" not in state_dict:
             self.inner.load_state_dict(regroup_official_state(state_dict, self.inner))
@@ -147,12 +148,7 @@ class Lookahead:
                 torch._foreach_copy_(self.slow, self._params())
             self.step_count = 0
             return
-        if state_dict["alpha"] != self.alpha or state_dict["k"] != self.k:
-            raise ValueError(
-                f"Lookahead settings differ from the checkpoint: alpha {self.alpha} vs "
-                f"{state_dict['alpha']}, k {self.k} vs {state_dict['k']}"
-            )
-        self.inner.load_state_dict(state_dict["inner"])
+        self.inner.load_state_dict(state_dict["inner"])  # alpha and k stay this optimizer's (the config's)
         with torch.no_grad():
             torch._foreach_copy_(self.slow, [s.to(p.device) for s, p in zip(state_dict["slow"], self.slow)])
         self.step_count = int(state_dict["step_count"])

@@ -19,21 +19,36 @@ from pretrain.distributed import (
     set_rng_state,
 )
 from pretrain.engine.checkpoint import CheckpointManager
+from pretrain.engine.optim import inner_optimizer
 from pretrain.engine.setup import Training
 from pretrain.errors import InputError, OutputExistsError
 
 logger = logging.getLogger("pretrain.engine")
 
 
+#: Config keys that decide the layout of the optimizer's state: a checkpoint saved under other
+#: values has state the optimizer of this config cannot take (torch fails with a ``KeyError``).
+OPTIMIZER_LAYOUT_KEYS = ("OPTIM.OPTIMIZER_NAME", "OPTIM.LOOKAHEAD.USE")
+
+
 def restore(training: Training, state: dict, path: Path) -> int:
     """Load checkpoint ``path`` (read as ``state``) into the run's objects and this rank's RNG;
-    returns its iteration. Weights or optimizer groups that the config's model does not fit are
-    a :class:`ResumeMismatchError`; any other failure is raised as it is."""
+    returns its iteration. Weights or optimizer groups that the config's model does not fit, or
+    another optimizer, are a :class:`ResumeMismatchError`; any other failure is raised as it is.
+
+    The optimizer's hyper-parameters (learning rates, weight decay, momentum, Lookahead's alpha
+    and k) are the config's, at the checkpoint's point in the schedule: torch's
+    ``load_state_dict`` restores the saved ones, so a run resumed under a config that changed
+    them went on with the old values while its log and config.yaml named the new ones.
+    """
     ctx, seed = training.ctx, training.cfg.RANDOM_SEED
+    _refuse_another_optimizer(state, path, training.cfg)
     try:
         training.model.load_state_dict(state["model"])
     except RuntimeError as err:  # torch: "Error(s) in loading state_dict": missing, unexpected or resized tensors
         raise ResumeMismatchError(_mismatch_message(err, path, state, training.cfg)) from err
+    configured = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                  for group in inner_optimizer(training.optimizer).param_groups]
     try:
         training.optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:
@@ -41,6 +56,7 @@ def restore(training: Training, state: dict, path: Path) -> int:
             raise
         raise ResumeMismatchError(_mismatch_message(err, path, state, training.cfg)) from err
     training.scheduler.load_state_dict(state["scheduler"])
+    _apply_configured_hyperparameters(inner_optimizer(training.optimizer).param_groups, configured, training.scheduler)
     if state["scaler"]:  # empty when saved without fp16 (e.g. on CPU); the scale then starts afresh
         training.scaler.load_state_dict(state["scaler"])
     iteration = int(state["iteration"])
@@ -56,6 +72,26 @@ def restore(training: Training, state: dict, path: Path) -> int:
         )
         seed_everything(seed + ctx.rank + 1_000_003 * iteration)
     return iteration
+
+
+def _refuse_another_optimizer(state: dict, path: Path, cfg) -> None:
+    changed = [line for line in config_differences(state["config"], cfg) if line.split(":", 1)[0] in OPTIMIZER_LAYOUT_KEYS
+               ] if "config" in state else []
+    if changed:
+        raise ResumeMismatchError(
+            f"{path}: its optimizer state cannot be continued by another optimizer ({'; '.join(changed)}); resume "
+            "with the checkpoint's config (config.yaml in the output folder) or start another output directory")
+
+
+def _apply_configured_hyperparameters(groups: list[dict], configured: list[dict], scheduler) -> None:
+    """Give the loaded parameter ``groups`` the ``configured`` values (all but ``params`` and
+    ``lr``) and the learning rate the schedule gives these base rates at its loaded step.
+    With the checkpoint's own config this repeats the saved values bit for bit."""
+    for group, values in zip(groups, configured):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
 class ResumeError(RuntimeError):

@@ -107,6 +107,8 @@ def test_only_weights_or_groups_that_do_not_fit_are_called_a_config_mismatch(tmp
     from pretrain.engine.resume import ResumeMismatchError, restore
 
     class BrokenOptimizer:
+        param_groups = ()
+
         def load_state_dict(self, state):
             raise RuntimeError("Tensor lists must have the same number of tensors, got 103 and 102")
 
@@ -121,3 +123,87 @@ def test_only_weights_or_groups_that_do_not_fit_are_called_a_config_mismatch(tmp
     with pytest.raises(RuntimeError, match="Tensor lists") as caught:
         restore(training(torch.nn.Linear(3, 2), BrokenOptimizer()), state, tmp_path / "checkpoint_4.pth")
     assert not isinstance(caught.value, ResumeMismatchError)
+
+
+def trained_tiny(*overrides: str, steps: int = 3):
+    """The tiny config's training objects after ``steps`` optimizer steps on unit gradients,
+    and the checkpoint state they would save."""
+    from pretrain.config import load_config
+    from pretrain.distributed import DistContext, get_rng_state
+    from pretrain.engine.setup import build_training
+    from pretrain.tasks import build_model
+    from tests.engine.conftest import TINY_CONFIG
+
+    cfg = load_config(str(TINY_CONFIG), list(overrides))
+    torch.manual_seed(0)
+    training = build_training(cfg, DistContext(0, 0, 1, torch.device("cpu")), build_model(cfg))
+    for _ in range(steps):
+        for p in training.params:
+            p.grad = torch.ones_like(p)
+        training.optimizer_step()
+    state = {**training.state_dict(), "config": cfg.dump(), "iteration": steps, "rng": [get_rng_state()]}
+    return training, state
+
+
+def test_a_resumed_run_trains_with_the_hyperparameters_of_its_config(tmp_path):
+    """torch's load_state_dict restores the saved learning rates, weight decay and momentum: a run
+    resumed under a config that changed them went on with the old ones while its log and
+    config.yaml named the new ones. Now the config's apply, at the checkpoint's point in the
+    schedule; the optimizer's per-tensor state (momentum buffers, Lookahead's slow weights) is
+    the checkpoint's. With the checkpoint's own config every value is the saved one, bit for bit."""
+    from pretrain.engine.optim import inner_optimizer
+    from pretrain.engine.resume import restore
+
+    _, state = trained_tiny()
+    saved_groups = state["optimizer"]["inner"]["param_groups"]
+    changed = ["OPTIM.CNN_LR", "0.02", "OPTIM.LR", "0.003", "OPTIM.WEIGHT_DECAY", "0.001", "OPTIM.SGD_MOMENTUM", "0.8",
+               "OPTIM.LOOKAHEAD.ALPHA", "0.7", "OPTIM.LOOKAHEAD.STEPS", "4"]
+    resumed, _ = trained_tiny(*changed, steps=0)
+    assert restore(resumed, state, tmp_path / "checkpoint_3.pth") == 3
+    groups, scheduler = inner_optimizer(resumed.optimizer).param_groups, resumed.scheduler
+    factor = scheduler.lr_lambdas[0](3)
+    assert 0 < factor < 1 and scheduler.last_epoch == 3
+    for group, saved in zip(groups, saved_groups, strict=True):
+        base = 0.02 if saved["initial_lr"] == 0.05 else 0.003  # the CNN's groups, the textual head's
+        assert group["initial_lr"] == base and group["lr"] == pytest.approx(base * factor, rel=1e-12)
+        assert group["momentum"] == 0.8 and group["weight_decay"] == (0.001 if saved["weight_decay"] else 0.0)
+    assert sorted(scheduler.base_lrs) == sorted(g["initial_lr"] for g in groups)
+    assert (resumed.optimizer.alpha, resumed.optimizer.k, resumed.optimizer.step_count) == (0.7, 4, 3)
+    buffers = [s["momentum_buffer"] for s in state["optimizer"]["inner"]["state"].values()]
+    assert all(torch.equal(a["momentum_buffer"], b) for a, b in zip(inner_optimizer(resumed.optimizer).state.values(), buffers))
+
+    same, _ = trained_tiny(steps=0)
+    restore(same, state, tmp_path / "checkpoint_3.pth")
+    assert [{k: v for k, v in g.items() if k != "params"} for g in inner_optimizer(same.optimizer).param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in saved_groups]
+
+
+@pytest.mark.parametrize("change, key", [(["OPTIM.OPTIMIZER_NAME", "adamw"], "OPTIM.OPTIMIZER_NAME: sgd -> adamw"),
+                                         (["OPTIM.LOOKAHEAD.USE", "False"], "OPTIM.LOOKAHEAD.USE: True -> False")])
+def test_a_resume_with_another_optimizer_stops_in_one_line_naming_the_key(tmp_path, change, key):
+    """Its state cannot be continued (torch failed with KeyError 'step' or 'param_groups')."""
+    from pretrain.engine.resume import ResumeMismatchError, restore
+
+    _, state = trained_tiny(steps=1)
+    other, _ = trained_tiny(*change, steps=0)
+    with pytest.raises(ResumeMismatchError) as caught:
+        restore(other, state, tmp_path / "checkpoint_1.pth")
+    assert str(caught.value) == (
+        f"{tmp_path / 'checkpoint_1.pth'}: its optimizer state cannot be continued by another optimizer ({key}); "
+        "resume with the checkpoint's config (config.yaml in the output folder) or start another output directory")
+
+
+def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):
+    """The GradScaler's scale and growth tracker come back from the checkpoint (every other
+    resume test runs in fp32, where the scaler saves nothing): a fresh scale of 65536 after a
+    resume would skip steps to overflow again, and the run would differ from an uninterrupted one."""
+    from pretrain.engine.resume import restore
+
+    _, state = trained_tiny("AMP", "True", "AMP_DTYPE", "fp16", steps=0)
+    assert state["scaler"], "fp16 on this device saves a scaler state"
+    state["scaler"].update(scale=1024.0, _growth_tracker=7)
+    resumed, _ = trained_tiny("AMP", "True", "AMP_DTYPE", "fp16", steps=0)
+    assert resumed.scaler.get_scale() != 1024.0
+    restore(resumed, state, tmp_path / "checkpoint_1.pth")
+    saved = resumed.scaler.state_dict()
+    assert (saved["scale"], saved["_growth_tracker"]) == (1024.0, 7)
