@@ -144,7 +144,9 @@ def get_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.accelerator.is_available():
-        state["accelerator"] = torch.get_device_module().get_rng_state_all()
+        # This rank's device only: a resume with fewer devices per node, or with this rank on
+        # another device index, must neither fail nor seed one device from another's state.
+        state["accelerator"] = torch.get_device_module().get_rng_state()
     return state
 
 
@@ -163,7 +165,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "accelerator" in state and torch.accelerator.is_available():
-        torch.get_device_module().set_rng_state_all(state["accelerator"])
+        device_state = state["accelerator"]
+        if isinstance(device_state, (list, tuple)):  # written before 2026-12-06: every visible device's
+            index = torch.accelerator.current_device_index()
+            device_state = device_state[index] if index < len(device_state) else None
+        if device_state is not None:
+            torch.get_device_module().set_rng_state(device_state)
 
 
 def _as_tuples(value: Any) -> Any:
