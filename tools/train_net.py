@@ -52,6 +52,7 @@ from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import build_evaluator
 from detectron2_ext.image_mapper import ImageNamingMapper
 from detectron2_ext.progress import ProgressBarHook
+from detectron2_ext.resume import check_resume
 from detectron2_ext.vit_training import (
     build_recipe_optimizer,
     build_recipe_train_loader,
@@ -59,6 +60,7 @@ from detectron2_ext.vit_training import (
 )
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
+from pretrain.optim_resume import apply_configured_values, configured_values
 from virtex_d2.cli import run_tool
 
 
@@ -77,6 +79,14 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         return [*super().build_hooks(), ProgressBarHook()]
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, then on a resume the config's solver values (learning rates, weight
+        decay, momentum) at the checkpoint's iteration instead of the saved ones."""
+        configured = configured_values(self.optimizer)
+        super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            apply_configured_values(self.optimizer, configured, self.scheduler)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -99,13 +109,28 @@ def setup(args):
     """Config from file and overrides, adapted to the machine, frozen; logging set up."""
     cfg = load_config(args.config_file, args.opts)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2_ext")
-    adapt_config_to_devices(cfg, comm.get_world_size())
-    if not cfg.VIRTEX.INIT_NAME:
-        cfg.VIRTEX.INIT_NAME = default_init_name(cfg.MODEL.WEIGHTS)
-    disable_amp_without_cuda(cfg)  # detectron2's AMP trainer asserts CUDA
+    prepare_for_run(cfg, comm.get_world_size())
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
+
+
+def prepare_for_run(cfg, world_size: int) -> None:
+    """What this machine and the weights make of a loaded config: the config.yaml the run records."""
+    adapt_config_to_devices(cfg, world_size)
+    if not cfg.VIRTEX.INIT_NAME:
+        cfg.VIRTEX.INIT_NAME = default_init_name(cfg.MODEL.WEIGHTS)
+    disable_amp_without_cuda(cfg)  # detectron2's AMP trainer asserts CUDA
+
+
+def check_resumed_run(args) -> tuple[list[str], list[str]]:
+    """With --resume: how the config differs from the run it continues (recipe, execution);
+    a changed start stops here, before any process starts."""
+    if not args.resume or args.eval_only:
+        return [], []
+    cfg = load_config(args.config_file, args.opts)
+    prepare_for_run(cfg, args.num_gpus * args.num_machines)
+    return check_resume(cfg)
 
 
 def check_datasets(args) -> list[str]:
@@ -117,13 +142,20 @@ def check_datasets(args) -> list[str]:
     return check_config_datasets(cfg, eval_only=args.eval_only)
 
 
-def main(args, dataset_warnings=()):
+def main(args, dataset_warnings=(), resume_changes=((), ())):
     cfg = setup(args)
     patch_cpu_ddp()
     limit_cpu_threads()
     logger = logging.getLogger("detectron2_ext")
     for warning in dataset_warnings:
         logger.warning("dataset check: %s", warning)
+    recipe, execution = resume_changes
+    if recipe:
+        logger.warning("--resume: the config differs from the one the run was trained with, so it continues with "
+                       "another recipe (config.yaml now holds the new one; solver values take effect): %s",
+                       "; ".join(recipe))
+    if execution:
+        logger.info("--resume: other execution settings than the run's (the recipe is unchanged): %s", "; ".join(execution))
     logger.info("initialisation: %s", cfg.VIRTEX.INIT_NAME)
     logger.info("allocator: %s", allocator_in_use())
 
@@ -154,13 +186,14 @@ def cli() -> int:
     warnings = check_datasets(args)  # a DatasetCheckError: run_tool lists the problems, status 2
     # optimiser, ViTDet keys, MODEL.WEIGHTS of the right backbone kind and shape
     check_backbone_run(load_config(args.config_file, args.opts), args.allow_unsafe_pickle, args.resume)
+    resume_changes = check_resumed_run(args)  # before default_setup writes the new config.yaml over the run's
     launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args, warnings),
+        args=(args, warnings, resume_changes),
     )
     return 0
 

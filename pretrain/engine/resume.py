@@ -22,6 +22,7 @@ from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.optim import inner_optimizer
 from pretrain.engine.setup import Training
 from pretrain.errors import InputError, OutputExistsError
+from pretrain.optim_resume import apply_configured_values, configured_values
 
 logger = logging.getLogger("pretrain.engine")
 
@@ -47,8 +48,7 @@ def restore(training: Training, state: dict, path: Path) -> int:
         training.model.load_state_dict(state["model"])
     except RuntimeError as err:  # torch: "Error(s) in loading state_dict": missing, unexpected or resized tensors
         raise ResumeMismatchError(_mismatch_message(err, path, state, training.cfg)) from err
-    configured = [{key: value for key, value in group.items() if key not in ("params", "lr")}
-                  for group in inner_optimizer(training.optimizer).param_groups]
+    configured = configured_values(inner_optimizer(training.optimizer))
     try:
         training.optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:
@@ -56,7 +56,7 @@ def restore(training: Training, state: dict, path: Path) -> int:
             raise
         raise ResumeMismatchError(_mismatch_message(err, path, state, training.cfg)) from err
     training.scheduler.load_state_dict(state["scheduler"])
-    _apply_configured_hyperparameters(inner_optimizer(training.optimizer).param_groups, configured, training.scheduler)
+    apply_configured_values(inner_optimizer(training.optimizer), configured, training.scheduler)
     if state["scaler"]:  # empty when saved without fp16 (e.g. on CPU); the scale then starts afresh
         training.scaler.load_state_dict(state["scaler"])
     iteration = int(state["iteration"])
@@ -81,17 +81,6 @@ def _refuse_another_optimizer(state: dict, path: Path, cfg) -> None:
         raise ResumeMismatchError(
             f"{path}: its optimizer state cannot be continued by another optimizer ({'; '.join(changed)}); resume "
             "with the checkpoint's config (config.yaml in the output folder) or start another output directory")
-
-
-def _apply_configured_hyperparameters(groups: list[dict], configured: list[dict], scheduler) -> None:
-    """Give the loaded parameter ``groups`` the ``configured`` values (all but ``params`` and
-    ``lr``) and the learning rate the schedule gives these base rates at its loaded step.
-    With the checkpoint's own config this repeats the saved values bit for bit."""
-    for group, values in zip(groups, configured):
-        group.update(values)
-    scheduler.base_lrs = [group["initial_lr"] for group in groups]
-    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
 class ResumeError(RuntimeError):

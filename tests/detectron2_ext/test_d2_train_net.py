@@ -9,6 +9,7 @@ detections) so the module fits in a few minutes on 2 shared cores.
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -234,3 +235,55 @@ def test_a_coco_export_with_its_own_classes_trains_and_evaluates(synthetic_root,
     assert_trained_and_evaluated(run, "shapes_val", "COCOEvaluator", {"bbox": COCO_METRICS, "segm": COCO_METRICS})
     per_class = evaluation(run, "shapes_val")["results"]["segm"]
     assert {"AP-widget", "AP-gadget", "AP-gizmo"} <= set(per_class)
+
+
+def resumable_copy(run: Path, folder: Path) -> Path:
+    """A folder holding ``run``'s final checkpoint, its tag and its config.yaml: a run to resume."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("model_final.pth", "last_checkpoint", "config.yaml"):
+        shutil.copy(run / name, folder / name)
+    return folder
+
+
+def test_a_resume_under_changed_solver_values_warns_and_trains_with_them(coco_run, converted_weights, tmp_path):
+    """detectron2 wrote the new config.yaml over the run's and then trained on with the saved
+    learning rate and weight decay, without a word. Now the changed keys are named and the new
+    values are the ones used: the rate logged at the last iteration is detectron2's schedule of
+    the new base rate at that iteration."""
+    from detectron2.solver import build_lr_scheduler
+
+    run = resumable_copy(coco_run, tmp_path / "run")
+    assert saved_config(run)["SOLVER"]["BASE_LR"] == 0.0025
+    changed = ["SOLVER.MAX_ITER", "4", "SOLVER.BASE_LR", "0.01", "SOLVER.WEIGHT_DECAY", "0.001", "DATASETS.TEST", "()"]
+    train_net("coco_segm_default_init_cpu.yaml", run, "MODEL.WEIGHTS", converted_weights, "VIRTEX.INIT_NAME", "virtex",
+              *NO_PRECISE_BN, *changed, launcher=["--resume"])
+    log = (run / "log.txt").read_text()
+    warning = next(line for line in log.splitlines() if "continues with another recipe" in line)
+    for change in ("SOLVER.BASE_LR: 0.0025 -> 0.01", "SOLVER.MAX_ITER: 2 -> 4", "SOLVER.WEIGHT_DECAY: 0.0001 -> 0.001"):
+        assert change in warning
+    cfg = load_config(CPU_CONFIGS / "coco_segm_default_init_cpu.yaml", [*SMALL, *changed])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.SOLVER.BASE_LR)
+    schedule = build_lr_scheduler(cfg, optimizer)
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+    (last,) = [line for line in metrics_lines(run) if line.get("iteration") == 3 and "lr" in line]
+    assert last["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9)
+    groups = torch.load(run / "model_final.pth", weights_only=True)["trainer"]["_trainer"]["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} <= {0.001, 0.0} and any(g["weight_decay"] == 0.001 for g in groups)
+
+
+def test_a_resume_from_other_weights_is_refused_in_one_line(coco_run, tmp_path):
+    """It would report the old run's numbers under the new init's name."""
+    from detectron2_ext.resume import check_resume
+    from pretrain.errors import BadValueError
+
+    run = resumable_copy(coco_run, tmp_path / "run")
+    cfg = load_config(CPU_CONFIGS / "coco_segm_default_init_cpu.yaml", ["OUTPUT_DIR", str(run), "MODEL.WEIGHTS", "r18.pth",
+                                                                        "VIRTEX.INIT_NAME", "imagenet"])
+    with pytest.raises(BadValueError) as caught:
+        check_resume(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"{run}: --resume would continue the run trained from other weights (MODEL.WEIGHTS: ")
+    assert "-> r18.pth" in message and "VIRTEX.INIT_NAME: virtex -> imagenet" in message
+    assert check_resume(load_config(CPU_CONFIGS / "coco_segm_default_init_cpu.yaml", ["OUTPUT_DIR", str(tmp_path / "new")])) == ([], [])
