@@ -78,10 +78,15 @@ def extract_state_dict(checkpoint) -> dict:
     return checkpoint
 
 
+def anchor_prefixes(state_dict: dict, anchor: str) -> list[str]:
+    """The prefixes (sorted; ``""`` for top-level keys) of the keys that are ``anchor`` or end
+    with ``"." + anchor``: where the backbones that this key identifies live in a state dict."""
+    return sorted(k[: -len(anchor)] for k in state_dict if isinstance(k, str) and (k == anchor or k.endswith("." + anchor)))
+
+
 def find_resnet_prefix(state_dict: dict) -> str:
     """The key prefix under which a torchvision ResNet lives (``""`` for a plain one)."""
-    anchors = [k for k in state_dict if isinstance(k, str) and (k == ANCHOR_KEY or k.endswith("." + ANCHOR_KEY))]
-    prefixes = sorted(k[: -len(ANCHOR_KEY)] for k in anchors)
+    prefixes = anchor_prefixes(state_dict, ANCHOR_KEY)
     if not prefixes:
         sample = ", ".join(list(map(str, state_dict))[:5]) or "no keys"
         raise ConversionError(
