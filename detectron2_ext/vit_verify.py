@@ -20,43 +20,17 @@ from pretrain.errors import MissingInputError
 
 from .convert import ANCHOR_KEY as RESNET_ANCHOR
 from .convert import ConversionError, anchor_prefixes, extract_state_dict
-from .verify import TargetCheck, load_exactly
+from .verify import TargetCheck, load_exactly, record_kind, record_mismatches
 from .vit_backbone import check_vit_config
 from .vit_config import VITDET_BACKBONE
 from .vit_convert import ANCHOR_KEY as VIT_ANCHOR
 from .vit_convert import TARGET_PREFIX, ConvertedViT
 from .vit_training import check_solver_config
 
-#: MODEL.VIT key -> the conversion record's field it must equal.
-RECORDED = {
-    "EMBED_DIM": "embed_dim",
-    "DEPTH": "depth",
-    "PATCH_SIZE": "patch_size",
-    "PRETRAIN_IMG_SIZE": "pretrain_img_size",
-    "PRETRAIN_USE_CLS_TOKEN": "pretrain_use_cls_token",
-    "MLP_RATIO": "mlp_ratio",
-    "QKV_BIAS": "qkv_bias",
-    "NUM_HEADS": "num_heads",  # recorded where the source says (a pretraining config), else unchecked
-}
-
-
-def record_kind(record: dict) -> str:
-    """``"vit"`` or ``"resnet"`` for a conversion record (ResNet records of older files have no ``backbone``)."""
-    return record.get("backbone", "resnet")
-
 
 def config_kind(cfg) -> str:
     """``"vit"`` when the config builds the ViTDet backbone, else ``"resnet"``."""
     return "vit" if cfg.MODEL.BACKBONE.NAME == VITDET_BACKBONE else "resnet"
-
-
-def record_mismatches(cfg, record: dict) -> list[str]:
-    """``MODEL.VIT.KEY is X; the weights need Y`` for each recorded property the config contradicts."""
-    return [
-        f"MODEL.VIT.{key} is {cfg.MODEL.VIT[key]}; the weights need {record[field]}"
-        for key, field in RECORDED.items()
-        if field in record and cfg.MODEL.VIT[key] != record[field]
-    ]
 
 
 def check_vit_target_config(cfg, backbone: ConvertedViT, name: str) -> None:
@@ -146,10 +120,11 @@ def check_weights_fit_backbone(cfg, allow_unsafe_pickle: bool = False, resume: b
     is missing, a backbone that was never converted (in any layout the converter reads; of such
     a file detectron2 loads nothing, or what name matching guesses, and trains the rest from
     random init), a converted backbone of the other kind (ResNet weights for a ViTDet config, or
-    the reverse), or a ViT whose recorded patch size, pretraining image size, class slot or
-    shape contradicts ``MODEL.VIT``. Other files (e.g. a detectron2 checkpoint) are left to
-    detectron2, and nothing is checked when ``resume`` finds the run's own checkpoint, which
-    detectron2 then loads instead."""
+    the reverse), or one whose record contradicts the config (``MODEL.VIT``'s patch size,
+    pretraining image size, class slot or shape; ``MODEL.RESNETS``' depth, groups, widths or
+    stride placement). Other files (e.g. a detectron2 checkpoint) are left to detectron2, and
+    nothing is checked when ``resume`` finds the run's own checkpoint, which detectron2 then
+    loads instead."""
     weights = cfg.MODEL.WEIGHTS
     if not weights or "://" in weights:
         return
@@ -170,7 +145,7 @@ def check_weights_fit_backbone(cfg, allow_unsafe_pickle: bool = False, resume: b
             f"{weights}: holds {held} backbone, but MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME} builds "
             f"{'a ViT' if wanted == 'vit' else 'a ResNet'}; nothing would load"
         )
-    problems = record_mismatches(cfg, record) if kind == "vit" else []
+    problems = record_mismatches(cfg, record)
     if problems:
         raise ConversionError(f"{weights}: " + "; ".join(problems))
 
