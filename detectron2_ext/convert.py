@@ -4,7 +4,9 @@ Works from state-dict keys alone, so it needs no model code: a checkpoint of our
 the official VirTex model zoo (``{"model": {"visual.cnn.<resnet>": ...}}``), a DDP-wrapped one
 (``module.`` prefix), a ``{"state_dict": ...}`` wrapper or a plain torchvision ResNet state dict.
 The ResNet is found through its ``layer1.0.conv1.weight`` key; its depth comes from the number
-of blocks per stage and the block type.
+of blocks per stage and the block type, its groups and widths from the first block's shapes. The
+converted file records them (:attr:`ConvertedBackbone.metadata`): what ``MODEL.RESNETS`` must say,
+checked at conversion and before a fine-tuning run.
 
 Renaming (torchvision -> detectron2): ``conv1``/``bn1`` -> ``stem.conv1``/``stem.conv1.norm``,
 ``layerN.i`` -> ``res{N+1}.i``, ``bnK`` -> ``convK.norm``, ``downsample.0``/``downsample.1`` ->
@@ -63,9 +65,17 @@ class ConvertedBackbone:
     block: str  # "bottleneck" or "basic"
     blocks_per_stage: tuple
     source_prefix: str  # e.g. "visual.cnn." or "module.visual.cnn." or ""
+    widths: dict = field(default_factory=dict)  # record field -> value, from the tensor shapes (_widths)
     dropped_keys: list = field(default_factory=list)  # classifier keys under the prefix
     ignored_keys: int = 0  # keys outside the ResNet (e.g. the textual head)
     filled_batch_counters: int = 0  # BN layers without num_batches_tracked in the source
+
+    @property
+    def metadata(self) -> dict:
+        """What ``MODEL.RESNETS`` must say to hold these weights, as recorded in the converted
+        file and compared with the config at conversion and before a fine-tuning run."""
+        bottleneck = {"stride_in_1x1": False} if self.block == "bottleneck" else {}  # torchvision strides in the 3x3
+        return {"backbone": "resnet", "depth": self.depth, "block": self.block, **self.widths, **bottleneck}
 
 
 def extract_state_dict(checkpoint) -> dict:
@@ -78,10 +88,15 @@ def extract_state_dict(checkpoint) -> dict:
     return checkpoint
 
 
+def anchor_prefixes(state_dict: dict, anchor: str) -> list[str]:
+    """The prefixes (sorted; ``""`` for top-level keys) of the keys that are ``anchor`` or end
+    with ``"." + anchor``: where the backbones that this key identifies live in a state dict."""
+    return sorted(k[: -len(anchor)] for k in state_dict if isinstance(k, str) and (k == anchor or k.endswith("." + anchor)))
+
+
 def find_resnet_prefix(state_dict: dict) -> str:
     """The key prefix under which a torchvision ResNet lives (``""`` for a plain one)."""
-    anchors = [k for k in state_dict if isinstance(k, str) and (k == ANCHOR_KEY or k.endswith("." + ANCHOR_KEY))]
-    prefixes = sorted(k[: -len(ANCHOR_KEY)] for k in anchors)
+    prefixes = anchor_prefixes(state_dict, ANCHOR_KEY)
     if not prefixes:
         sample = ", ".join(list(map(str, state_dict))[:5]) or "no keys"
         raise ConversionError(
@@ -127,6 +142,29 @@ def _architecture(names) -> tuple[str, tuple, int]:
     return block, counts, depth
 
 
+def _shape(converted: dict, key: str) -> tuple:
+    """The shape of the converted tensor ``key`` (ConversionError if it is missing)."""
+    if key not in converted:
+        raise ConversionError(f"'{key}' is missing: every torchvision ResNet has it")
+    return tuple(converted[key].shape)
+
+
+def _widths(converted: dict, block: str) -> dict:
+    """The ``MODEL.RESNETS`` widths that detectron2 must build for these tensors, by record field.
+
+    The depth does not fix them: torchvision's wide_resnet50_2 is a ResNet-50 with bottlenecks
+    twice as wide (WIDTH_PER_GROUP 128), ResNeXts group the 3x3 convolution (NUM_GROUPS). Basic
+    blocks have no bottleneck, and detectron2 builds them ungrouped.
+    """
+    widths = {"stem_out_channels": _shape(converted, "stem.conv1.weight")[0]}
+    if block == "basic":
+        return {**widths, "res2_out_channels": _shape(converted, "res2.0.conv2.weight")[0], "num_groups": 1}
+    bottleneck = _shape(converted, "res2.0.conv1.weight")[0]
+    groups = bottleneck // _shape(converted, "res2.0.conv2.weight")[1]  # (out, in / groups, 3, 3)
+    return {**widths, "res2_out_channels": _shape(converted, "res2.0.conv3.weight")[0],
+            "num_groups": groups, "width_per_group": bottleneck // groups}
+
+
 def _check_norms(converted: dict) -> int:
     """Require complete BatchNorm layers; add missing ``num_batches_tracked`` counters as 0.
 
@@ -170,7 +208,7 @@ def convert_resnet_state_dict(checkpoint) -> ConvertedBackbone:
         converted[new_name] = value.detach().clone().contiguous()
     block, counts, depth = _architecture(converted)
     filled = _check_norms(converted)
-    return ConvertedBackbone(converted, depth, block, counts, prefix, dropped, ignored, filled)
+    return ConvertedBackbone(converted, depth, block, counts, prefix, _widths(converted, block), dropped, ignored, filled)
 
 
 def to_detectron2_checkpoint(backbone: ConvertedBackbone, source: str) -> dict:
@@ -183,11 +221,5 @@ def to_detectron2_checkpoint(backbone: ConvertedBackbone, source: str) -> dict:
         "model": backbone.state_dict,
         "__author__": "virtex-d2 tools/convert_backbone.py",
         "matching_heuristics": True,
-        "conversion": {
-            "backbone": "resnet",
-            "source": str(source),
-            "source_prefix": backbone.source_prefix,
-            "depth": backbone.depth,
-            "block": backbone.block,
-        },
+        "conversion": {"source": str(source), "source_prefix": backbone.source_prefix, **backbone.metadata},
     }

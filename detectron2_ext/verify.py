@@ -1,9 +1,13 @@
 """Check converted ResNet weights against the detectron2 models they are meant for.
 
-For each target config the model is built, the converted file is loaded through detectron2's
-checkpointer (with name-matching heuristics, exactly as ``MODEL.WEIGHTS`` is loaded for
-training), and every ResNet parameter and buffer of the model is required to come from the
+For each target config, ``MODEL.RESNETS`` must say what the conversion recorded (depth, groups,
+widths, where the stride is); the model is then built, the converted file is loaded through
+detectron2's checkpointer (with name-matching heuristics, exactly as ``MODEL.WEIGHTS`` is loaded
+for training), and every ResNet parameter and buffer of the model is required to come from the
 file, with the right shape and the exact value: nothing missing, unexpected or misplaced.
+
+The comparison of a conversion record with a config (:func:`record_mismatches`) serves both
+backbone kinds, here and before a fine-tuning run (:mod:`.vit_verify`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,47 @@ from .vit_config import VITDET_BACKBONE
 # What torchvision ResNets expect: RGB input normalised by the ImageNet mean/std (0-255 scale).
 TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
 TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+#: For each backbone kind: the config node under MODEL that must hold the converted weights,
+#: and its keys -> the conversion record's field each must equal (where the record has it).
+RECORDED = {
+    "vit": ("VIT", {
+        "EMBED_DIM": "embed_dim",
+        "DEPTH": "depth",
+        "PATCH_SIZE": "patch_size",
+        "PRETRAIN_IMG_SIZE": "pretrain_img_size",
+        "PRETRAIN_USE_CLS_TOKEN": "pretrain_use_cls_token",
+        "MLP_RATIO": "mlp_ratio",
+        "QKV_BIAS": "qkv_bias",
+        "NUM_HEADS": "num_heads",  # recorded where the source says (a pretraining config), else unchecked
+    }),
+    "resnet": ("RESNETS", {  # records of files converted before the widths were recorded have the depth only
+        "DEPTH": "depth",
+        "NUM_GROUPS": "num_groups",
+        "WIDTH_PER_GROUP": "width_per_group",  # bottlenecks only
+        "STRIDE_IN_1X1": "stride_in_1x1",  # bottlenecks only
+        "STEM_OUT_CHANNELS": "stem_out_channels",
+        "RES2_OUT_CHANNELS": "res2_out_channels",
+    }),
+}
+
+
+def record_kind(record: dict) -> str:
+    """``"vit"`` or ``"resnet"`` for a conversion record (ResNet records of older files have no ``backbone``)."""
+    return record.get("backbone", "resnet")
+
+
+def record_mismatches(cfg, record: dict) -> list[str]:
+    """``MODEL.<NODE>.KEY is X; the weights need Y`` for each recorded property the config
+    contradicts: detectron2 would then build layers of other shapes, whose tensors it skips
+    with a warning and leaves at random init, or compute something else with the same tensors."""
+    node, fields = RECORDED[record_kind(record)]
+    return [
+        f"MODEL.{node}.{key} is {cfg.MODEL[node][key]}; the weights need {record[field]}"
+        for key, field in fields.items()
+        if field in record and cfg.MODEL[node][key] != record[field]
+    ]
 
 
 @dataclass
@@ -49,22 +94,9 @@ def check_config(cfg, backbone: ConvertedBackbone, name: str) -> list:
             f"{name}: the checkpoint holds a ResNet-{backbone.depth} but this config builds a ViT "
             f"(MODEL.BACKBONE.NAME {VITDET_BACKBONE}); use a ResNet config"
         )
-    resnets = cfg.MODEL.RESNETS
-    if resnets.DEPTH != backbone.depth:
-        raise ConversionError(
-            f"{name}: MODEL.RESNETS.DEPTH is {resnets.DEPTH}, but the checkpoint holds a "
-            f"ResNet-{backbone.depth} ({backbone.block} blocks {backbone.blocks_per_stage})"
-        )
-    if backbone.block == "basic" and resnets.RES2_OUT_CHANNELS != 64:
-        raise ConversionError(
-            f"{name}: a ResNet-{backbone.depth} needs MODEL.RESNETS.RES2_OUT_CHANNELS 64 in "
-            f"detectron2, the config has {resnets.RES2_OUT_CHANNELS}"
-        )
-    if backbone.block == "bottleneck" and resnets.STRIDE_IN_1X1:
-        raise ConversionError(
-            f"{name}: torchvision ResNets stride in the 3x3 convolution; set "
-            f"MODEL.RESNETS.STRIDE_IN_1X1 False (True would silently change every stage's output)"
-        )
+    problems = record_mismatches(cfg, backbone.metadata)
+    if problems:
+        raise ConversionError(f"{name}: " + "; ".join(problems))
     warnings = []
     if cfg.INPUT.FORMAT != "RGB":
         warnings.append(f"INPUT.FORMAT is {cfg.INPUT.FORMAT}; torchvision-style backbones were trained on RGB")

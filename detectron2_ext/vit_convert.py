@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .convert import ConversionError
+from .convert import ConversionError, anchor_prefixes
 
 ANCHOR_KEY = "patch_embed.proj.weight"
 TARGET_PREFIX = "backbone.net."
@@ -86,9 +86,7 @@ class ConvertedViT:
 
 def find_vit_prefix(state_dict: dict) -> str | None:
     """The prefix under which a timm-format ViT lives (``""`` for a plain one), or None if none."""
-    prefixes = sorted(
-        k[: -len(ANCHOR_KEY)] for k in state_dict if isinstance(k, str) and (k == ANCHOR_KEY or k.endswith("." + ANCHOR_KEY))
-    )
+    prefixes = anchor_prefixes(state_dict, ANCHOR_KEY)
     if len(prefixes) > 1:
         raise ConversionError(f"several ViTs found, under prefixes {prefixes}; expected exactly one")
     return prefixes[0] if prefixes else None

@@ -11,49 +11,26 @@ must come from the file, with its exact value.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 from detectron2.modeling import build_model
 
 from pretrain.checkpoint_io import read_checkpoint
 from pretrain.errors import MissingInputError
 
-from .convert import ConversionError
-from .verify import TargetCheck, load_exactly
+from .convert import ANCHOR_KEY as RESNET_ANCHOR
+from .convert import ConversionError, anchor_prefixes, extract_state_dict
+from .verify import TargetCheck, load_exactly, record_kind, record_mismatches
 from .vit_backbone import check_vit_config
 from .vit_config import VITDET_BACKBONE
+from .vit_convert import ANCHOR_KEY as VIT_ANCHOR
 from .vit_convert import TARGET_PREFIX, ConvertedViT
 from .vit_training import check_solver_config
-
-#: MODEL.VIT key -> the conversion record's field it must equal.
-RECORDED = {
-    "EMBED_DIM": "embed_dim",
-    "DEPTH": "depth",
-    "PATCH_SIZE": "patch_size",
-    "PRETRAIN_IMG_SIZE": "pretrain_img_size",
-    "PRETRAIN_USE_CLS_TOKEN": "pretrain_use_cls_token",
-    "MLP_RATIO": "mlp_ratio",
-    "QKV_BIAS": "qkv_bias",
-    "NUM_HEADS": "num_heads",  # recorded where the source says (a pretraining config), else unchecked
-}
-
-
-def record_kind(record: dict) -> str:
-    """``"vit"`` or ``"resnet"`` for a conversion record (ResNet records of older files have no ``backbone``)."""
-    return record.get("backbone", "resnet")
 
 
 def config_kind(cfg) -> str:
     """``"vit"`` when the config builds the ViTDet backbone, else ``"resnet"``."""
     return "vit" if cfg.MODEL.BACKBONE.NAME == VITDET_BACKBONE else "resnet"
-
-
-def record_mismatches(cfg, record: dict) -> list[str]:
-    """``MODEL.VIT.KEY is X; the weights need Y`` for each recorded property the config contradicts."""
-    return [
-        f"MODEL.VIT.{key} is {cfg.MODEL.VIT[key]}; the weights need {record[field]}"
-        for key, field in RECORDED.items()
-        if field in record and cfg.MODEL.VIT[key] != record[field]
-    ]
 
 
 def check_vit_target_config(cfg, backbone: ConvertedViT, name: str) -> None:
@@ -87,41 +64,77 @@ def verify_vit_target(cfg, backbone: ConvertedViT, weights_path, name: str) -> T
     return TargetCheck(name, architecture, len(expected), untouched, [])
 
 
-def unconverted_kind(checkpoint) -> str | None:
-    """What an unconverted backbone file is (a pretraining checkpoint or a torchvision ResNet
-    state dict), or None: detectron2 would match none of its keys and train from random init."""
-    if not isinstance(checkpoint, dict):
+#: The backbones the converter finds (by these keys, under any prefix) and the names they are in.
+SOURCE_BACKBONES = ((RESNET_ANCHOR, "a ResNet in torchvision's names"), (VIT_ANCHOR, "a ViT in timm's names"))
+
+
+def unconverted_backbone(checkpoint) -> str | None:
+    """The backbone that the converter would find in ``checkpoint``, which has no conversion
+    record (``"a ResNet in torchvision's names (keys 'module.encoder_q.*')"``), or None.
+
+    Found as the converter finds it, in any layout it reads (a pretraining checkpoint, a DDP
+    wrapper, ``{"state_dict": ...}``, a plain state dict, with or without a classifier); a ViT
+    under detectron2's own ``backbone.net.`` (e.g. train_net's ``model_final.pth``) is not one.
+    """
+    if not isinstance(checkpoint, dict) or isinstance(checkpoint.get("conversion"), dict):
         return None
-    model = checkpoint.get("model")
-    if isinstance(model, dict) and any(isinstance(k, str) and k.startswith("visual.") for k in model):
-        return "a pretraining checkpoint (its 'model' holds visual.* weights)"
-    if "layer1.0.conv1.weight" in checkpoint and "fc.weight" in checkpoint:
-        return "a torchvision ResNet state dict"
+    state_dict = extract_state_dict(checkpoint)
+    for anchor, what in SOURCE_BACKBONES:
+        places = [f"keys '{p}*'" if p else "top-level keys" for p in anchor_prefixes(state_dict, anchor)
+                  if p != TARGET_PREFIX]
+        if places:
+            return f"{what} ({', '.join(places)})"
     return None
+
+
+def weights_file(weights: str) -> str:
+    """The file that detectron2's checkpointer reads for ``MODEL.WEIGHTS``: the value without a
+    ``?query`` such as ``?matching_heuristics=True`` (the form of detectron2's ViTDet configs)."""
+    return urlparse(weights)._replace(query="").geturl()
+
+
+def matches_names(weights: str, checkpoint) -> bool:
+    """Whether detectron2 loads the file by name-matching heuristics (asked for by the query or
+    by the file), which place what they can guess and skip the rest with a warning."""
+    return parse_qs(urlparse(weights).query).get("matching_heuristics") == ["True"] or (
+        isinstance(checkpoint, dict) and checkpoint.get("matching_heuristics") is True
+    )
+
+
+def refuse_unconverted(weights: str, checkpoint) -> None:
+    """ConversionError, with the command that converts it, when ``checkpoint`` (read from
+    ``MODEL.WEIGHTS``) holds a backbone that was never converted for detectron2."""
+    unconverted = unconverted_backbone(checkpoint)
+    if unconverted:
+        loads = ("detectron2's name matching would load only what it guesses, unchecked"
+                 if matches_names(weights, checkpoint) else "detectron2 would load none of it")
+        raise ConversionError(
+            f"MODEL.WEIGHTS {weights}: {unconverted} with no conversion record, not detectron2 weights ({loads}); "
+            f"convert it first: python tools/convert_backbone.py --input {weights_file(weights)} --output <name>.pth "
+            f"--config-file <this config>"
+        )
 
 
 def check_weights_fit_backbone(cfg, allow_unsafe_pickle: bool = False, resume: bool = False) -> None:
     """Before a fine-tuning run: an input error when ``MODEL.WEIGHTS`` names a local file that
-    is missing, an unconverted backbone (a pretraining checkpoint or a torchvision state dict,
-    of which detectron2 would load nothing, silently), a converted backbone of the other kind
-    (ResNet weights for a ViTDet config, or the reverse), or a ViT whose recorded patch size,
-    pretraining image size, class slot or shape contradicts ``MODEL.VIT``. Other files (e.g. a
-    detectron2 checkpoint) are left to detectron2, and nothing is checked when ``resume`` finds
-    the run's own checkpoint, which detectron2 then loads instead."""
+    is missing, a backbone that was never converted (in any layout the converter reads; of such
+    a file detectron2 loads nothing, or what name matching guesses, and trains the rest from
+    random init), a converted backbone of the other kind (ResNet weights for a ViTDet config, or
+    the reverse), or one whose record contradicts the config (``MODEL.VIT``'s patch size,
+    pretraining image size, class slot or shape; ``MODEL.RESNETS``' depth, groups, widths or
+    stride placement). Other files (e.g. a detectron2 checkpoint) are left to detectron2, and
+    nothing is checked when ``resume`` finds the run's own checkpoint, which detectron2 then
+    loads instead."""
     weights = cfg.MODEL.WEIGHTS
     if not weights or "://" in weights:
         return
     if resume and (Path(cfg.OUTPUT_DIR) / "last_checkpoint").is_file():
         return
-    if not Path(weights).is_file():
+    path = Path(weights_file(weights))
+    if not path.is_file():
         raise MissingInputError(f"MODEL.WEIGHTS {weights}: file not found")
-    checkpoint = read_checkpoint(weights, allow_unsafe_pickle) if Path(weights).suffix != ".pkl" else {}
-    unconverted = unconverted_kind(checkpoint)
-    if unconverted:
-        raise ConversionError(
-            f"MODEL.WEIGHTS {weights}: {unconverted}, not detectron2 weights (nothing would load); convert "
-            f"it first: python tools/convert_backbone.py --input {weights} --output <name>.pth --config-file <this config>"
-        )
+    checkpoint = read_checkpoint(path, allow_unsafe_pickle) if path.suffix != ".pkl" else {}
+    refuse_unconverted(weights, checkpoint)
     record = checkpoint.get("conversion") if isinstance(checkpoint, dict) else None
     if not isinstance(record, dict):
         return
@@ -132,7 +145,7 @@ def check_weights_fit_backbone(cfg, allow_unsafe_pickle: bool = False, resume: b
             f"{weights}: holds {held} backbone, but MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME} builds "
             f"{'a ViT' if wanted == 'vit' else 'a ResNet'}; nothing would load"
         )
-    problems = record_mismatches(cfg, record) if kind == "vit" else []
+    problems = record_mismatches(cfg, record)
     if problems:
         raise ConversionError(f"{weights}: " + "; ".join(problems))
 

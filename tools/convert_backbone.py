@@ -3,8 +3,10 @@
 
 Accepts a checkpoint of ours, one from the official VirTex model zoo, or a torchvision ResNet
 state dict, and writes ``{"model": ..., "__author__": ..., "matching_heuristics": True}`` as a
-``.pth`` of tensors. The weights are verified by loading them into the target detectron2 models
-(by default R50-FPN Mask R-CNN and R50-C4 Faster R-CNN from configs/detectron2/):
+``.pth`` of tensors, with a ``conversion`` record of what ``MODEL.RESNETS`` (or ``MODEL.VIT``)
+must say, which tools/train_net.py checks before fine-tuning. The weights are verified by
+loading them into the target detectron2 models (by default R50-FPN Mask R-CNN and R50-C4 Faster
+R-CNN from configs/detectron2/):
 
     python tools/convert_backbone.py --input bicaptioning_R_50_L1_H2048.pth --output virtex_r50.pth
 
@@ -13,6 +15,8 @@ For another depth, verify against configs of that depth, e.g. for a ResNet-18:
     python tools/convert_backbone.py --input r18.pth --output r18_d2.pth \\
         --config-file configs/detectron2/coco_segm_default_init_2x.yaml \\
         MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64
+
+and for another width, e.g. torchvision's wide_resnet50_2, add ``MODEL.RESNETS.WIDTH_PER_GROUP 128``.
 
 The paper's baselines, made as the official code makes them:
 

@@ -20,8 +20,13 @@ from torch import nn
 from detectron2_ext import load_config
 from detectron2_ext.checkpoint import SafeDetectionCheckpointer
 from detectron2_ext.convert import ConversionError, convert_resnet_state_dict
-from detectron2_ext.transfer import check_output_path, convert_checkpoint_file
+from detectron2_ext.transfer import (
+    check_output_path,
+    convert_checkpoint_file,
+    convert_weights,
+)
 from detectron2_ext.verify import check_config
+from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -139,15 +144,83 @@ def test_bad_resnets():
 
 def test_config_mismatches_are_explained():
     r18 = convert_resnet_state_dict(meta_state_dict("resnet18"))
-    with pytest.raises(ConversionError, match=r"MODEL.RESNETS.DEPTH is 50, but the checkpoint holds a ResNet-18"):
+    with pytest.raises(ConversionError, match=r"MODEL.RESNETS.DEPTH is 50; the weights need 18; "
+                                              r"MODEL.RESNETS.RES2_OUT_CHANNELS is 256; the weights need 64"):
         check_config(load_config(COCO), r18, COCO.name)
-    with pytest.raises(ConversionError, match="RES2_OUT_CHANNELS 64"):
+    with pytest.raises(ConversionError, match=r"MODEL.RESNETS.RES2_OUT_CHANNELS is 256; the weights need 64$"):
         check_config(load_config(COCO, ["MODEL.RESNETS.DEPTH", 18]), r18, COCO.name)
     r50 = convert_resnet_state_dict(meta_state_dict("resnet50"))
-    with pytest.raises(ConversionError, match="STRIDE_IN_1X1 False"):
+    with pytest.raises(ConversionError, match=r"MODEL.RESNETS.STRIDE_IN_1X1 is True; the weights need False$"):
         check_config(load_config(COCO, ["MODEL.RESNETS.STRIDE_IN_1X1", True]), r50, COCO.name)
     warnings = check_config(load_config(COCO, ["INPUT.FORMAT", "BGR"]), r50, COCO.name)
     assert any("INPUT.FORMAT is BGR" in w for w in warnings)
+
+
+@pytest.mark.parametrize("name, widths, opts", [
+    ("wide_resnet50_2", {"num_groups": 1, "width_per_group": 128}, ["MODEL.RESNETS.WIDTH_PER_GROUP", 128]),
+    ("resnext50_32x4d", {"num_groups": 32, "width_per_group": 4},
+     ["MODEL.RESNETS.NUM_GROUPS", 32, "MODEL.RESNETS.WIDTH_PER_GROUP", 4]),
+])
+def test_the_width_of_a_resnet_50_is_recorded_and_checked(name, widths, opts):
+    """A wide ResNet-50-2 or a ResNeXt-50 has the blocks of a ResNet-50: the record said only
+    "ResNet-50", and the standard R50 config built layers of other shapes, which stayed at random init."""
+    backbone = convert_resnet_state_dict(meta_state_dict(name))
+    assert backbone.metadata == {"backbone": "resnet", "depth": 50, "block": "bottleneck", "stem_out_channels": 64,
+                                 "res2_out_channels": 256, **widths, "stride_in_1x1": False}
+    expected = "; ".join(f"MODEL.RESNETS.{key} is {default}; the weights need {widths[field]}"
+                         for key, field, default in (("NUM_GROUPS", "num_groups", 1),
+                                                     ("WIDTH_PER_GROUP", "width_per_group", 64))
+                         if widths[field] != default)
+    with pytest.raises(ConversionError, match=rf"^{COCO.name}: {expected}$"):
+        check_config(load_config(COCO), backbone, COCO.name)
+    assert check_config(load_config(COCO, opts), backbone, COCO.name) == []
+
+
+def narrow_resnet50(seed: int = 0) -> nn.Module:
+    """A torchvision ResNet-50 a quarter as wide in its bottlenecks (width_per_group 16, as
+    wide_resnet50_2 has 128): real bottleneck weights of a recorded width, 8 M parameters."""
+    torch.manual_seed(seed)
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], width_per_group=16)
+
+
+def test_a_run_refuses_a_converted_resnet_its_config_would_not_build(tmp_path):
+    """Converted ResNet records were never compared with the run's config: R18 weights under an
+    R50 config, R50 weights under an R18 config or a wider R50 under the standard config loaded
+    the few tensors whose shapes agree and left the rest at random init, with only fvcore's
+    warnings to tell; STRIDE_IN_1X1 True loaded all and computed something else."""
+    r18_config = CONFIGS / "builtin" / "lvis_segm_R_18_FPN_builtin.yaml"
+    narrow, r18 = tmp_path / "narrow_r50.pth", tmp_path / "r18.pth"
+    convert_weights(narrow_resnet50().state_dict(), "narrow", narrow,
+                    [("coco", load_config(COCO, ["MODEL.RESNETS.WIDTH_PER_GROUP", 16]))])
+    convert_weights(randomized_resnet("resnet18").state_dict(), "r18", r18, [("r18", load_config(r18_config))])
+    assert torch.load(narrow, weights_only=True)["conversion"]["width_per_group"] == 16
+
+    def run(config, weights, *opts):
+        check_backbone_run(load_config(config, ["MODEL.WEIGHTS", str(weights), *opts]))
+
+    run(COCO, narrow, "MODEL.RESNETS.WIDTH_PER_GROUP", 16)
+    run(r18_config, r18)
+    for config, weights, opts, message in [
+        (COCO, narrow, [], "MODEL.RESNETS.WIDTH_PER_GROUP is 64; the weights need 16"),
+        (COCO, narrow, ["MODEL.RESNETS.WIDTH_PER_GROUP", 16, "MODEL.RESNETS.STRIDE_IN_1X1", True],
+         "MODEL.RESNETS.STRIDE_IN_1X1 is True; the weights need False"),
+        (r18_config, narrow, ["MODEL.RESNETS.WIDTH_PER_GROUP", 16],
+         "MODEL.RESNETS.DEPTH is 18; the weights need 50; MODEL.RESNETS.RES2_OUT_CHANNELS is 64; the weights need 256"),
+        (COCO, r18, [], ("MODEL.RESNETS.DEPTH is 50; the weights need 18; "
+                         "MODEL.RESNETS.RES2_OUT_CHANNELS is 256; the weights need 64")),
+    ]:
+        with pytest.raises(ConversionError) as refusal:
+            run(config, weights, *opts)
+        assert str(refusal.value) == f"{weights}: {message}"
+
+    # Converted before the widths were recorded: the record has the depth, and only it is compared.
+    for weights in (narrow, r18):
+        old = torch.load(weights, weights_only=True)
+        old["conversion"] = {k: old["conversion"][k] for k in ("source", "source_prefix", "depth", "block")}
+        torch.save(old, weights)
+    run(COCO, narrow)
+    with pytest.raises(ConversionError, match=r"r18.pth: MODEL.RESNETS.DEPTH is 50; the weights need 18$"):
+        run(COCO, r18)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet18", "resnet34"])

@@ -5,12 +5,17 @@ and what cannot be placed (LayerScale, odd shapes, the wrong backbone kind or pr
 is refused naming the key or file."""
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
 
 from detectron2_ext import load_config
 from detectron2_ext.convert import ConversionError
@@ -18,6 +23,7 @@ from detectron2_ext.transfer import convert_weights, describe
 from detectron2_ext.vit_backbone import build_vit
 from detectron2_ext.vit_convert import convert_vit_state_dict
 from detectron2_ext.vit_verify import check_backbone_run
+from pretrain.checkpoint_io import read_checkpoint
 from pretrain.config import ConfigError
 from pretrain.config import load_config as load_pretrain_config
 from pretrain.errors import MissingInputError
@@ -202,21 +208,29 @@ def test_the_head_count_of_a_pretraining_checkpoint_is_recorded_and_checked(tmp_
     assert "heads not recorded: MODEL.VIT.NUM_HEADS must be the pretraining's" in describe(backbone, "mae.pth")
 
 
-def test_a_run_refuses_unconverted_or_missing_weights_unless_it_resumes_its_own(tmp_path):
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict:
+    """A torchvision ResNet-18 state dict with its classifier (``fc``), as torchvision saves it."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().state_dict()
+
+
+def test_a_run_refuses_unconverted_or_missing_weights_unless_it_resumes_its_own(tmp_path, resnet18_state):
     """detectron2 would load none of an unconverted file's keys and train from random init, with
     only its list of missing keys to tell; a missing file would fail after the model is built."""
     r18 = REPO / "configs" / "detectron2" / "builtin" / "lvis_segm_R_18_FPN_builtin.yaml"
     pretraining = tmp_path / "checkpoint_600.pth"  # ours and the official code's: visual.* under "model"
-    torch.save({"model": {"visual.cnn.conv1.weight": torch.zeros(1), "textual.x": torch.zeros(1)}, "iteration": 600},
-               pretraining)
+    torch.save({"model": {**{f"visual.cnn.{k}": v for k, v in resnet18_state.items() if not k.startswith("fc.")},
+                          "textual.x": torch.zeros(1)}, "iteration": 600}, pretraining)
     torchvision_file = tmp_path / "resnet18.pth"
-    torch.save({"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)},
-               torchvision_file)
+    torch.save(resnet18_state, torchvision_file)
     for config in (r18, BUILTIN_T):
-        with pytest.raises(ConversionError, match=rf"MODEL.WEIGHTS {pretraining}: a pretraining checkpoint .* "
+        with pytest.raises(ConversionError, match=rf"MODEL.WEIGHTS {pretraining}: a ResNet in torchvision's names "
+                                                  rf"\(keys 'visual.cnn.\*'\) with no conversion record, .* "
                                                   rf"convert it first: python tools/convert_backbone.py --input"):
             check_backbone_run(load_config(config, ["MODEL.WEIGHTS", str(pretraining)]))
-    with pytest.raises(ConversionError, match=rf"MODEL.WEIGHTS {torchvision_file}: a torchvision ResNet state dict"):
+    with pytest.raises(ConversionError, match=rf"MODEL.WEIGHTS {torchvision_file}: a ResNet in torchvision's names "
+                                              rf"\(top-level keys\)"):
         check_backbone_run(load_config(r18, ["MODEL.WEIGHTS", str(torchvision_file)]))
     missing = tmp_path / "converted.pth"
     with pytest.raises(MissingInputError, match=rf"MODEL.WEIGHTS {missing}: file not found"):
@@ -231,6 +245,78 @@ def test_a_run_refuses_unconverted_or_missing_weights_unless_it_resumes_its_own(
     check_backbone_run(load_config(r18, opts), resume=True)
     with pytest.raises(MissingInputError):
         check_backbone_run(load_config(r18, opts), resume=False)
+
+
+R18_BUILTIN = REPO / "configs" / "detectron2" / "builtin" / "lvis_segm_R_18_FPN_builtin.yaml"
+# Layouts the converter reads beyond a pretraining checkpoint and torchvision's own file:
+# layout -> (file contents from a ResNet-18 state dict and a MAE-format ViT, config, where the backbone is).
+CONVERTIBLE_LAYOUTS = {
+    "torchvision_without_fc": (  # DINO's and Barlow Twins' released ResNet-50s
+        lambda r18, vit: {k: v for k, v in r18.items() if not k.startswith("fc.")}, R18_BUILTIN,
+        "a ResNet in torchvision's names (top-level keys)"),
+    "moco": (
+        lambda r18, vit: {"state_dict": {f"module.encoder_q.{k}": v for k, v in r18.items()}, "epoch": 200},
+        R18_BUILTIN, "a ResNet in torchvision's names (keys 'module.encoder_q.*')"),
+    "ddp_pretraining": (
+        lambda r18, vit: {"model": {f"module.visual.cnn.{k}": v for k, v in r18.items() if not k.startswith("fc.")}},
+        R18_BUILTIN, "a ResNet in torchvision's names (keys 'module.visual.cnn.*')"),
+    "mae": (lambda r18, vit: {"model": vit}, VITDET_B, "a ViT in timm's names (top-level keys)"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(CONVERTIBLE_LAYOUTS))
+def test_a_run_refuses_a_backbone_in_any_layout_the_converter_reads(tmp_path, resnet18_state, layout):
+    """Each of these passed the check and trained from random init (0 of 265 ResNet-50 tensors,
+    0 of 171 ViTDet-T tensors loaded); refused, the command it names converts the same file."""
+    contents, config, found = CONVERTIBLE_LAYOUTS[layout]
+    opts = NARROW if config == VITDET_B else []
+    source = tmp_path / "source.pth"
+    torch.save(contents(resnet18_state, mae_format_state_dict()), source)
+    with pytest.raises(ConversionError) as refusal:
+        check_backbone_run(load_config(config, [*opts, "MODEL.WEIGHTS", str(source)]))
+    assert str(refusal.value) == (
+        f"MODEL.WEIGHTS {source}: {found} with no conversion record, not detectron2 weights (detectron2 would load "
+        f"none of it); convert it first: python tools/convert_backbone.py --input {source} --output <name>.pth "
+        f"--config-file <this config>")
+    convert_weights(read_checkpoint(source), str(source), tmp_path / "d2.pth", [("target", load_config(config, opts))])
+    check_backbone_run(load_config(config, [*opts, "MODEL.WEIGHTS", str(tmp_path / "d2.pth")]))
+
+
+def test_weights_with_a_query_are_checked_as_the_file_they_name(tmp_path):
+    """detectron2's ViTDet configs name MAE's file with ``?matching_heuristics=True``; its
+    checkpointer strips the query, so a local copy named that way was refused as not found."""
+    mae = tmp_path / "mae.pth"
+    torch.save({"model": mae_format_state_dict()}, mae)
+    with pytest.raises(ConversionError, match=rf"MODEL.WEIGHTS {mae}\?matching_heuristics=True: a ViT in timm's names "
+                                              rf".*name matching would load only what it guesses, unchecked\); convert "
+                                              rf"it first: python tools/convert_backbone.py --input {mae} --output"):
+        check_backbone_run(load_config(VITDET_B, [*NARROW, "MODEL.WEIGHTS", f"{mae}?matching_heuristics=True"]))
+    converted = tmp_path / "vit.pth"
+    convert_weights(read_checkpoint(mae), str(mae), converted, [("b", load_config(VITDET_B, NARROW))])
+    check_backbone_run(load_config(VITDET_B, [*NARROW, "MODEL.WEIGHTS", f"{converted}?matching_heuristics=True"]))
+    with pytest.raises(ConversionError, match=r"vit.pth\?matching_heuristics=True: MODEL.VIT.PRETRAIN_IMG_SIZE is 384; "
+                                              r"the weights need 224"):
+        check_backbone_run(load_config(VITDET_B, [*NARROW, "MODEL.WEIGHTS", f"{converted}?matching_heuristics=True",
+                                                  "MODEL.VIT.PRETRAIN_IMG_SIZE", "384"]))
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(MissingInputError, match=rf"MODEL.WEIGHTS {missing}\?matching_heuristics=True: file not found"):
+        check_backbone_run(load_config(BUILTIN_T, ["MODEL.WEIGHTS", f"{missing}?matching_heuristics=True"]))
+
+
+@pytest.mark.parametrize("config", [R18_BUILTIN, BUILTIN_T], ids=["resnet", "vitdet"])
+def test_detectron2_checkpoints_are_left_to_detectron2(tmp_path, config):
+    """A fine-tuned model of ours (train_net's ``model_final.pth``: a ViTDet's ViT is under
+    ``backbone.net.``, detectron2's own names) and a model-zoo ``.pkl`` carry no conversion
+    record and load as they are: not refused."""
+    cfg = load_config(config, ["MODEL.DEVICE", "cpu"])
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model_final", iteration=99)
+    for weights in (tmp_path / "model_final.pth", f"{tmp_path / 'model_final.pth'}?matching_heuristics=True"):
+        check_backbone_run(load_config(config, ["MODEL.WEIGHTS", str(weights)]))
+    zoo = tmp_path / "model_final_f10217.pkl"
+    with open(zoo, "wb") as f:
+        pickle.dump({"model": {"backbone.bottom_up.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)},
+                     "__author__": "Detectron2 Model Zoo"}, f)
+    check_backbone_run(load_config(config, ["MODEL.WEIGHTS", str(zoo)]))
 
 
 def test_convert_tool_names_layerscale_in_one_line_and_exits_2(tmp_path):
