@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pretrain.data.dataset_root import DatasetLayoutError, load_json
-from pretrain.errors import CheckReport
+from pretrain.errors import CheckReport, is_machine_fault
 
 from .datasets import check_dataset_files
 from .voc_annotations import OPTIONAL_DEFAULTS, box_tolerance, read_voc_annotation
@@ -64,7 +64,7 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width an
 def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], str]:
     """``(width, height)`` of an image as detectron2's ``read_image`` returns it (EXIF
     orientation applied), and its PIL mode, read from the header only. Raises ``OSError`` for a
-    non-image."""
+    non-image, or when the machine fails the read (:func:`~pretrain.errors.is_machine_fault`)."""
     with Image.open(path) as image:
         width, height = image.size
         if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
@@ -87,7 +87,9 @@ class ImageFiles:
 
     def check(self, expected: Iterable[tuple[str, int | None, int | None, str, str]], desc: str) -> None:
         """``expected``: (image path, width, height, what names the image, what gives its size)
-        per image; a width and height of None check the file's presence only."""
+        per image; a width and height of None check the file's presence only. A machine fault
+        while a header is read (EIO, a stale NFS handle) is raised as it is: it is no fault of the
+        file, which the report would tell the user to replace."""
         expected = list(expected)
         for path, width, height, named_by, source in tqdm(expected, desc=desc, unit="img", leave=False,
                                                           mininterval=1.0, disable=len(expected) < 2000):
@@ -100,6 +102,8 @@ class ImageFiles:
             try:
                 actual, mode = image_header(path)
             except OSError as err:
+                if is_machine_fault(err):  # a disk or network file system error: the file may be fine
+                    raise
                 self.report.problem(f"{path}: not a readable image ({err}); replace the file")
                 continue
             if mode.startswith("I;16"):

@@ -6,6 +6,7 @@ evaluate (the issue: detectron2's VOC evaluator crashed after the whole fine-tun
 tests run tools/train_net.py twice (once to the end, once stopped by the check) and
 tools/check_dataset.py.
 """
+import errno
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from detectron2.data.datasets import load_voc_instances, register_pascal_voc
 from detectron2.evaluation import pascal_voc_evaluation
 from PIL import Image
 
+from detectron2_ext import dataset_checks
 from detectron2_ext.dataset_checks import (
     check_datasets,
     check_instances_json,
@@ -444,6 +446,28 @@ def test_a_16_bit_image_is_named(coco):
     Image.fromarray(deep).save(path, format="PNG")  # under its .jpg name, as converters leave them
     problem = only_problem(check_coco(coco))
     assert problem == f"{path}: a 16-bit image, which detectron2 reads clipped to white; save it with 8 bits per channel"
+
+
+def test_a_machine_fault_while_reading_an_image_is_raised_not_blamed_on_the_file(coco, monkeypatch):
+    """A disk error (EIO, as a stale NFS handle gives) while a header is read says nothing about
+    the image: raised as it is (a traceback), not "replace the file"; a file that is no image
+    stays a problem naming it."""
+    names = [image["file_name"] for image in json.loads(coco.read_text())["images"]]
+    failing, not_an_image = coco.parent / "val2017" / names[0], coco.parent / "val2017" / names[1]
+    real_open = dataset_checks.Image.open
+
+    def open_failing_on_one_file(path, *args, **kwargs):
+        if Path(path) == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(dataset_checks.Image, "open", open_failing_on_one_file)
+    with pytest.raises(OSError) as caught:
+        check_coco(coco)
+    assert caught.value.errno == errno.EIO and caught.value.filename == str(failing)
+    monkeypatch.undo()
+    not_an_image.write_bytes(b"not an image")
+    problem = only_problem(check_coco(coco))
+    assert problem.startswith(f"{not_an_image}: not a readable image (") and problem.endswith("replace the file")
 
 
 def test_size_of_an_exif_rotated_image_says_that_it_is_turned(coco):
