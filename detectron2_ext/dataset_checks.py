@@ -24,7 +24,9 @@ checked too):
   ``bbox`` inside the image, polygons of even length >= 6 or an RLE of the image's size, RLE
   objects only where ``INPUT.MASK_FORMAT`` is ``bitmask``, at least one object that is not a
   crowd region in a file that is trained on; ``area``, COCO's ``iscrowd`` and LVIS's per-image
-  category lists where the dataset is evaluated).
+  category lists where the dataset is evaluated). Every COCO-format file a run trains or
+  evaluates on must give the same classes in order of id (:func:`check_same_classes`):
+  detectron2 numbers each file's categories on its own.
 
 Image files are checked from their headers (size, after EXIF orientation as detectron2's
 ``read_image`` applies it), not decoded: a header costs about 0.1 ms, so COCO train2017's 118K
@@ -50,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pretrain.data.dataset_root import DatasetLayoutError, load_json
-from pretrain.errors import CheckReport
+from pretrain.errors import CheckReport, is_machine_fault
 
 from .datasets import check_dataset_files
 from .voc_annotations import OPTIONAL_DEFAULTS, box_tolerance, read_voc_annotation
@@ -64,7 +66,7 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width an
 def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], str]:
     """``(width, height)`` of an image as detectron2's ``read_image`` returns it (EXIF
     orientation applied), and its PIL mode, read from the header only. Raises ``OSError`` for a
-    non-image."""
+    non-image, or when the machine fails the read (:func:`~pretrain.errors.is_machine_fault`)."""
     with Image.open(path) as image:
         width, height = image.size
         if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
@@ -87,7 +89,9 @@ class ImageFiles:
 
     def check(self, expected: Iterable[tuple[str, int | None, int | None, str, str]], desc: str) -> None:
         """``expected``: (image path, width, height, what names the image, what gives its size)
-        per image; a width and height of None check the file's presence only."""
+        per image; a width and height of None check the file's presence only. A machine fault
+        while a header is read (EIO, a stale NFS handle) is raised as it is: it is no fault of the
+        file, which the report would tell the user to replace."""
         expected = list(expected)
         for path, width, height, named_by, source in tqdm(expected, desc=desc, unit="img", leave=False,
                                                           mininterval=1.0, disable=len(expected) < 2000):
@@ -100,6 +104,8 @@ class ImageFiles:
             try:
                 actual, mode = image_header(path)
             except OSError as err:
+                if is_machine_fault(err):  # a disk or network file system error: the file may be fine
+                    raise
                 self.report.problem(f"{path}: not a readable image ({err}); replace the file")
                 continue
             if mode.startswith("I;16"):
@@ -232,8 +238,8 @@ class _InstancesChecker:
     def problem(self, where: str, what: str) -> None:
         self.report.problem(f"{self.json_file}: {where}: {what}")
 
-    def categories(self, data: dict, table: dict[int, str] | None, dataset_name: str) -> set[int]:
-        """The listed category ids, checked against the builtin table of ``dataset_name``."""
+    def categories(self, data: dict, table: dict[int, str] | None, dataset_name: str) -> dict[int, str]:
+        """The listed categories (id -> name), checked against the builtin table of ``dataset_name``."""
         categories = data.get("categories")
         if not isinstance(categories, list) or not categories:
             self.problem("'categories'", "missing or empty; list the dataset's categories (id, name)")
@@ -256,7 +262,7 @@ class _InstancesChecker:
                              "must be 'r', 'c' or 'f' (the LVIS evaluator groups AP by it)")
         if table is not None:
             self._against_table(names, table, dataset_name)
-        return set(names)
+        return names
 
     def _against_table(self, names: dict[int, str], table: dict[int, set[str]], dataset_name: str) -> None:
         what = f"detectron2's builtin table of {dataset_name} ({len(table)} classes)"
@@ -434,14 +440,16 @@ class _InstancesChecker:
 
 def check_instances_json(json_file: str, image_root: str, report: CheckReport, *, lvis: bool = False,
                          evaluated: bool = True, need_masks: bool = False, trained: bool = True,
-                         mask_format: str = "polygon", dataset_name: str | None = None) -> tuple[int, int | None]:
+                         mask_format: str = "polygon",
+                         dataset_name: str | None = None) -> tuple[int, int | None, dict[int, str] | None]:
     """Check a COCO (or LVIS) instances file and its images into ``report``.
 
     ``evaluated``: the file is also read by an evaluator (``area``, COCO's ``iscrowd`` and
     LVIS's per-image lists are then required); ``need_masks``: the model uses masks;
     ``trained``: a run trains on the file (it then needs an object that is not a crowd region,
     and its masks must be polygons unless ``mask_format`` is ``bitmask``). Returns (images,
-    number of classes) (classes None when the file could not be read).
+    number of classes, the classes by category id (:func:`numbered_classes`)); the last two are
+    None when the file could not be read.
     """
     checker = _InstancesChecker(json_file, report, lvis, evaluated, need_masks,
                                 mask_format if need_masks and trained else None)
@@ -449,12 +457,13 @@ def check_instances_json(json_file: str, image_root: str, report: CheckReport, *
         data = load_json(json_file)
     except DatasetLayoutError as err:
         report.problem(f"{err}; fix the file ({checker.format} instances format)")
-        return 0, None
+        return 0, None, None
     if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
         checker.problem("'images' and 'annotations'", "must be lists")
-        return 0, None
+        return 0, None, None
     table = builtin_class_table(dataset_name, lvis) if dataset_name else None
-    category_ids = checker.categories(data, table, dataset_name)
+    listed = checker.categories(data, table, dataset_name)
+    category_ids = set(listed)
     sizes = checker.images(data, image_root, category_ids)
     checker.annotations(data, sizes, category_ids)
     checker.warn_contradicted_negatives()
@@ -466,30 +475,81 @@ def check_instances_json(json_file: str, image_root: str, report: CheckReport, *
         checker.problem("'annotations'", f"no object to train on ({len(data['annotations'])} annotations, all "
                         "crowd regions or none); annotate objects with 'iscrowd' 0")
     ImageFiles(report).check(checker.expected_files, f"checking {Path(json_file).name} images")
-    return len(data["images"]), len(table) if table is not None else len(category_ids)
+    return len(data["images"]), len(table) if table is not None else len(listed), numbered_classes(listed, table, lvis)
+
+
+def numbered_classes(listed: dict[int, str], table: dict[int, set[str]] | None, lvis: bool) -> dict[int, str] | None:
+    """Category id -> name of the classes detectron2 numbers 0, 1, ... in order of id for a COCO
+    file: its builtin table where the dataset has one (the file must match it), else the file's
+    own ``listed`` categories. None for LVIS, whose classes are the builtin table's ids."""
+    if lvis:
+        return None
+    return listed if table is None else {category_id: min(names) for category_id, names in table.items()}
 
 
 # --- all datasets of a config --------------------------------------------------------------------
 
 
 def check_dataset(name: str, report: CheckReport, defaulted: dict[str, set[str]], *, evaluated: bool,
-                  need_masks: bool, trained: bool = True, mask_format: str = "polygon") -> int | None:
+                  need_masks: bool, trained: bool = True,
+                  mask_format: str = "polygon") -> tuple[int | None, dict[int, str] | None]:
     """Check one registered dataset by its ``evaluator_type``; returns its number of classes
-    (None when unknown)."""
+    (None when unknown) and, for a COCO-format file, its classes by category id
+    (:func:`numbered_classes`; else None)."""
     meta = MetadataCatalog.get(name)
     kind = meta.get("evaluator_type", None)
     if kind == "pascal_voc" or meta.get("dirname", None) and meta.get("split", None):  # register_pascal_voc
         count = check_voc_split(meta.dirname, meta.split, meta.thing_classes, report, defaulted)
         logger.info("checked %s: %d images", name, count)
-        return len(meta.thing_classes)
+        return len(meta.thing_classes), None
     if kind in ("coco", "lvis") and meta.get("json_file", None):
-        count, classes = check_instances_json(meta.json_file, meta.image_root, report, lvis=kind == "lvis",
-                                              evaluated=evaluated, need_masks=need_masks, trained=trained,
-                                              mask_format=mask_format, dataset_name=name)
+        count, classes, by_id = check_instances_json(meta.json_file, meta.image_root, report, lvis=kind == "lvis",
+                                                     evaluated=evaluated, need_masks=need_masks, trained=trained,
+                                                     mask_format=mask_format, dataset_name=name)
         logger.info("checked %s: %d images", name, count)
-        return classes
+        return classes, by_id
     report.warn(f"{name}: no content check for evaluator_type {kind!r}; only its files' presence was checked")
-    return None
+    return None, None
+
+
+def class_difference(here: dict[int, str], there: dict[int, str]) -> str | None:
+    """How two files' classes (category id -> name) differ as detectron2 numbers them, in order
+    of id: a class only one file lists, else the first number whose class differs, else their
+    counts (a name listed twice); None when they agree (ids may differ: a file numbered from 0
+    and one from 1 give the same classes)."""
+    ours, theirs = [here[i] for i in sorted(here)], [there[i] for i in sorted(there)]
+    if ours == theirs:
+        return None
+    for category_id, name in sorted(there.items()):
+        if name not in ours:
+            return f"{name!r} (id {category_id} there) is missing here"
+    for category_id, name in sorted(here.items()):
+        if name not in theirs:
+            return f"{name!r} (id {category_id}) is only here"
+    pairs = zip(sorted(here.items()), sorted(there.items()))
+    for number, ((id_here, name_here), (id_there, name_there)) in enumerate(pairs):
+        if name_here == name_there:
+            continue
+        if id_here == id_there:
+            return f"id {id_here} is {name_here!r} here but {name_there!r} there"
+        return f"class {number} (by sorted id) is {name_here!r} (id {id_here}) here but {name_there!r} (id {id_there}) there"
+    return f"{len(here)} categories here, {len(there)} there"
+
+
+def check_same_classes(classes_by_file: dict[str, dict[int, str]], report: CheckReport) -> None:
+    """Every COCO-format file of a run must give detectron2 the classes of the first one.
+
+    detectron2 numbers each file's categories by their sorted ids on its own: a val file listing
+    only the classes it annotates (as FiftyOne exports) or numbering them otherwise trains one
+    class and scores it as another, or fails the evaluator after the whole training."""
+    files = list(classes_by_file)
+    for json_file in files[1:]:
+        difference = class_difference(classes_by_file[json_file], classes_by_file[files[0]])
+        if difference is not None:
+            report.problem(f"{json_file}: 'categories' differ from {files[0]}'s: {difference}; detectron2 numbers "
+                           "each file's classes in order of category id, so predictions would be scored as other "
+                           "classes: give every file of the run the same categories (id and name), also classes "
+                           "a file does not annotate")
 
 
 def check_datasets(train: Sequence[str], test: Sequence[str], num_classes: int | None = None,
@@ -498,7 +558,8 @@ def check_datasets(train: Sequence[str], test: Sequence[str], num_classes: int |
 
     Missing roots or annotation files raise ``FileNotFoundError``
     (:func:`detectron2_ext.datasets.check_dataset_files`); every other problem is collected and
-    raised as one :class:`~pretrain.errors.DatasetCheckError`. ``num_classes``: the
+    raised as one :class:`~pretrain.errors.DatasetCheckError`. The COCO-format files must all
+    have the classes of the first (:func:`check_same_classes`). ``num_classes``: the
     model's class count (``MODEL.ROI_HEADS.NUM_CLASSES``), compared with each dataset's;
     ``mask_format``: ``INPUT.MASK_FORMAT``, the form the training masks must be in.
     Returns the warnings, among them one summary of the VOC fields that were defaulted.
@@ -508,11 +569,15 @@ def check_datasets(train: Sequence[str], test: Sequence[str], num_classes: int |
     report = CheckReport()
     defaulted: dict[str, set[str]] = {}
     classes_of = defaultdict(list)
+    classes_by_file: dict[str, dict[int, str]] = {}  # COCO-format files: category id -> class name
     for name in names:
-        classes = check_dataset(name, report, defaulted, evaluated=name in test, need_masks=need_masks,
-                                trained=name in train, mask_format=mask_format)
+        classes, by_id = check_dataset(name, report, defaulted, evaluated=name in test, need_masks=need_masks,
+                                       trained=name in train, mask_format=mask_format)
         if classes is not None:
             classes_of[classes].append(name)
+        if by_id is not None:
+            classes_by_file[MetadataCatalog.get(name).json_file] = by_id
+    check_same_classes(classes_by_file, report)
     if num_classes is not None:
         for classes, datasets in sorted(classes_of.items()):
             if classes > num_classes:

@@ -6,6 +6,7 @@ evaluate (the issue: detectron2's VOC evaluator crashed after the whole fine-tun
 tests run tools/train_net.py twice (once to the end, once stopped by the check) and
 tools/check_dataset.py.
 """
+import errno
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from detectron2.data.datasets import load_voc_instances, register_pascal_voc
 from detectron2.evaluation import pascal_voc_evaluation
 from PIL import Image
 
+from detectron2_ext import dataset_checks
 from detectron2_ext.dataset_checks import (
     check_datasets,
     check_instances_json,
@@ -29,6 +32,7 @@ from detectron2_ext.dataset_checks import (
     defaults_warning,
     image_header,
 )
+from detectron2_ext.datasets import register_coco_datasets
 from detectron2_ext.voc_annotations import (
     evaluator_reads_with_defaults,
     parse_rec,
@@ -36,6 +40,7 @@ from detectron2_ext.voc_annotations import (
 )
 from pretrain.data.voc_classes import VOC_CLASSES
 from pretrain.errors import CheckReport, DatasetCheckError
+from tests.detectron2_ext.test_d2_train_net import own_coco_export
 
 REPO = Path(__file__).resolve().parents[2]
 VOC_CPU_CONFIG = REPO / "configs" / "detectron2" / "cpu" / "voc_det_default_init_cpu.yaml"
@@ -446,6 +451,28 @@ def test_a_16_bit_image_is_named(coco):
     assert problem == f"{path}: a 16-bit image, which detectron2 reads clipped to white; save it with 8 bits per channel"
 
 
+def test_a_machine_fault_while_reading_an_image_is_raised_not_blamed_on_the_file(coco, monkeypatch):
+    """A disk error (EIO, as a stale NFS handle gives) while a header is read says nothing about
+    the image: raised as it is (a traceback), not "replace the file"; a file that is no image
+    stays a problem naming it."""
+    names = [image["file_name"] for image in json.loads(coco.read_text())["images"]]
+    failing, not_an_image = coco.parent / "val2017" / names[0], coco.parent / "val2017" / names[1]
+    real_open = dataset_checks.Image.open
+
+    def open_failing_on_one_file(path, *args, **kwargs):
+        if Path(path) == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(dataset_checks.Image, "open", open_failing_on_one_file)
+    with pytest.raises(OSError) as caught:
+        check_coco(coco)
+    assert caught.value.errno == errno.EIO and caught.value.filename == str(failing)
+    monkeypatch.undo()
+    not_an_image.write_bytes(b"not an image")
+    problem = only_problem(check_coco(coco))
+    assert problem.startswith(f"{not_an_image}: not a readable image (") and problem.endswith("replace the file")
+
+
 def test_size_of_an_exif_rotated_image_says_that_it_is_turned(coco):
     data = json.loads(coco.read_text())
     image = next(i for i in data["images"] if i["width"] != i["height"])
@@ -548,6 +575,62 @@ def test_error_lists_ten_problems_and_the_count():
     assert lines[1:11] == [f"  file{k}.xml: <name>: missing" for k in range(10)] and lines[11] == "  ... and 15 more"
 
 
+def fruit_exports(synthetic_root: Path, folder: Path, val_names: dict[int, str], val_first_id: int = 0) -> list:
+    """``VIRTEX.COCO_DATASETS`` entries of two exports of the built-in train split (images and
+    all) with classes of their own, as two exports of one dataset may differ: train.json lists
+    apple, banana, cherry (ids 0, 1, 2: the split's three most common classes); val.json
+    ``val_names`` (index of a common class -> name), numbered in that order from ``val_first_id``,
+    without the annotations of the classes it leaves out."""
+    data = json.loads((synthetic_root / "coco" / "annotations" / "instances_train2017.json").read_text())
+    common = [c for c, _ in Counter(a["category_id"] for a in data["annotations"]).most_common(4)]
+    entries = []
+    for split, names in (("train", {0: "apple", 1: "banana", 2: "cherry"}), ("val", val_names)):
+        (folder / split).mkdir()
+        json_file = own_coco_export(synthetic_root, "train", folder / split, {common[k]: n for k, n in names.items()})
+        json_file = json_file.rename(folder / f"{split}.json")
+        if split == "val" and val_first_id:
+            exported = json.loads(json_file.read_text())
+            for entry in exported["categories"]:
+                entry["id"] += val_first_id
+            for annotation in exported["annotations"]:
+                annotation["category_id"] += val_first_id
+            json_file.write_text(json.dumps(exported))
+        entries.append([f"fruit_{split}_{folder.name}", str(json_file), str(synthetic_root / "coco" / "train2017")])
+    return entries
+
+
+SAME_FRUITS = {0: "apple", 1: "banana", 2: "cherry"}
+
+
+@pytest.mark.parametrize("val_names, val_first_id, difference", [
+    ({0: "apple", 2: "cherry"}, 0, "'banana' (id 1 there) is missing here"),  # FiftyOne: val's classes only
+    ({0: "apple", 2: "cherry", 1: "banana"}, 0, "id 1 is 'cherry' here but 'banana' there"),
+    ({0: "apple", 2: "cherry", 1: "banana"}, 1, "class 1 (by sorted id) is 'cherry' (id 2) here but 'banana' (id 1) there"),
+    ({**SAME_FRUITS, 3: "date"}, 0, "'date' (id 3) is only here"),
+    ({**SAME_FRUITS, 3: "apple"}, 0, "4 categories here, 3 there"),
+    (SAME_FRUITS, 0, None),
+    (SAME_FRUITS, 1, None),  # ids from 1 instead of 0: detectron2 numbers the same classes
+])
+def test_own_coco_files_of_a_run_must_give_the_same_classes(synthetic_root, tmp_path, val_names, val_first_id,
+                                                            difference):
+    """detectron2 numbers each file's categories by their sorted ids on its own: a val file with
+    other categories (or in another order) than the train file scores predictions as other
+    classes, or fails the evaluator after training. The val file is named with the first
+    difference; ids that only start elsewhere give the same classes and pass."""
+    entries = fruit_exports(synthetic_root, tmp_path, val_names, val_first_id)
+    register_coco_datasets(entries, "test")  # as load_config registers VIRTEX.COCO_DATASETS
+    (train, train_json, _), (val, val_json, _) = entries
+    if difference is None:
+        assert check_datasets([train], [val]) == []
+        return
+    with pytest.raises(DatasetCheckError) as caught:
+        check_datasets([train], [val])
+    assert caught.value.problems == [(
+        f"{val_json}: 'categories' differ from {train_json}'s: {difference}; detectron2 numbers each file's classes "
+        "in order of category id, so predictions would be scored as other classes: give every file of the run the "
+        "same categories (id and name), also classes a file does not annotate")]
+
+
 # --- tools/train_net.py and tools/check_dataset.py -------------------------------------------------
 
 
@@ -610,3 +693,25 @@ def test_train_net_stops_before_training_naming_file_and_field(synthetic_root, t
     assert checked.returncode == 2
     assert checked.stderr.splitlines()[-1] == "check_dataset: error: 1 problem in the dataset files (nothing was run)"
     assert str(test_xml) in checked.stderr and str(train_xml) not in checked.stderr
+
+
+def test_own_coco_files_with_other_classes_stop_train_net_and_check_dataset(synthetic_root, tmp_path):
+    """Through the tools: train_net stops before training (it trained, then the evaluator failed
+    with "A prediction has class=2, but the dataset only has 2 classes"), check_dataset says
+    so (it said "ok, 0 warnings" for a val file numbering the classes otherwise)."""
+    config = str(REPO / "configs" / "detectron2" / "cpu" / "coco_segm_default_init_cpu.yaml")
+    output = tmp_path / "run"
+    for tool, val_names in (("check_dataset.py", {0: "apple", 2: "cherry", 1: "banana"}),
+                            ("train_net.py", {0: "apple", 2: "cherry"})):
+        folder = tmp_path / tool[:-3]
+        folder.mkdir()
+        entries = fruit_exports(synthetic_root, folder, val_names)
+        opts = ["VIRTEX.COCO_DATASETS", repr(entries), "DATASETS.TRAIN", f"('{entries[0][0]}',)", "DATASETS.TEST",
+                f"('{entries[1][0]}',)", "MODEL.ROI_HEADS.NUM_CLASSES", "3", *SMALL[2:], "OUTPUT_DIR", str(output)]
+        result = run_tool(tool, synthetic_root, "--config-file", config, *([] if tool == "train_net.py" else ["--opts"]),
+                          *opts)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = result.stderr.splitlines()
+        assert lines[-1] == f"{tool[:-3]}: error: 1 problem in the dataset files (nothing was run)"
+        assert lines[-2].startswith(f"  {entries[1][1]}: 'categories' differ from {entries[0][1]}'s: ")
+    assert not output.exists()
