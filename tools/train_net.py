@@ -59,11 +59,11 @@ from detectron2_ext.vit_training import (
 )
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
-from virtex_d2.cli import run_tool
+from virtex_d2.cli import OneLineErrorLog, run_tool
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with dataset-specific evaluators and weights-only checkpoint loading."""
+    """DefaultTrainer with dataset-specific evaluators, and weights-only, atomically written checkpoints."""
 
     def __init__(self, cfg, allow_unsafe_pickle=False):
         super().__init__(cfg)
@@ -121,6 +121,7 @@ def main(args, dataset_warnings=()):
     cfg = setup(args)
     patch_cpu_ddp()
     limit_cpu_threads()
+    logging.getLogger("detectron2.engine.train_loop").addFilter(OneLineErrorLog())  # run_tool says it in one line
     logger = logging.getLogger("detectron2_ext")
     for warning in dataset_warnings:
         logger.warning("dataset check: %s", warning)
