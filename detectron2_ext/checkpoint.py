@@ -31,11 +31,19 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     detectron2 reads ``.pkl`` files with plain ``pickle.load`` and others with a bare
     ``torch.load``; here ``.pkl``/``.pyth`` files are refused unless ``allow_unsafe_pickle``,
     and everything else is loaded with ``weights_only=True`` whatever torch's default is.
+    ``loaded_path`` is the path the last :meth:`load` was given ("" for none).
     """
 
     def __init__(self, model, save_dir="", *, allow_unsafe_pickle=False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.allow_unsafe_pickle = allow_unsafe_pickle
+        self.loaded_path = ""
+
+    def load(self, path, *args, **kwargs):
+        """detectron2's ``load``, keeping ``path`` as ``loaded_path``: after ``resume_or_load``, the
+        file it chose (``--eval-only`` records which weights it evaluated)."""
+        self.loaded_path = path or ""
+        return super().load(path, *args, **kwargs)
 
     def save(self, name: str, **kwargs) -> None:
         """fvcore's ``save`` (``<save_dir>/<name>.pth`` of the model, the checkpointables and

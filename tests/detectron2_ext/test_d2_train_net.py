@@ -1,8 +1,8 @@
 """tools/train_net.py on the built-in dataset: the three downstream setups train a few iterations
 on CPU and evaluate (COCO and LVIS Mask R-CNN R50-FPN, VOC Faster R-CNN R50-C4), COCO also over
 2 gloo processes; eval-only reproduces a trained model's detections; the report's numbers are
-the evaluators'; a full disk while a checkpoint is written is one line and leaves the previous
-checkpoint the newest.
+the evaluators', and an evaluation that is not the end of its run's training is marked; a full
+disk while a checkpoint is written is one line and leaves the previous checkpoint the newest.
 
 Every run uses the real configs, shrunk further by overrides (128 px, 2 iterations, fewer test
 detections) so the module fits in a few minutes on 2 shared cores.
@@ -29,6 +29,7 @@ from detectron2_ext import load_config
 from detectron2_ext.transfer import convert_checkpoint_file
 from pretrain.checkpoint_io import read_training_checkpoint
 from virtex_d2.cli import DEBUG_VARIABLE
+from virtex_d2.reports.downstream import read_run, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_CONFIGS = REPO / "configs" / "detectron2" / "cpu"
@@ -94,6 +95,7 @@ def assert_trained_and_evaluated(run: Path, dataset: str, evaluator: str, tasks:
     assert losses and losses[-1]["iteration"] == 1 and math.isfinite(losses[-1]["total_loss"])
     record = evaluation(run, dataset)
     assert record["evaluator"] == evaluator
+    assert (record["iteration"], record["max_iter"], record["weights"]) == (2, 2, None)  # at the end of training
     assert {task: {m for m in metrics if not m.startswith("AP-")} for task, metrics in record["results"].items()} == tasks
     flat = {k: v for line in lines for k, v in line.items() if "/" in k and k.split("/")[0] in tasks}
     for task, metrics in record["results"].items():
@@ -185,6 +187,8 @@ def test_voc_c4_with_extra_norm(voc_run, converted_weights):
 def test_eval_only_reproduces_the_trained_model(coco_run, tmp_path):
     train_net("coco_segm_default_init_cpu.yaml", tmp_path, "MODEL.WEIGHTS", coco_run / "model_final.pth",
               launcher=["--eval-only"])
+    record = evaluation(tmp_path, "coco_2017_val")  # of another run's weights, after its 2 iterations
+    assert (record["iteration"], record["max_iter"], record["weights"]) == (2, 2, str(coco_run / "model_final.pth"))
     name = "inference/coco_2017_val/coco_instances_results.json"
     trained, reloaded = (json.loads((run / name).read_text()) for run in (coco_run, tmp_path))
     assert len(trained) == len(reloaded) > 0
@@ -219,6 +223,8 @@ def test_report_matches_the_evaluators(coco_run, coco_ddp_run, lvis_run, voc_run
                 expected = flat[f"{task_key}/{metric}"]
                 assert (value is None and math.isnan(expected)) or value == expected, (dataset, task, metric)
     assert {"APr", "APc", "APf"} <= set(report["datasets"]["lvis_v1_val"]["mask"]["random"])
+    assert all(run["caveats"] == {} for run in report["runs"].values())  # each is its run's result
+    assert "†" not in (tmp_path / "report.md").read_text()
     for png in ("loss_curves.png", "lvis_v1_val_ap_by_frequency.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert "## lvis_v1_val: mask AP" in (tmp_path / "report.md").read_text()
@@ -241,16 +247,17 @@ STALE_TEMPORARY = ".model_0000001.pth.0123456789abcdef.tmp"  # what a save kille
 
 @pytest.fixture(scope="module")
 def stopped_run(coco_run, tmp_path_factory):
-    """``coco_run`` resumed for 5 iterations under a 32 MiB file size limit: its checkpoint after
-    the 4th iteration (``SOLVER.CHECKPOINT_PERIOD 4``) does not fit and the run stops, as a full
-    disk stops it. Returns the folder and how train_net ended."""
+    """``coco_run`` (2 iterations) resumed towards ``SOLVER.MAX_ITER 5`` under a 32 MiB file size
+    limit: it evaluates after its 3rd iteration (``TEST.EVAL_PERIOD 3``), then its checkpoint after
+    the 4th (``SOLVER.CHECKPOINT_PERIOD 4``) does not fit and the run stops, as a full disk stops
+    it. Returns the folder and how train_net ended."""
     run = tmp_path_factory.mktemp("coco_stopped")
     shutil.copy(coco_run / "model_final.pth", run)  # a copy: nothing may write through to coco_run
     (run / "last_checkpoint").write_text("model_final.pth")
     (run / STALE_TEMPORARY).write_bytes(b"\0" * 1024)
     with file_size_limit(32 * 2**20):
         result = run_train_net("coco_segm_default_init_cpu.yaml", run, "SOLVER.MAX_ITER", 5, "SOLVER.CHECKPOINT_PERIOD", 4,
-                               *NO_PRECISE_BN, launcher=["--resume"])
+                               "TEST.EVAL_PERIOD", 3, *NO_PRECISE_BN, launcher=["--resume"])
     return run, result
 
 
@@ -273,6 +280,16 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_previou
     # detectron2's training loop logs the error it raises again: in one line, also in log.txt
     assert f"Exception during training: [Errno {errno.EFBIG}] {run / 'model_0000003.pth'}: File too large;" in (
         run / "log.txt").read_text()
+
+
+def test_a_periodic_evaluation_left_by_a_stopped_run_is_marked_in_the_report(stopped_run, tmp_path):
+    run, _ = stopped_run
+    record = evaluation(run, "coco_2017_val")
+    assert (record["iteration"], record["max_iter"], record["weights"]) == (3, 5, None)
+    write_report([read_run(run, "stopped")], tmp_path)  # what tools/report.py writes and prints
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| stopped † |" in markdown
+    assert "† **stopped** on coco_2017_val: evaluated after 3 iterations of SOLVER.MAX_ITER 5: not the end of training." in markdown
 
 
 def own_coco_export(synthetic_root: Path, split: str, folder: Path, names: dict[int, str]) -> Path:
