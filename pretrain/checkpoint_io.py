@@ -238,6 +238,15 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, force: bool = False) -> P
     return path
 
 
+def unwritten_checkpoint_error(error: OSError, path: str | os.PathLike, previous: str | os.PathLike | None) -> OSError:
+    """The ``OSError`` to raise when :func:`save_checkpoint` of ``path`` failed with ``error`` (a
+    full disk): of the same errno (so that the tools tell it in one line), naming
+    the file, saying that nothing was written and which earlier checkpoint, ``previous`` (None:
+    none), is intact, as the atomic writer left it."""
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return OSError(error.errno, f"{path}: {error.strerror or error}; nothing was written, {kept}")
+
+
 class _WriteFaultRecorder:
     """A binary handle for ``torch.save`` that keeps the first ``OSError`` its ``write()`` raised.
 

@@ -49,7 +49,7 @@ from detectron2_ext.compat import (
 from detectron2_ext.config import check_world_size, default_init_name
 from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
-from detectron2_ext.evaluation import build_evaluator
+from detectron2_ext.evaluation import EvaluatedModel, build_evaluator
 from detectron2_ext.image_mapper import ImageNamingMapper
 from detectron2_ext.progress import ProgressBarHook
 from detectron2_ext.resume import check_resume
@@ -61,11 +61,13 @@ from detectron2_ext.vit_training import (
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from pretrain.optim_resume import apply_configured_values, configured_values
-from virtex_d2.cli import run_tool
+from virtex_d2.cli import OneLineErrorLog, run_tool
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with dataset-specific evaluators and weights-only checkpoint loading."""
+    """DefaultTrainer with dataset-specific evaluators that record which weights they evaluate
+    (the iteration, for a report to tell the end of training from a periodic evaluation), and
+    weights-only, atomically written checkpoints."""
 
     def __init__(self, cfg, allow_unsafe_pickle=False):
         super().__init__(cfg)
@@ -78,7 +80,36 @@ class Trainer(DefaultTrainer):
                 hook.checkpointer = self.checkpointer
 
     def build_hooks(self):
-        return [*super().build_hooks(), ProgressBarHook()]
+        """detectron2's hooks, its evaluation hook calling :meth:`evaluate`, and a progress bar."""
+        built = [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(hook, hooks.EvalHook) else hook
+                 for hook in super().build_hooks()]
+        return [*built, ProgressBarHook()]
+
+    def train(self):
+        """detectron2's training, counting iterations from ``start_iter`` (a resumed run's weights
+        have trained that far before any step of this process)."""
+        self.iterations_trained = self.start_iter
+        return super().train()
+
+    def run_step(self):
+        """One training step, counted once it is done (what :meth:`evaluate` records)."""
+        super().run_step()
+        self.iterations_trained = self.iter + 1
+
+    def evaluate(self):
+        """Evaluate the model as training has left it, periodically and at the end (detectron2's
+        EvalHook calls this), recording how many iterations it has trained."""
+        evaluated = EvaluatedModel(self.iterations_trained, self.cfg.SOLVER.MAX_ITER)
+        self._last_eval_results = self.evaluate_model(self.cfg, self.model, evaluated)  # what train() returns
+        return self._last_eval_results
+
+    @classmethod
+    def evaluate_model(cls, cfg, model, evaluated: EvaluatedModel):
+        """detectron2's ``test`` on every ``DATASETS.TEST``, each ``evaluation.json`` recording
+        ``evaluated`` with its results."""
+        evaluators = [build_evaluator(name, os.path.join(cfg.OUTPUT_DIR, "inference", name), evaluated)
+                      for name in cfg.DATASETS.TEST]
+        return cls.test(cfg, model, evaluators)
 
     def resume_or_load(self, resume=True):
         """detectron2's, then on a resume the config's solver values (learning rates, weight
@@ -99,10 +130,6 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name, mapper=ImageNamingMapper(cfg, is_train=False))
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
 
 
 def setup(args):
@@ -146,6 +173,7 @@ def main(args, dataset_warnings=(), resume_changes=((), ())):
     cfg = setup(args)
     patch_cpu_ddp()
     limit_cpu_threads()
+    logging.getLogger("detectron2.engine.train_loop").addFilter(OneLineErrorLog())  # run_tool says it in one line
     logger = logging.getLogger("detectron2_ext")
     for warning in dataset_warnings:
         logger.warning("dataset check: %s", warning)
@@ -161,10 +189,9 @@ def main(args, dataset_warnings=(), resume_changes=((), ())):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SafeDetectionCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, allow_unsafe_pickle=args.allow_unsafe_pickle
-        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
+        checkpointer = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR, allow_unsafe_pickle=args.allow_unsafe_pickle)
+        unread = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.evaluate_model(cfg, model, EvaluatedModel.loaded(cfg, checkpointer.loaded_path, unread))
 
     trainer = Trainer(cfg, allow_unsafe_pickle=args.allow_unsafe_pickle)
     trainer.resume_or_load(resume=args.resume)

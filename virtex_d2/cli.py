@@ -9,12 +9,15 @@ ends a tool with one line, ``<tool>: error: <what and what to do>``, and exit st
 argparse does for bad flags: :func:`run_tool`. A traceback is shown only with ``--debug`` on the
 command line or ``VIRTEX_D2_DEBUG=1`` in the environment. Anything else is a bug or a fault of
 the machine and ends with its traceback and exit status 1; a full disk, a quota or a file size
-limit is told in one line naming the file, since its traceback says nothing more.
+limit is told in one line naming the file, since its traceback says nothing more. A tool whose
+library logs such an error with its traceback before raising it (detectron2's training loop)
+has that log record shortened to the same line: :class:`OneLineErrorLog`.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -159,6 +162,25 @@ def storage_full_message(error: OSError) -> str:
     return f"{what} while writing {where}{error.strerror or error}; {remedy}"
 
 
+def told_in_one_line(error: BaseException | None) -> bool:
+    """Whether :func:`run_tool` ends on ``error`` with one line, not its traceback: bad input (an
+    :class:`~pretrain.errors.InputError`), or storage that takes no more bytes (:data:`STORAGE_FULL`)."""
+    return isinstance(error, InputError) or (isinstance(error, OSError) and error.errno in STORAGE_FULL)
+
+
+class OneLineErrorLog(logging.Filter):
+    """A logger filter that logs an error :func:`told_in_one_line` as one line, without its
+    traceback (kept with ``--debug``): detectron2's training loop logs every exception it raises
+    again with its traceback, which put a traceback above the tool's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if told_in_one_line(error) and not debug_requested([]):
+            record.msg = f"{record.getMessage()} {' '.join(str(error).split())}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 def debug_requested(argv: list[str]) -> bool:
     """Whether tracebacks were asked for (``--debug`` in ``argv`` or ``VIRTEX_D2_DEBUG=1``)."""
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
@@ -184,6 +206,6 @@ def run_tool(tool: str, main: Callable[[], int | None]) -> int:
             raise
         return report_error(tool, err)
     except OSError as err:
-        if debug or err.errno not in STORAGE_FULL:
+        if debug or not told_in_one_line(err):
             raise
         return report_error(tool, RuntimeError(storage_full_message(err)), FAILURE_STATUS)

@@ -20,6 +20,7 @@ from pretrain.checkpoint_io import (
     list_checkpoints,
     read_training_checkpoint,
     save_checkpoint,
+    unwritten_checkpoint_error,
 )
 from pretrain.files import remove_stale_temporaries
 
@@ -52,8 +53,7 @@ class CheckpointManager:
             save_checkpoint({**state, "iteration": iteration}, path, force=True)
         except OSError as err:  # e.g. ENOSPC: the atomic writer has left the previous files as they were
             saved = list_checkpoints(self.output_dir)
-            kept = f"the previous checkpoint {saved[-1][1]} is intact" if saved else "no earlier checkpoint exists"
-            raise OSError(err.errno, f"{path}: {err.strerror or err}; nothing was written, {kept}") from err
+            raise unwritten_checkpoint_error(err, path, saved[-1][1] if saved else None) from err
         self._prune()
         return path
 

@@ -24,7 +24,7 @@ from detectron2_ext.compat import (
     patch_lvis_numpy,
 )
 from detectron2_ext.datasets import check_dataset_files, check_datasets_root
-from detectron2_ext.evaluation import SavedResultsEvaluator
+from detectron2_ext.evaluation import EvaluatedModel, SavedResultsEvaluator
 from virtex_d2.reports.downstream import read_run, write_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,10 +145,13 @@ def test_dataset_root_and_files_are_checked(monkeypatch, tmp_path):
                                   f"virtex_test_own: image_root {own[2]}")
 
 
-def make_run(directory: Path, init: str, dataset: str, results: dict, losses, **record) -> Path:
+AT_THE_END = {"iteration": 2, "max_iter": 2, "weights": None}  # what a finished run's evaluation records
+
+
+def make_run(directory: Path, init: str, dataset: str, results: dict, losses, evaluated=AT_THE_END, **record) -> Path:
     (directory / "inference" / dataset).mkdir(parents=True)
     (directory / "inference" / dataset / "evaluation.json").write_text(
-        json.dumps({"dataset": dataset, "evaluator": "X", "results": results, **record}))
+        json.dumps({"dataset": dataset, "evaluator": "X", "results": results, **evaluated, **record}))
     (directory / "config.yaml").write_text(f"VIRTEX:\n  INIT_NAME: {init}\n")
     (directory / "metrics.json").write_text("\n".join(json.dumps({"iteration": i, "total_loss": v}) for i, v in losses))
     return directory
@@ -208,13 +211,66 @@ def test_saved_results_record_how_many_detections_the_model_made(tmp_path):
     def output(n):
         return {"instances": Instances((8, 8), pred_boxes=Boxes(torch.zeros(n, 4)))}
 
-    evaluator = SavedResultsEvaluator(Constant(), "d", tmp_path / "evaluation.json")
+    evaluator = SavedResultsEvaluator(Constant(), "d", tmp_path / "evaluation.json", EvaluatedModel(3, 5))
     evaluator.reset()
     evaluator.process([{}, {}], [output(3), output(0)])
     evaluator.process([{}], [output(2)])
     assert evaluator.evaluate() == {"bbox": {"AP": 1.0}}
     record = json.loads((tmp_path / "evaluation.json").read_text())
     assert record["detections"] == 5 and record["results"] == {"bbox": {"AP": 1.0}}
+    assert (record["iteration"], record["max_iter"], record["weights"]) == (3, 5, None)
+
+
+def test_the_weights_eval_only_evaluates_are_recorded_by_name_in_the_run_and_by_path_outside(tmp_path, monkeypatch):
+    """--eval-only records how far the loaded checkpoint had trained (detectron2 saves the index of
+    its last iteration) and the file: its bare name when it is one of the run's own, so the record
+    stays true when the folder is moved, else its full path."""
+    cfg = load_config(CONFIGS / "cpu" / "coco_segm_default_init_cpu.yaml", ["OUTPUT_DIR", str(tmp_path / "run")])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere.pth").write_bytes(b"")
+    own = EvaluatedModel.loaded(cfg, "run/model_0000049.pth", {"iteration": 49})
+    assert own == EvaluatedModel(50, 100, "model_0000049.pth") and own.of_this_run and not own.at_end_of_training
+    final = EvaluatedModel.loaded(cfg, str(tmp_path / "run" / "model_final.pth"), {"iteration": 99})
+    assert final.weights == "model_final.pth" and final.at_end_of_training
+    other = EvaluatedModel.loaded(cfg, "elsewhere.pth", {})
+    assert other == EvaluatedModel(None, 100, str(tmp_path / "elsewhere.pth")) and not other.of_this_run
+    assert EvaluatedModel.loaded(cfg, "", {}).weights == "" and not EvaluatedModel.loaded(cfg, "", {}).of_this_run
+    url = EvaluatedModel.loaded(cfg, "https://example.org/model_final.pth", {"iteration": 99})
+    assert url.weights == "https://example.org/model_final.pth" and not url.at_end_of_training
+
+
+def test_an_evaluation_that_is_not_the_end_of_its_runs_training_is_marked(tmp_path):
+    """A periodic evaluation a killed run left, --eval-only of an earlier checkpoint or of other
+    weights, and a file written before iterations were recorded are marked, each with one line
+    saying which; the end of training, also re-evaluated with --eval-only, is not."""
+    box = {"bbox": {"AP": 1.0}}
+    kinds = {"final": {"iteration": 5, "max_iter": 5, "weights": None},
+             "rerun": {"iteration": 5, "max_iter": 5, "weights": "model_final.pth"},
+             "killed": {"iteration": 3, "max_iter": 5, "weights": None},
+             "earlier": {"iteration": 2, "max_iter": 5, "weights": "model_0000001.pth"},
+             "other": {"iteration": 5, "max_iter": 5, "weights": "/elsewhere/model_final.pth"},
+             "old": {}}
+    runs = [read_run(make_run(tmp_path / label, label, "d", box, [], evaluated)) for label, evaluated in kinds.items()]
+    write_report(runs, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| final | 1.0 |" in markdown and "| rerun | 1.0 |" in markdown
+    expected = {
+        "killed": "evaluated after 3 iterations of SOLVER.MAX_ITER 5: not the end of training",
+        "earlier": "evaluated with --eval-only on its model_0000001.pth, after 2 iterations of SOLVER.MAX_ITER 5: "
+                   "not the end of training",
+        "other": "evaluated with --eval-only on /elsewhere/model_final.pth, not a checkpoint of this run "
+                 "(5 iterations of training)",
+        "old": "evaluated at an unknown iteration (its evaluation.json is from before tools/train_net.py recorded it), "
+               "so perhaps not at the end of training",
+    }
+    for label, caveat in expected.items():
+        assert f"| {label} † | 1.0 |" in markdown
+        assert f"\n† **{label}** on d: {caveat}.\n" in markdown
+    assert markdown.count("†") == 2 * len(expected)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {label: run["caveats"] for label, run in report["runs"].items()} == {
+        "final": {}, "rerun": {}, **{label: {"d": caveat} for label, caveat in expected.items()}}
 
 
 def test_a_machine_fault_in_the_mapper_is_raised_as_it_is(monkeypatch):

@@ -5,6 +5,11 @@ returned (``inference/<dataset>/evaluation.json``, written by
 :class:`detectron2_ext.evaluation.SavedResultsEvaluator`), and the loss curves come from
 detectron2's ``metrics.json``. Nothing is recomputed. Writes ``report.md`` (one table per dataset
 and task), ``report.json``, ``loss_curves.png`` and, for LVIS, ``<dataset>_ap_by_frequency.png``.
+
+An evaluation that is not the run's result (made before the end of its training, e.g. the
+periodic one a killed run left; ``--eval-only`` of another checkpoint; or of unknown iteration,
+from a file written before the iteration was recorded) is reported with a mark on its row and one
+line saying which it is.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from detectron2_ext.evaluation import RESULTS_FILE
+from detectron2_ext.evaluation import RESULTS_FILE, EvaluatedModel
 from pretrain.errors import BadValueError, MissingInputError, OutputExistsError
 from pretrain.files import write_json_atomic, write_text_atomic
 from virtex_d2.reports import pretraining as pretraining_report
@@ -25,6 +30,7 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 FREQUENCY_METRICS = ("APr", "APc", "APf")
 TASKS = {"bbox": "box", "segm": "mask"}
 OUTPUT_FILES = ("report.md", "report.json", "loss_curves.png")
+NOT_FINAL_MARK = "†"  # on the row of an evaluation that is not its run's result
 
 
 @dataclass
@@ -36,6 +42,7 @@ class Run:
     evaluations: dict  # dataset -> task -> metric -> value, as the evaluator returned them
     detections: dict = field(default_factory=dict)  # dataset -> detections made (where recorded)
     losses: list = field(default_factory=list)  # (iteration, total_loss)
+    caveats: dict = field(default_factory=dict)  # dataset -> why its evaluation is not the run's result
 
 
 def _init_name(directory: Path) -> str | None:
@@ -45,18 +52,42 @@ def _init_name(directory: Path) -> str | None:
     return (yaml.safe_load(config.read_text()) or {}).get("VIRTEX", {}).get("INIT_NAME") or None
 
 
+def _trained(evaluated: EvaluatedModel) -> str:
+    """How many iterations the evaluated weights had trained, in words."""
+    return "an unknown number of iterations" if evaluated.iteration is None else f"{evaluated.iteration} iterations"
+
+
+def evaluation_caveat(record: dict) -> str | None:
+    """Why an ``evaluation.json`` record is not its run's result at the end of training, in a
+    sentence, or None when it is."""
+    evaluated = EvaluatedModel.of_record(record)
+    if evaluated is None:
+        return ("evaluated at an unknown iteration (its evaluation.json is from before tools/train_net.py "
+                "recorded it), so perhaps not at the end of training")
+    if evaluated.at_end_of_training:
+        return None
+    if not evaluated.of_this_run:
+        weights = evaluated.weights or "no weights (the model as initialised)"
+        return f"evaluated with --eval-only on {weights}, not a checkpoint of this run ({_trained(evaluated)} of training)"
+    source = "" if evaluated.weights is None else f"with --eval-only on its {evaluated.weights}, "
+    return f"evaluated {source}after {_trained(evaluated)} of SOLVER.MAX_ITER {evaluated.max_iter}: not the end of training"
+
+
 def read_run(directory, label: str | None = None) -> Run:
     """Read a run; its label is ``label``, else its config's VIRTEX.INIT_NAME, else its name."""
     directory = Path(directory)
     files = sorted(directory.glob(f"inference/*/{RESULTS_FILE}"))
     if not files:
         raise MissingInputError(f"{directory}: no inference/*/{RESULTS_FILE}; has tools/train_net.py evaluated it?")
-    evaluations, detections = {}, {}
+    evaluations, detections, caveats = {}, {}, {}
     for path in files:
         record = json.loads(path.read_text())
         evaluations[record["dataset"]] = record["results"]
         if "detections" in record:  # files written before it was recorded have none
             detections[record["dataset"]] = record["detections"]
+        caveat = evaluation_caveat(record)
+        if caveat is not None:
+            caveats[record["dataset"]] = caveat
     losses = []
     metrics = directory / "metrics.json"
     if metrics.is_file():
@@ -65,7 +96,7 @@ def read_run(directory, label: str | None = None) -> Run:
             if "total_loss" in entry:
                 losses.append((entry["iteration"], entry["total_loss"]))
     return Run(label or _init_name(directory) or directory.name, directory, evaluations, losses=losses,
-               detections=detections)
+               detections=detections, caveats=caveats)
 
 
 def _value(value):
@@ -88,7 +119,7 @@ def build_report(runs) -> dict:
     return {
         "datasets": datasets,
         "runs": {run.label: {"directory": str(run.directory), "datasets": sorted(run.evaluations),
-                             "detections": run.detections} for run in runs},
+                             "detections": run.detections, "caveats": run.caveats} for run in runs},
     }
 
 
@@ -107,11 +138,14 @@ def to_markdown(report: dict) -> str:
                       "|---|" + "---:|" * len(columns)]
             for label, row in rows.items():
                 cells = [f"{row[m]:.1f}" if _defined(row.get(m)) else "–" for m in columns]
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                mark = f" {NOT_FINAL_MARK}" if dataset in report["runs"][label]["caveats"] else ""
+                lines.append(f"| {label}{mark} | " + " | ".join(cells) + " |")
             lines.append("")
     lines.append("Numbers are the evaluators' own output, AP in percent. –: not computable (no ground truth "
                  "in that group; COCO's evaluator returns NaN, LVIS's -100).")
     for label, run in report["runs"].items():
+        for dataset, caveat in run["caveats"].items():
+            lines.append(f"\n{NOT_FINAL_MARK} **{label}** on {dataset}: {caveat}.")
         for dataset, count in run["detections"].items():
             if count == 0:
                 lines.append(f"\n**{label} made no detections on {dataset}** (none scored above "
