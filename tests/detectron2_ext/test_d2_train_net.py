@@ -11,13 +11,11 @@ import errno
 import json
 import math
 import os
-import resource
 import shutil
 import socket
 import subprocess
 import sys
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ import yaml
 from detectron2_ext import load_config
 from detectron2_ext.transfer import convert_checkpoint_file
 from pretrain.checkpoint_io import read_training_checkpoint
+from tests.limits import file_size_limit
 from virtex_d2.cli import DEBUG_VARIABLE
 from virtex_d2.reports.downstream import read_run, write_report
 
@@ -228,18 +227,6 @@ def test_report_matches_the_evaluators(coco_run, coco_ddp_run, lvis_run, voc_run
     for png in ("loss_curves.png", "lvis_v1_val_ap_by_frequency.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert "## lvis_v1_val: mask AP" in (tmp_path / "report.md").read_text()
-
-
-@contextmanager
-def file_size_limit(size: int):
-    """Writes of this process and its children past ``size`` bytes fail with a real
-    ``OSError(EFBIG)`` (Python ignores SIGXFSZ), as they fail with ``ENOSPC`` on a full disk."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 STALE_TEMPORARY = ".model_0000001.pth.0123456789abcdef.tmp"  # what a save killed mid-write leaves

@@ -7,13 +7,11 @@ seconds with a non-zero status and a message naming the rank (torchrun's failure
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from tests.engine.conftest import (
     pretrain_command,
     subprocess_env,
 )
+from tests.limits import file_size_limit
 from virtex_d2.cli import DEBUG_VARIABLE, run_tool
 
 KILLED_RANK_BOUND_S = 60
@@ -89,19 +88,6 @@ def test_a_killed_rank_ends_the_job_within_the_bound_and_resume_continues(tiny_o
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / f'checkpoint_{last}.pth'}" in (tmp_path / "log_rank0.txt").read_text()
     assert read_training_checkpoint(tmp_path / "checkpoint_40.pth")["iteration"] == 40
-
-
-@contextmanager
-def file_size_limit(size: int):
-    """Writes of this process past ``size`` bytes fail with a real ``OSError(EFBIG)`` from the
-    kernel (Python ignores SIGXFSZ), as they fail with ``ENOSPC`` on a full disk: the same error
-    of ``write()``, reached through torch's own zip writer, with no root needed."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
