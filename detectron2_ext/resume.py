@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from detectron2.config import CfgNode
 
+from pretrain.config import flatten_config
 from pretrain.errors import BadValueError
 
 #: Where the run started: what its report is named after.
@@ -24,20 +24,10 @@ EXECUTION_KEYS = frozenset({"SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD", "DAT
                             "MODEL.DEVICE", "VIS_PERIOD", "CUDNN_BENCHMARK"})
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved_yaml: str, cfg: CfgNode) -> list[str]:
     """``KEY: saved -> now`` for every key whose value differs between a run's ``config.yaml``
-    and ``cfg`` (both read as YAML, so that tuples and lists compare alike)."""
-    before, after = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(cfg.dump()))
+    and ``cfg`` (tuples and lists compare alike, as in the YAML file)."""
+    before, after = flatten_config(CfgNode.load_cfg(saved_yaml)), flatten_config(cfg)
     return [f"{key}: {before.get(key, '(absent)')} -> {after.get(key, '(absent)')}"
             for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
 

@@ -227,14 +227,20 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = ()) -
     return cfg
 
 
-def _flatten(node: CfgNode, prefix: str = "") -> dict:
+def flatten_config(node: CfgNode, prefix: str = "") -> dict:
+    """``{"SECTION.KEY": value}`` of a config, tuples as lists (as YAML reads them back)."""
     flat = {}
     for key, value in node.items():
         if isinstance(value, CfgNode):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:  # YAML has no tuples: compare (1, 2) from an override equal to a saved [1, 2]
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+            flat[f"{prefix}{key}"] = _as_lists(value)
     return flat
+
+
+def _as_lists(value):
+    """``value`` with its tuples, nested ones included, as lists."""
+    return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 #: Keys whose value is a local file or folder: one spelt relative to the working directory and
@@ -265,8 +271,8 @@ def config_differences(saved: str, current: CfgNode, ignore: frozenset = frozens
     Used before reusing or resuming a run, so that a changed config is reported instead of
     being mixed silently into results made with another one.
     """
-    before, after = _flatten(CfgNode.load_cfg(saved)), _flatten(current)
-    defaults = _flatten(get_default_config())
+    before, after = flatten_config(CfgNode.load_cfg(saved)), flatten_config(current)
+    defaults = flatten_config(get_default_config())
     absent = "(absent)"
 
     def same(key: str) -> bool:
