@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from detectron2.config import CfgNode
 
 from pretrain.config import flatten_config
@@ -40,7 +41,11 @@ def check_resume(cfg: CfgNode) -> tuple[list[str], list[str]]:
     saved = output_dir / "config.yaml"
     if not ((output_dir / "last_checkpoint").is_file() and saved.is_file()):  # fvcore's has_checkpoint
         return [], []
-    changes = config_changes(saved.read_text(encoding="utf-8"), cfg)
+    try:
+        changes = config_changes(saved.read_text(encoding="utf-8"), cfg)
+    except yaml.YAMLError as err:
+        raise BadValueError(f"{saved}: not a readable config ({' '.join(str(err).split())}); restore the run's "
+                            "config.yaml, or drop --resume and choose another OUTPUT_DIR") from None
     started_otherwise = [line for line in changes if line.split(":", 1)[0] in START_KEYS]
     if started_otherwise:
         raise BadValueError(

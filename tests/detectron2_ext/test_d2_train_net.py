@@ -356,3 +356,14 @@ def test_a_resume_from_other_weights_is_refused_in_one_line(coco_run, tmp_path):
     assert message.startswith(f"{run}: --resume would continue the run trained from other weights (MODEL.WEIGHTS: ")
     assert "-> r18.pth" in message and "VIRTEX.INIT_NAME: virtex -> imagenet" in message
     assert check_resume(load_config(CPU_CONFIGS / "coco_segm_default_init_cpu.yaml", ["OUTPUT_DIR", str(tmp_path / "new")])) == ([], [])
+
+
+def test_a_resume_into_a_folder_with_a_damaged_config_yaml_is_refused_in_one_line(tmp_path):
+    from detectron2_ext.resume import check_resume
+    from pretrain.errors import BadValueError
+
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    (tmp_path / "config.yaml").write_text("MODEL: [unclosed\n")
+    cfg = load_config(CPU_CONFIGS / "coco_segm_default_init_cpu.yaml", ["OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(BadValueError, match=rf"^{tmp_path / 'config.yaml'}: not a readable config \(.*\); restore"):
+        check_resume(cfg)
