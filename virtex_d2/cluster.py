@@ -12,7 +12,7 @@ Interruptions (tried on a real one-node Slurm 22.05, ``tests/engine/test_cluster
 
 * **Time limit** (Slurm's ``--signal=USR2@signal_delay_s``, which submitit sets): Slurm sends USR2
   to every process of the step, the training processes included, which stop after the same
-  iteration with a checkpoint (``pretrain.engine.step.StopSignal``; all ranks agree). On rank 0
+  iteration with a checkpoint (``pretrain.stop_signals.StopSignal``; all ranks agree). On rank 0
   submitit calls :meth:`PretrainingTask.checkpoint`, which also forwards the stop to its
   training process and waits for it to exit (so the checkpoint is on disk) before submitit
   requeues the job (``scontrol requeue``, which ends the step).

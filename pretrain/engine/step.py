@@ -2,7 +2,6 @@
 and the agreement across ranks on whether to go on."""
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -68,28 +67,6 @@ def optimizer_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-class StopSignal:
-    """Remembers a stop request until the loop acts on it: SIGTERM (what Slurm sends the tasks at a
-    preemption or at the end of a job) or SIGUSR1/SIGUSR2 (Slurm's ``--signal`` warning before the
-    time limit: scripts/slurm/pretrain.sbatch asks for USR1, submitit for USR2). Without a handler
-    the USR signals would end the process at once, losing the iteration and the checkpoint."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self):
-        self.received = False
-        self.name = ""
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-        self.name = self.name or signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 def agree_on_stopping(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:

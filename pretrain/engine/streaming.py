@@ -36,7 +36,7 @@ from pretrain.data.shards import (
 )
 from pretrain.data.stream_layout import finished_shards, layout_of
 from pretrain.distributed import DistContext, all_gather_objects
-from pretrain.engine.workers import batches_of, ignore_stop_signals
+from pretrain.stop_signals import batches_of, ignore_stop_signals
 
 logger = logging.getLogger("pretrain.engine")
 

@@ -41,17 +41,17 @@ from pretrain.engine.monitor import TrainingMonitor, setup_logging
 from pretrain.engine.resume import start_or_resume
 from pretrain.engine.sampling import IterationBatchSampler, SeededDataset
 from pretrain.engine.setup import Training, build_training
-from pretrain.engine.step import NonFiniteLossError, StopSignal, agree_on_stopping
+from pretrain.engine.step import NonFiniteLossError, agree_on_stopping
 from pretrain.engine.streaming import (
     StreamLoader,
     saved_stream_state,
     val_stream_batches,
 )
 from pretrain.engine.validation import evaluate, val_batches
-from pretrain.engine.workers import batches_of, ignore_stop_signals
 from pretrain.files import ensure_writable_directory, write_text_atomic
 from pretrain.malloc import allocator_in_use
 from pretrain.models.captioning import CaptioningModel
+from pretrain.stop_signals import StopSignal, batches_of, ignore_stop_signals
 from pretrain.tasks import build_dataset, build_model
 from pretrain.tokenizer import SentencePieceBPETokenizer, first_word_index
 

@@ -1,0 +1,67 @@
+"""A cluster's stop signals, left to the main process of a training run, which saves first.
+
+At a preemption or a time limit Slurm signals every process of the job step, DataLoader workers
+included. torch's workers die of a SIGTERM that did not come from their parent, and the main
+process then raises "DataLoader worker ... is killed by signal" in the middle of an iteration,
+before it can save: the run ends with status 1 and loses every iteration since the last periodic
+checkpoint. So the workers of a training loader ignore the stop signals, the main process
+remembers them (:class:`StopSignal`) until the end of the iteration, saves and stops, and it
+shuts its workers down itself whenever it leaves a loader: a worker that ignores SIGTERM is no
+longer ended by the ``terminate()`` that Python's multiprocessing sends its children at exit.
+Pretraining's loop (``pretrain.engine``) and detectron2 fine-tuning (``detectron2_ext``) both
+stop this way.
+"""
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+
+class StopSignal:
+    """Remembers a stop request until the loop acts on it: SIGTERM (what Slurm sends the tasks at a
+    preemption or at the end of a job) or SIGUSR1/SIGUSR2 (Slurm's ``--signal`` warning before the
+    time limit: scripts/slurm/pretrain.sbatch asks for USR1, submitit for USR2). Without a handler
+    the USR signals would end the process at once, losing the iteration and the checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.received = False
+        self.name = ""
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        self.name = self.name or signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the stop signals are the main process's to act on."""
+    for signum in StopSignal.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def shut_down_workers(batches: Iterator) -> None:
+    """End the worker processes behind an iterator over a loader now, not at exit."""
+    # torch's multi-process iterator has no public way to end its workers now; PyTorch
+    # Lightning calls this method the same way. A generator (a stream, detectron2's batching of
+    # a loader) closes its own, and the loader's iterator it holds goes with it.
+    shut_down = getattr(batches, "_shutdown_workers", None) or getattr(batches, "close", None)
+    if shut_down is not None:
+        shut_down()
+
+
+@contextmanager
+def batches_of(loader: Iterable) -> Iterator[Iterator]:
+    """An iterator over ``loader`` whose worker processes are shut down when the block ends,
+    however it ends (an exception's traceback would otherwise keep them alive until exit)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shut_down_workers(batches)
