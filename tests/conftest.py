@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import SLURM_UNAVAILABLE, slurm  # noqa: F401  (a fixture of every module)
+
 # The tools' first import (tools/_bootstrap.py) must resolve when a test loads a tool as a module.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -30,8 +32,7 @@ def synthetic_root() -> Path:
 
 
 # The one allowed skip: a `slurm` test where the local Slurm cannot be started (not root, no
-# apt-get); tests/engine/test_cluster_launch.py's `slurm` fixture gives this reason.
-SLURM_UNAVAILABLE = "local Slurm unavailable"
+# apt-get); the `slurm` fixture gives this reason.
 
 
 def _slurm_unavailable(item, report) -> bool:

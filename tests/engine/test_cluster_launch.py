@@ -20,13 +20,11 @@ import pytest
 from pretrain.checkpoint_io import list_checkpoints, read_training_checkpoint
 from pretrain.errors import BadValueError, MissingInputError
 from tests.engine.conftest import PRETRAIN, REPO, TINY_CONFIG, subprocess_env
+from tests.slurm_cluster import ENDED, job_info, release, wait_until
 from virtex_d2.cluster import ClusterSettings, make_executor, submit_pretraining
 
 SBATCH = REPO / "scripts" / "slurm" / "pretrain.sbatch"
 SUBMIT = REPO / "tools" / "submit_pretrain.py"
-LOCAL_CLUSTER = REPO / "scripts" / "slurm" / "local_cluster.sh"
-# tests/conftest.py lets a `slurm` test skip only with this reason; anything else is a failure.
-SLURM_UNAVAILABLE = "local Slurm unavailable"
 ITERATIONS = 30
 # At 0.1-0.2 s each (two tiny ranks on two cores), the time-limit signal, due within Slurm's 30-s
 # check, lands mid-run and leaves the resumed run long enough to be preempted (with 240, a fast VM
@@ -92,38 +90,6 @@ def test_submitit_job_requeues_at_the_signal_and_resumes_from_the_newest_checkpo
 
 # --- on a real Slurm -------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def slurm() -> None:
-    """A running one-node Slurm (started here if `make test-deps` has not); skips the test,
-    saying why, where none can be started (not root, no apt-get)."""
-    if subprocess.run(["bash", str(LOCAL_CLUSTER), "status"], check=False).returncode == 0:
-        return
-    started = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], check=False, capture_output=True, text=True,
-                             timeout=900)
-    if started.returncode != 0:
-        pytest.skip(f"{SLURM_UNAVAILABLE}: {' '.join((started.stderr or started.stdout).strip().splitlines()[-1:])}")
-
-
-def job_info(job_id: str) -> dict[str, str]:
-    """``scontrol show job``'s KEY=VALUE fields of a job."""
-    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=True, capture_output=True,
-                          text=True).stdout
-    return dict(field.split("=", 1) for field in text.split() if "=" in field)
-
-
-ENDED = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-
-
-def wait_until(what: str, predicate, job_id: str, timeout: float = 300) -> None:
-    """Poll ``predicate`` every second; fail at once if the job ends first, or after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        info = job_info(job_id)
-        assert info["JobState"] not in ENDED, f"the job ended before {what}: {info}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {info}"
-        time.sleep(1)
-
-
 def training_started(output: Path, starts: int):
     """Whether rank 0 has entered the training loop for the ``starts``-th time (its stop-signal
     handlers are installed by then)."""
@@ -143,15 +109,6 @@ def bring_time_limit_near(job_id: str) -> None:
     elapsed = seconds(job_info(job_id)["RunTime"])
     minutes = elapsed // 60 + 2  # 60 to 120 s left
     subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
-
-
-def release(job_id: str, restarts: int) -> None:
-    """Once the job is requeued (pending, ``restarts`` restarts), start it now (Slurm holds a
-    requeued job for about two minutes) with a time limit far away again."""
-    wait_until(f"requeue #{restarts}", lambda: job_info(job_id)["JobState"] == "PENDING"
-               and int(job_info(job_id)["Restarts"]) == restarts, job_id)
-    time.sleep(2)  # slurmd refuses a job credential issued in the second its last one was revoked
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10"], check=True)
 
 
 def slurm_env() -> dict[str, str]:
