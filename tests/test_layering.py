@@ -21,7 +21,7 @@ ENGINE = "pretrain.engine"
 ENGINE_USERS = {"tools/pretrain.py", "tools/benchmark.py"}
 # What detectron2_ext may import of pretrain (docs/architecture.md's table says the same).
 D2_MAY_IMPORT = ("pretrain.errors", "pretrain.config", "pretrain.checkpoint_io", "pretrain.files",
-                 "pretrain.data.dataset_root", "pretrain.data.images", "pretrain.models.vit", "pretrain.optim_resume")
+                 "pretrain.data.dataset_root", "pretrain.data.images", "pretrain.models.vit", "pretrain.optim_resume", "pretrain.stop_signals")
 
 
 def module_name(path: Path) -> str:

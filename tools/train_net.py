@@ -51,6 +51,13 @@ from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import EvaluatedModel, build_evaluator
 from detectron2_ext.image_mapper import ImageNamingMapper
+from detectron2_ext.preemption import (
+    SaveAtStopSignal,
+    TrainingStopped,
+    leave_stop_signals_to_main_process,
+    leave_stop_signals_to_ranks,
+    shut_down_train_workers,
+)
 from detectron2_ext.progress import ProgressBarHook
 from detectron2_ext.resume import check_resume
 from detectron2_ext.vit_training import (
@@ -66,8 +73,8 @@ from virtex_d2.cli import OneLineErrorLog, run_tool
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with dataset-specific evaluators that record which weights they evaluate
-    (the iteration, for a report to tell the end of training from a periodic evaluation), and
-    weights-only, atomically written checkpoints."""
+    (the iteration, for a report to tell the end of training from a periodic evaluation),
+    weights-only, atomically written checkpoints, and a checkpoint at a cluster's stop signal."""
 
     def __init__(self, cfg, allow_unsafe_pickle=False):
         super().__init__(cfg)
@@ -80,16 +87,23 @@ class Trainer(DefaultTrainer):
                 hook.checkpointer = self.checkpointer
 
     def build_hooks(self):
-        """detectron2's hooks, its evaluation hook calling :meth:`evaluate`, and a progress bar."""
+        """detectron2's hooks, its evaluation hook calling :meth:`evaluate`, a progress bar, and
+        last the save at a stop signal (after the iteration's evaluation and metrics)."""
         built = [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(hook, hooks.EvalHook) else hook
                  for hook in super().build_hooks()]
-        return [*built, ProgressBarHook()]
+        return [*built, ProgressBarHook(), SaveAtStopSignal()]
 
     def train(self):
         """detectron2's training, counting iterations from ``start_iter`` (a resumed run's weights
-        have trained that far before any step of this process)."""
+        have trained that far before any step of this process), to the end or to a stop signal."""
         self.iterations_trained = self.start_iter
-        return super().train()
+        try:
+            return super().train()
+        except TrainingStopped as stopped:
+            logging.getLogger("detectron2_ext").warning("%s; continue with --resume", stopped)
+            return {}
+        finally:
+            shut_down_train_workers(self._trainer)
 
     def run_step(self):
         """One training step, counted once it is done (what :meth:`evaluate` records)."""
@@ -125,7 +139,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_recipe_train_loader(cfg)  # detectron2's, or ViTDet's large-scale jitter
+        # detectron2's, or ViTDet's large-scale jitter; its workers leave the stop signals to us
+        return leave_stop_signals_to_main_process(build_recipe_train_loader(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -214,6 +229,8 @@ def cli() -> int:
     # optimiser, ViTDet keys, MODEL.WEIGHTS of the right backbone kind and shape
     check_backbone_run(load_config(args.config_file, args.opts), args.allow_unsafe_pickle, args.resume)
     resume_changes = check_resumed_run(args)  # before default_setup writes the new config.yaml over the run's
+    if args.num_gpus * args.num_machines > 1 and not args.eval_only:
+        leave_stop_signals_to_ranks()  # they save at a stop signal; this process waits for them
     launch(
         main,
         args.num_gpus,
