@@ -55,14 +55,16 @@ def check_output_path(output, force: bool) -> Path:
     return output
 
 
-def convert_checkpoint_file(input_path, output_path, targets, force=False, allow_unsafe_pickle=False):
+def convert_checkpoint_file(input_path, output_path, targets, force=False, allow_unsafe_pickle=False,
+                            resnet_prefix: str | None = None):
     """Convert ``input_path`` into verified detectron2 weights at ``output_path``.
 
     ``targets`` is a list of ``(name, cfg)``: the detectron2 configs the weights must load
     into. Returns ``(ConvertedBackbone, [TargetCheck, ...])``.
     """
     check_output_path(output_path, force)
-    return convert_weights(read_checkpoint(input_path, allow_unsafe_pickle), str(input_path), output_path, targets, force)
+    state = read_checkpoint(input_path, allow_unsafe_pickle)
+    return convert_weights(state, str(input_path), output_path, targets, force, resnet_prefix=resnet_prefix)
 
 
 def holds_vit(state) -> bool:
@@ -86,11 +88,13 @@ def pretraining_vit_arch(state) -> str | None:
     return requested_vit(name) if isinstance(name, str) else None
 
 
-def convert_weights(state, source: str, output_path, targets, force=False, vit_arch: str | None = None):
+def convert_weights(state, source: str, output_path, targets, force=False, vit_arch: str | None = None,
+                    resnet_prefix: str | None = None):
     """:func:`convert_checkpoint_file` for weights already in memory (``source`` names them in
     errors and in the output's ``__author__``), e.g. a freshly initialised ResNet. A ViT's head
     count, which its weights do not show, is recorded from ``vit_arch`` (timm's name) or from the
-    pretraining config the checkpoint holds, where either is known."""
+    pretraining config the checkpoint holds, where either is known. ``resnet_prefix`` chooses the
+    ResNet of a file that holds several the converter cannot tell apart."""
     output = check_output_path(output_path, force)
     if not targets:
         raise ConversionError("no target config to verify the converted weights against")
@@ -98,8 +102,10 @@ def convert_weights(state, source: str, output_path, targets, force=False, vit_a
         state_dict = extract_state_dict(state)
         vit_prefix = find_vit_prefix(state_dict)
         if vit_prefix is None:
-            backbone: ConvertedBackbone | ConvertedViT = convert_resnet_state_dict(state)
+            backbone: ConvertedBackbone | ConvertedViT = convert_resnet_state_dict(state, resnet_prefix)
             checkpoint, verify = to_detectron2_checkpoint(backbone, Path(source).name), verify_target
+        elif resnet_prefix is not None:
+            raise ConversionError(f"a ResNet prefix was chosen ({resnet_prefix!r}), but the file holds a ViT")
         else:
             backbone = convert_vit_state_dict(state_dict, vit_prefix)
             arch = vit_arch or pretraining_vit_arch(state)
@@ -119,21 +125,49 @@ def convert_weights(state, source: str, output_path, targets, force=False, vit_a
     return backbone, checks
 
 
+def key_groups(keys, prefix: str) -> dict:
+    """``keys`` grouped by the module where they part from ``prefix``: the components they share
+    with it and one more (beside ``module.encoder_q.``, ``module.encoder_k.conv1.weight`` goes to
+    ``module.encoder_k`` and ``module.queue`` to itself), in the order first seen."""
+    shared = prefix.split(".")[:-1]
+    groups: dict = {}
+    for key in map(str, keys):
+        parts = key.split(".")
+        depth = 0
+        while depth < min(len(shared), len(parts) - 1) and parts[depth] == shared[depth]:
+            depth += 1
+        groups.setdefault(".".join(parts[: depth + 1]), []).append(key)
+    return groups
+
+
+def describe_keys(keys, prefix: str, shown: int = 6) -> str:
+    """``keys`` in a few words: each module of :func:`key_groups` with its count (a lone key by name)."""
+    groups = [found[0] if len(found) == 1 else f"{group}.* ({len(found)} keys)"
+              for group, found in key_groups(keys, prefix).items()]
+    more = f" and {len(groups) - shown} more" if len(groups) > shown else ""
+    return ", ".join(groups[:shown]) + more
+
+
 def describe(backbone: ConvertedBackbone | ConvertedViT, source) -> str:
-    """One-line summary of what a conversion took from the source checkpoint."""
+    """One-line summary of what a conversion took from the source checkpoint: which ResNet (the
+    entry and key prefix, and the other ResNets passed over, with why) and which keys it dropped."""
     if isinstance(backbone, ConvertedViT):
         return describe_vit(backbone, source)
     norms = sum(1 for k in backbone.state_dict if k.endswith(".norm.running_mean"))
     prefix = f"'{backbone.source_prefix}*'" if backbone.source_prefix else "top-level keys"
+    entry = f"the '{backbone.source_entry}' entry of " if backbone.source_entry else ""
     text = (
         f"ResNet-{backbone.depth} ({backbone.block} blocks {'-'.join(map(str, backbone.blocks_per_stage))}) "
-        f"from {prefix} of {source}: {len(backbone.state_dict)} tensors, {norms} BatchNorm layers with "
+        f"from {prefix} of {entry}{source}: {len(backbone.state_dict)} tensors, {norms} BatchNorm layers with "
         f"affine parameters and running statistics"
     )
+    if backbone.passed_over:
+        text += "; not converted: " + ", ".join(f"{what} ({why})" for what, why in backbone.passed_over.items())
     if backbone.dropped_keys:
-        text += f"; dropped the classifier ({', '.join(backbone.dropped_keys)})"
+        text += f"; dropped the head: {describe_keys(backbone.dropped_keys, backbone.source_prefix)}"
     if backbone.ignored_keys:
-        text += f"; ignored {backbone.ignored_keys} keys outside the ResNet"
+        text += (f"; left out {len(backbone.ignored_keys)} keys outside the ResNet: "
+                 f"{describe_keys(backbone.ignored_keys, backbone.source_prefix)}")
     if backbone.filled_batch_counters:
         text += f"; {backbone.filled_batch_counters} BN layers had no num_batches_tracked (set to 0)"
     return text

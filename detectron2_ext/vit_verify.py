@@ -18,8 +18,13 @@ from detectron2.modeling import build_model
 from pretrain.checkpoint_io import read_checkpoint
 from pretrain.errors import MissingInputError
 
-from .convert import ANCHOR_KEY as RESNET_ANCHOR
-from .convert import ConversionError, anchor_prefixes, extract_state_dict
+from .convert import (
+    CHOSEN_ENTRIES,
+    ConversionError,
+    anchor_prefixes,
+    extract_state_dict,
+    locate_resnet,
+)
 from .verify import TargetCheck, load_exactly, record_kind, record_mismatches
 from .vit_backbone import check_vit_config
 from .vit_config import VITDET_BACKBONE
@@ -64,27 +69,31 @@ def verify_vit_target(cfg, backbone: ConvertedViT, weights_path, name: str) -> T
     return TargetCheck(name, architecture, len(expected), untouched, [])
 
 
-#: The backbones the converter finds (by these keys, under any prefix) and the names they are in.
-SOURCE_BACKBONES = ((RESNET_ANCHOR, "a ResNet in torchvision's names"), (VIT_ANCHOR, "a ViT in timm's names"))
+def _places(prefixes, entry: str | None) -> str:
+    """Where backbones are, in words: ``keys 'module.backbone.*' of the 'teacher' entry``; the
+    entry is named where it was chosen among several networks, not for a mere wrapper."""
+    places = ", ".join(f"keys '{p}*'" if p else "top-level keys" for p in prefixes)
+    return f"{places} of the '{entry}' entry" if entry in CHOSEN_ENTRIES else places
 
 
 def unconverted_backbone(checkpoint) -> str | None:
     """The backbone that the converter would find in ``checkpoint``, which has no conversion
     record (``"a ResNet in torchvision's names (keys 'module.encoder_q.*')"``), or None.
 
-    Found as the converter finds it, in any layout it reads (a pretraining checkpoint, a DDP
-    wrapper, ``{"state_dict": ...}``, a plain state dict, with or without a classifier); a ViT
-    under detectron2's own ``backbone.net.`` (e.g. train_net's ``model_final.pth``) is not one.
+    Found as the converter finds it (:func:`.convert.locate_resnet`, :func:`.vit_convert.find_vit_prefix`'s
+    anchor), in any layout it reads (a pretraining checkpoint, a DDP wrapper, ``{"state_dict": ...}``,
+    DINO's teacher, a plain state dict, with or without heads or a momentum copy); where the
+    converter would refuse a file with several ResNets, all are named. A ViT under detectron2's
+    own ``backbone.net.`` (e.g. train_net's ``model_final.pth``) is not one.
     """
     if not isinstance(checkpoint, dict) or isinstance(checkpoint.get("conversion"), dict):
         return None
-    state_dict = extract_state_dict(checkpoint)
-    for anchor, what in SOURCE_BACKBONES:
-        places = [f"keys '{p}*'" if p else "top-level keys" for p in anchor_prefixes(state_dict, anchor)
-                  if p != TARGET_PREFIX]
-        if places:
-            return f"{what} ({', '.join(places)})"
-    return None
+    resnet = locate_resnet(checkpoint)
+    if resnet.candidates:
+        found = [resnet.prefix] if resnet.prefix is not None else resnet.candidates
+        return f"a ResNet in torchvision's names ({_places(found, resnet.entry)})"
+    vits = [p for p in anchor_prefixes(extract_state_dict(checkpoint), VIT_ANCHOR) if p != TARGET_PREFIX]
+    return f"a ViT in timm's names ({_places(vits, resnet.entry)})" if vits else None
 
 
 def weights_file(weights: str) -> str:

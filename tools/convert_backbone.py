@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Convert the ResNet or ViT of a checkpoint into detectron2 weights for fine-tuning.
 
-Accepts a checkpoint of ours, one from the official VirTex model zoo, or a torchvision ResNet
-state dict, and writes ``{"model": ..., "__author__": ..., "matching_heuristics": True}`` as a
+Accepts a checkpoint of ours, one from the official VirTex model zoo, a torchvision or timm ResNet
+state dict, or the ResNet-50 releases VirTex is compared with (MoCo v1/v2/v3, SwAV, DINO, Barlow
+Twins, DenseCL, MMSelfSup, PyTorch Lightning; the encoder each project transfers, its heads
+dropped: detectron2_ext/convert.py lists them), and writes ``{"model": ..., "__author__": ..., "matching_heuristics": True}`` as a
 ``.pth`` of tensors, with a ``conversion`` record of what ``MODEL.RESNETS`` (or ``MODEL.VIT``)
 must say, which tools/train_net.py checks before fine-tuning. The weights are verified by
 loading them into the target detectron2 models (by default R50-FPN Mask R-CNN and R50-C4 Faster
@@ -84,6 +86,10 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=224, action=in_range(1),
                         help="--init random --vit: the image size its position embeddings are for, a multiple of "
                              "the patch size (default: 224)")
+    parser.add_argument("--backbone-prefix", default=None, metavar="PREFIX",
+                        help="the key prefix of the ResNet to convert, for a file that holds several which the "
+                             "converter cannot tell apart (it names them); MoCo's encoder_q, MoCo v3's base_encoder, "
+                             "MMSelfSup's backbone and DINO's teacher are found without it")
     parser.add_argument("--output", required=True, help="detectron2 weights to write (.pth)")
     parser.add_argument("--config-file", action="append", default=None, metavar="FILE",
                         help="target detectron2 config to verify against (repeatable; default: the "
@@ -96,6 +102,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.input is None) != (args.init == "random"):
         parser.error("--input is required, except with --init random (which takes none)")
+    if args.backbone_prefix is not None and args.init == "random":
+        parser.error("--backbone-prefix chooses among the ResNets of --input; --init random takes no input")
     if args.vit and args.init != "random":
         parser.error("--vit only chooses the architecture of --init random")
     if args.vit and args.image_size % vit_patch_size(args.vit):
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
     defaults = DEFAULT_VIT_TARGETS if holds_vit(state) else DEFAULT_TARGETS
     config_files = [Path(p) for p in args.config_file] if args.config_file else defaults
     targets = [(path.name, load_config(path, args.opts)) for path in config_files]
-    backbone, checks = convert_weights(state, str(source), args.output, targets, force=args.force, vit_arch=args.vit)
+    backbone, checks = convert_weights(state, str(source), args.output, targets, force=args.force, vit_arch=args.vit,
+                                       resnet_prefix=args.backbone_prefix)
     print(f"Converted {describe(backbone, source)}")
     for check in checks:
         print(f"  verified {check.summary()}")
