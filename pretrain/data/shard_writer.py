@@ -76,10 +76,10 @@ def _table_rows(path: Path) -> list[dict]:
     elif path.suffix.lower() in (".csv", ".tsv"):
         # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first column's name
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
             try:
                 columns = reader.fieldnames or []
-                rows = list(reader)
+                rows = _delimited_rows(reader, path)
             except UnicodeDecodeError as err:
                 raise BadValueError(f"{path}: not UTF-8 text (it has the byte {err.object[err.start]:#x}); save "
                                     "the table as UTF-8") from None
@@ -90,6 +90,34 @@ def _table_rows(path: Path) -> list[dict]:
         raise BadValueError(f"{path}: needs columns {', '.join(TABLE_COLUMNS)}; missing {', '.join(missing)} (has {', '.join(map(str, columns))})")
     if not rows:
         raise BadValueError(f"{path}: the table has a header but no rows; add one row per image and caption")
+    return rows
+
+
+_QUOTING_HELP = ("a field that starts with a double quote is quoted up to the next one; quote the whole "
+                 "field and double the quotes inside (\"\"), as pandas and Excel save them, or remove the quote")
+
+
+def _delimited_rows(reader: csv.DictReader, path: Path) -> list[dict]:
+    """The rows of a CSV/TSV ``reader`` (strict quoting), refusing quoting that went wrong.
+
+    Why: a caption that starts with a double quote it does not close (``"Tiny" house``, common
+    in scraped captions) makes the csv module read on across tabs, commas and line breaks until
+    some later quote: rows were silently merged into one caption and their images lost. Strict
+    mode stops on a quote followed by other text; a field that holds a line break and then the
+    column separator is the same runaway closed by chance at the end of a later field.
+    """
+    rows, start = [], reader.line_num + 1
+    try:
+        for row in reader:
+            for value in row.values():
+                if isinstance(value, str) and reader.reader.dialect.delimiter in value.partition("\n")[2]:
+                    raise BadValueError(f"{path}: line {start}: a quoted field runs over lines {start}-{reader.line_num} "
+                                        f"and swallows their rows; {_QUOTING_HELP}")
+            rows.append(row)
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise BadValueError(f"{path}: line {start}: malformed quoting ({str(err).replace(chr(9), 'tab')}); "
+                            f"{_QUOTING_HELP}") from None
     return rows
 
 

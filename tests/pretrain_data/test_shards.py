@@ -154,6 +154,29 @@ def test_make_shards_tool_rejects_bad_input_in_one_line(tmp_path, capsys):
     assert f"make_shards: error: {table}: not UTF-8 text (it has the byte 0xe9); save the table as UTF-8" in err
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_a_caption_opening_a_quote_it_does_not_close_is_refused_not_merged_with_the_rows_after_it(tmp_path, capsys, suffix):
+    """Scraped captions often start with a quote (the csv module then read on across separators
+    and lines to the next quote: rows merged into one caption, their images silently lost)."""
+    sep = "\t" if suffix == ".tsv" else ","
+    table = tmp_path / f"captions{suffix}"
+    run = ["--captions-csv", str(table), "--image-root", str(tmp_path), "--output", str(tmp_path / "o")]
+    table.write_text(f'image{sep}caption\na.jpg{sep}"Tiny" house by a lake\n')
+    assert Tool("make_shards").main(run) == 2
+    assert f"make_shards: error: {table}: line 2: malformed quoting" in capsys.readouterr().err
+    table.write_text(f'image{sep}caption\na.jpg{sep}fine\nb.jpg{sep}"never closed\nc.jpg{sep}a cat\nd.jpg{sep}a 5"\n')
+    assert Tool("make_shards").main(run) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{table}: line 3: a quoted field runs over lines 3-5 and swallows their rows" in err
+    # Quoting as pandas and Excel write it still reads, a quoted caption over two lines included.
+    table.write_text(f'image{sep}caption\na.jpg{sep}"a ""tiny"" house"\nb.jpg{sep}"two\nlines"\n')
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
+    assert Tool("make_shards").main(run) == 0
+    samples = [raw for _, raw in ShardDataset(expand_shards(str(tmp_path / "o" / "shards.txt")), None, 0).raw_samples()]
+    assert [raw["txt"].decode() for raw in samples] == ['a "tiny" house', "two lines"]
+
+
 def test_make_shards_refuses_to_overwrite_shards(coco_root, tmp_path):
     coco_shards(coco_root, tmp_path / "out")
     with pytest.raises(FileExistsError, match="already holds shards .pass --force"):
