@@ -55,20 +55,35 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO, name: str | None = None) 
     return image.convert("RGB")
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (starts with a dot): macOS's ``._IMG_0001.JPG``
+    (the metadata of a photo copied to a shared or FAT drive, named like the photo but no image),
+    ``.DS_Store``, Jupyter's ``.ipynb_checkpoints``. Folder readers leave them out, counted."""
+    return name.startswith(".")
+
+
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly inside ``folder`` (by suffix, sorted by name). Other files are
-    left out with one log line counting them, so that a folder of mixed files does not look fully
-    read; errors name the folder."""
+    """The image files directly inside ``folder`` (by suffix, sorted by name). Hidden files
+    (:func:`is_hidden`), other files and subfolders (the folder is not read recursively) are left
+    out with one log line counting and naming them, so that a folder of mixed files does not look
+    fully read and a hidden ``._photo.jpg`` does not stop the run; errors name the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MissingInputError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        what = "is a file, not a folder; give the folder that holds it" if folder.exists() else "image folder not found"
+        raise MissingInputError(f"{folder}: {what}")
+    entries = sorted(folder.iterdir())
+    images = [p for p in entries if p.is_file() and not is_hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise MissingInputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    if others:
-        logger.warning("%s: left out %d file%s not named as an image (%s%s); the suffixes read are %s", folder,
-                       len(others), "s" if len(others) > 1 else "", ", ".join(others[:3]),
-                       ", ..." if len(others) > 3 else "", ", ".join(IMAGE_SUFFIXES))
+    left_out = [
+        ("hidden file", [p.name for p in entries if p.is_file() and is_hidden(p.name)]),
+        ("file not named as an image", [p.name for p in entries if p.is_file() and not is_hidden(p.name)
+                                        and p.suffix.lower() not in IMAGE_SUFFIXES]),
+        ("subfolder", [p.name for p in entries if p.is_dir()]),
+    ]
+    parts = [f"{len(names)} {kind}{'s' if len(names) > 1 else ''} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for kind, names in left_out if names]
+    if parts:
+        logger.warning("%s: left out %s; the files read are those directly in it ending in %s", folder,
+                       ", ".join(parts), ", ".join(IMAGE_SUFFIXES))
     return images
