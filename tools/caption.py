@@ -33,8 +33,7 @@ from pretrain.downstream.caption_eval import (
     load_captioning_model,
     prediction_text,
 )
-from pretrain.errors import OutputExistsError
-from pretrain.files import ensure_writable_directory, write_json_atomic
+from pretrain.files import check_output_file, write_json_atomic
 from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
 
 __doc__ = __doc__.replace("IMAGE_SUFFIXES", " ".join(IMAGE_SUFFIXES))  # the suffixes list_image_files reads
@@ -69,10 +68,7 @@ def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, de
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and not args.force:
-        raise OutputExistsError(f"{output}: already exists (pass --force to overwrite)")
-    ensure_writable_directory(output.parent)  # before any captioning
+    output = check_output_file(args.output, args.force)  # before any captioning
     cfg = caption_eval_config(load_config(args.config, args.opts))
     images = list_image_files(args.images)
     results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))
