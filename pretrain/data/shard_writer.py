@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
+from tqdm import tqdm
 
 from pretrain.data.captions import read_caption_records
 from pretrain.data.images import load_rgb_image
@@ -173,7 +174,8 @@ def write_shards(
     into ``output_dir``; ``left_out`` holds what the caller already left out (table rows).
 
     A folder that already holds shards is refused unless ``force``. Each shard is written
-    atomically; the report is also saved as ``make_shards.json`` next to ``shards.txt``.
+    atomically; the report is also saved as ``make_shards.json`` next to ``shards.txt``. A
+    progress bar counts the images (every one is read and decoded: COCO's 118K take a while).
     """
     if shard_size < 1:
         raise BadValueError(f"--shard-size must be at least 1, got {shard_size}")
@@ -197,7 +199,7 @@ def write_shards(
         report.shards.append(path)
         pending.clear()
 
-    for image in images:
+    for image in tqdm(images, desc="shards", unit="image", mininterval=2.0):
         path = image_root / image.file_name
         try:
             extension, data = _image_entry(path)

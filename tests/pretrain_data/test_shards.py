@@ -130,6 +130,7 @@ def test_make_shards_tool_reads_tables_groups_captions_and_reports_what_it_left_
     assert f"left out {images / 'missing.jpg'}: image file not found" in err
     assert f"left out {images / 'broken.jpg'}: cannot read image" in err
     assert "empty caption for b.jpg" in err
+    assert "shards: 100%" in err and "5/5" in err  # a progress bar over the images (COCO's 118K take a while)
     samples = [raw for _, raw in ShardDataset(expand_shards(str(output / "shards.txt")), None, 0).raw_samples()]
     assert [raw["txt"].decode().splitlines() for raw in samples] == [
         ["A first caption.", "A second caption."], ["Only one."], ["A green square."]]
