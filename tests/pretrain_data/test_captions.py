@@ -288,3 +288,18 @@ def test_an_image_folder_leaves_out_hidden_files_and_says_what_it_did_not_read(t
             "1 subfolder (2023); the files read are those directly in it") in caplog.text
     with pytest.raises(FileNotFoundError, match="IMG_0001.JPG: is a file, not a folder; give the folder that holds it"):
         list_image_files(tmp_path / "IMG_0001.JPG")
+
+
+def test_images_without_a_caption_are_left_out_with_a_warning(tmp_path, caplog):
+    """A user's captions file with an image nobody captioned: tools/eval_captioning.py scored the
+    others without a word (the count was logged at INFO, which that tool does not show)."""
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "Ein Hund läuft über die Straße"},
+                        {"id": 2, "image_id": 1, "caption": "一只狗"}],
+    }, ensure_ascii=False), encoding="utf-8")
+    caplog.set_level(logging.WARNING)
+    records = read_caption_records(captions)
+    assert [(r.file_name, r.captions) for r in records] == [("a.jpg", ("Ein Hund läuft über die Straße", "一只狗"))]
+    assert f"{captions}: 1 of 2 images have no caption and are left out (e.g. b.jpg)" in caplog.text
