@@ -67,12 +67,27 @@ def read_coco_corpus(captions_json: str | os.PathLike) -> list[CorpusImage]:
     return [CorpusImage(r.file_name, r.captions, r.image_id) for r in read_caption_records(captions_json)]
 
 
+def _require_path_column(table, path: Path) -> None:
+    """Refuse a parquet table whose ``image`` column holds something else than paths: the images
+    themselves (Hugging Face ``datasets`` save an image column as ``{bytes, path}``, img2dataset's
+    parquet output as bytes). Every row was "no image" and the stop blamed --image-root."""
+    import pyarrow as pa
+
+    if "image" not in table.column_names:
+        return  # named with the other missing columns
+    kind = table.schema.field("image").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise BadValueError(f"{path}: column image holds {kind}, not file paths under --image-root (the images "
+                            "themselves?); write each image to a file and put its path in the column")
+
+
 def _table_rows(path: Path) -> list[dict]:
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq  # only parquet tables need it
 
         table = pq.read_table(path)
         columns = table.column_names
+        _require_path_column(table, path)
         rows = table.to_pylist()
     elif path.suffix.lower() in (".csv", ".tsv"):
         # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first column's name
@@ -218,7 +233,8 @@ def write_shards(
     if pending:
         flush()
     if not report.num_samples:
-        raise BadValueError(f"{image_root}: none of the images could be read ({len(report.left_out)} left out)")
+        first = f"; the first: {report.left_out[0][0]}: {report.left_out[0][1]}" if report.left_out else ""
+        raise BadValueError(f"{image_root}: none of the images could be read ({len(report.left_out)} left out{first})")
     write_text_atomic(output_dir / "shards.txt", "".join(f"{p.name}\n" for p in report.shards))
     write_json_atomic(output_dir / "make_shards.json", {
         "samples": report.num_samples,

@@ -178,6 +178,18 @@ def test_a_caption_opening_a_quote_it_does_not_close_is_refused_not_merged_with_
     assert [raw["txt"].decode() for raw in samples] == ['a "tiny" house', "two lines"]
 
 
+def test_a_parquet_table_holding_the_images_themselves_is_named_not_blamed_on_the_image_root(tmp_path, capsys):
+    """Hugging Face ``datasets`` save an image column as ``{bytes, path}``: every row was "no
+    image" and the one line said "none of the images could be read" of --image-root."""
+    table = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": jpeg(1), "path": "a.jpg"}], "caption": ["A cat."]}), table)
+    code = Tool("make_shards").main(["--captions-csv", str(table), "--image-root", str(tmp_path), "--output",
+                                     str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"make_shards: error: {table}: column image holds struct<bytes: binary, path: string>, not file paths" in err
+
+
 def test_make_shards_refuses_to_overwrite_shards(coco_root, tmp_path):
     coco_shards(coco_root, tmp_path / "out")
     with pytest.raises(FileExistsError, match="already holds shards .pass --force"):
