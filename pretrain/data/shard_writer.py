@@ -201,8 +201,8 @@ def write_shards(
     existing = sorted(output_dir.glob("*.tar"))
     if existing and not force:
         raise OutputExistsError(f"{existing[0]}: {output_dir} already holds shards (pass --force to replace them)")
-    for old in existing:
-        old.unlink()
+    for old in [*existing, output_dir / "shards.txt", output_dir / "make_shards.json"]:
+        old.unlink(missing_ok=True)  # the listing too: it named the shards removed here until a new run ended
     report = ShardReport(left_out=list(left_out or []))
     pending: list[dict] = []
 

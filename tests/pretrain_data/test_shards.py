@@ -23,7 +23,7 @@ from PIL import Image
 
 from pretrain.config import load_config
 from pretrain.data import collate_fn
-from pretrain.data.shard_writer import read_coco_corpus, write_shards
+from pretrain.data.shard_writer import CorpusImage, read_coco_corpus, write_shards
 from pretrain.data.shards import (
     BadSample,
     ShardDataset,
@@ -37,6 +37,7 @@ from pretrain.data.shards import (
 )
 from pretrain.distributed import seeded_rng
 from pretrain.engine.sampling import SeededDataset
+from pretrain.errors import BadValueError
 from pretrain.tasks import build_dataset, build_model, list_tasks
 from pretrain.tokenizer import train_vocabulary
 from tests.tool_main import Tool
@@ -194,6 +195,15 @@ def test_make_shards_refuses_to_overwrite_shards(coco_root, tmp_path):
     coco_shards(coco_root, tmp_path / "out")
     with pytest.raises(FileExistsError, match="already holds shards .pass --force"):
         coco_shards(coco_root, tmp_path / "out")
+
+
+def test_a_forced_run_that_stops_leaves_no_listing_of_the_shards_it_removed(coco_root, tmp_path):
+    """--force removed the old shards but kept shards.txt and make_shards.json until the new run
+    ended: a run that stopped left a listing of shards that were gone (or rewritten)."""
+    coco_shards(coco_root, tmp_path / "out")
+    with pytest.raises(BadValueError, match="none of the images could be read"):
+        write_shards([CorpusImage("missing.jpg", ("A cat.",))], coco_root / "train2017", tmp_path / "out", 3, force=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 # --- the shard list --------------------------------------------------------------------------------
