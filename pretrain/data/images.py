@@ -62,6 +62,15 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _not_an_image(path: Path) -> str | None:
+    """Why :func:`list_image_files` leaves ``path`` out (a key of its warning), or None for an image."""
+    if path.is_dir():
+        return "subfolder"
+    if is_hidden(path.name):
+        return "hidden file"
+    return None if path.suffix.lower() in IMAGE_SUFFIXES else "file not named as an image"
+
+
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files directly inside ``folder`` (by suffix, sorted by name). Hidden files
     (:func:`is_hidden`), other files and subfolders (the folder is not read recursively) are left
@@ -71,18 +80,18 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         what = "is a file, not a folder; give the folder that holds it" if folder.exists() else "image folder not found"
         raise MissingInputError(f"{folder}: {what}")
-    entries = sorted(folder.iterdir())
-    images = [p for p in entries if p.is_file() and not is_hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES]
+    images: list[Path] = []
+    left_out: dict[str, list[str]] = {"hidden file": [], "file not named as an image": [], "subfolder": []}
+    for path in sorted(folder.iterdir()):
+        kind = _not_an_image(path)
+        if kind is None:
+            images.append(path)
+        else:
+            left_out[kind].append(path.name)
     if not images:
         raise MissingInputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    left_out = [
-        ("hidden file", [p.name for p in entries if p.is_file() and is_hidden(p.name)]),
-        ("file not named as an image", [p.name for p in entries if p.is_file() and not is_hidden(p.name)
-                                        and p.suffix.lower() not in IMAGE_SUFFIXES]),
-        ("subfolder", [p.name for p in entries if p.is_dir()]),
-    ]
     parts = [f"{len(names)} {kind}{'s' if len(names) > 1 else ''} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-             for kind, names in left_out if names]
+             for kind, names in left_out.items() if names]
     if parts:
         logger.warning("%s: left out %s; the files read are those directly in it ending in %s", folder,
                        ", ".join(parts), ", ".join(IMAGE_SUFFIXES))

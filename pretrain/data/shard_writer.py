@@ -94,8 +94,7 @@ def _table_rows(path: Path) -> list[dict]:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
             try:
-                columns = reader.fieldnames or []
-                rows = _delimited_rows(reader, path)
+                columns, rows = _delimited_rows(reader, path)
             except UnicodeDecodeError as err:
                 raise BadValueError(f"{path}: not UTF-8 text (it has the byte {err.object[err.start]:#x}); save "
                                     "the table as UTF-8") from None
@@ -113,8 +112,9 @@ _QUOTING_HELP = ("a field that starts with a double quote is quoted up to the ne
                  "field and double the quotes inside (\"\"), as pandas and Excel save them, or remove the quote")
 
 
-def _delimited_rows(reader: csv.DictReader, path: Path) -> list[dict]:
-    """The rows of a CSV/TSV ``reader`` (strict quoting), refusing quoting that went wrong.
+def _delimited_rows(reader: csv.DictReader, path: Path) -> tuple[list[str], list[dict]]:
+    """The column names and rows of a CSV/TSV ``reader`` (strict quoting), refusing quoting that
+    went wrong.
 
     Why: a caption that starts with a double quote it does not close (``"Tiny" house``, common
     in scraped captions) makes the csv module read on across tabs, commas and line breaks until
@@ -122,8 +122,10 @@ def _delimited_rows(reader: csv.DictReader, path: Path) -> list[dict]:
     mode stops on a quote followed by other text; a field that holds a line break and then the
     column separator is the same runaway closed by chance at the end of a later field.
     """
-    rows, start = [], reader.line_num + 1
+    rows, start = [], 1
     try:
+        columns = reader.fieldnames or []
+        start = reader.line_num + 1
         for row in reader:
             for value in row.values():
                 if isinstance(value, str) and reader.reader.dialect.delimiter in value.partition("\n")[2]:
@@ -134,7 +136,7 @@ def _delimited_rows(reader: csv.DictReader, path: Path) -> list[dict]:
     except csv.Error as err:
         raise BadValueError(f"{path}: line {start}: malformed quoting ({str(err).replace(chr(9), 'tab')}); "
                             f"{_QUOTING_HELP}") from None
-    return rows
+    return columns, rows
 
 
 def read_table_corpus(path: str | os.PathLike, left_out: list[tuple[str, str]]) -> list[CorpusImage]:
