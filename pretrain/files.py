@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from pretrain.errors import OutputNotWritableError
+from pretrain.errors import BadValueError, OutputExistsError, OutputNotWritableError
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -100,3 +100,28 @@ def ensure_writable_directory(directory: str | os.PathLike) -> Path:
             "directory or fix its permissions"
         ) from None
     return directory
+
+
+def check_output_file(path: str | os.PathLike, force: bool) -> Path:
+    """Make sure a tool can write its output file ``path`` before it spends any compute: not an
+    existing file unless ``force``, not a folder (``--output results/``: the atomic rename failed
+    with a traceback once all the work was done), in a folder where files can be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadValueError(f"{path}: is a folder; give the name of the file to write, e.g. {path / 'out.json'}")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: already exists (pass --force to overwrite)")
+    ensure_writable_directory(path.parent)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, force: bool) -> Path:
+    """Make sure a tool can write files into the folder ``path`` before it spends any compute:
+    not a file (the first write failed with a traceback after the model had run), not holding
+    files unless ``force``; created and proved writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadValueError(f"{path}: is a file; give a folder to write into")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise OutputExistsError(f"{path}: not empty (pass --force to write into it)")
+    return ensure_writable_directory(path)

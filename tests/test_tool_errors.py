@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tool_main import Tool
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = sorted(p.stem for p in (REPO / "tools").glob("*.py") if not p.name.startswith("_"))
 PRETRAIN_CONFIG = "configs/builtin/bicaptioning_R_18_L1_H256.yaml"
@@ -105,6 +107,23 @@ def bad_inputs(tmp: Path) -> list[tuple[str, list, str]]:
         ("submit_pretrain", ["--config", missing, "--output-dir", tmp / "sp", "--local"],
          f"{missing}: config file not found"),
     ]
+
+
+@pytest.mark.parametrize("tool, flag, kind, says", [
+    ("caption", "--output", "folder", "is a folder; give the name of the file to write"),
+    ("eval_captioning", "--output", "folder", "is a folder; give the name of the file to write"),
+    ("visualize_attention", "--output-dir", "file", "is a file; give a folder to write into"),
+])
+def test_an_output_of_the_wrong_kind_is_refused_before_any_work(tmp_path, capsys, tool, flag, kind, says):
+    """``--output results/`` (a folder) with --force, or an --output-dir that is a file: the
+    tools ran the model over every image, then failed writing with a traceback (status 1)."""
+    output = tmp_path / "out"
+    output.mkdir() if kind == "folder" else output.write_text("x")
+    argv = ["--config", str(tmp_path / "missing.yaml"), "--checkpoint", str(tmp_path / "c.pth"), flag, str(output),
+            "--force", *(["--images", str(tmp_path)] if tool == "caption" else [])]
+    assert Tool(tool).main(argv) == 2
+    assert capsys.readouterr().err == f"{tool}: error: {output}: {says}" + (
+        f", e.g. {output / 'out.json'}\n" if kind == "folder" else "\n")
 
 
 def test_every_tool_is_in_the_table(tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: tools/pretrain.py would shadow the pretrain package)
 import torch
+from tqdm import tqdm
 
 from pretrain.config import load_config
 from pretrain.data.images import IMAGE_SUFFIXES, list_image_files, load_rgb_image
@@ -33,8 +34,7 @@ from pretrain.downstream.caption_eval import (
     load_captioning_model,
     prediction_text,
 )
-from pretrain.errors import OutputExistsError
-from pretrain.files import ensure_writable_directory, write_json_atomic
+from pretrain.files import check_output_file, write_json_atomic
 from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
 
 __doc__ = __doc__.replace("IMAGE_SUFFIXES", " ".join(IMAGE_SUFFIXES))  # the suffixes list_image_files reads
@@ -52,27 +52,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def caption_images(cfg, checkpoint: str, images: list[Path], batch_size: int, device: torch.device | str) -> list[dict]:
-    """Load the model and tokenizer of ``cfg`` and caption ``images``; one dict per image."""
+    """Load the model and tokenizer of ``cfg`` and caption ``images``; one dict per image. A
+    progress bar counts the images (a folder of photos takes minutes on a CPU)."""
     model, tokenizer = load_captioning_model(cfg, checkpoint)
     model.to(device)
     text = prediction_text(model, tokenizer)
     transform = build_transform(cfg, "val")
     results = []
-    for start in range(0, len(images), batch_size):
-        paths = images[start : start + batch_size]
-        batch = torch.stack([transform(load_rgb_image(path), "")[0] for path in paths]).to(device)
-        predictions = model({"image": batch})["predictions"].cpu()
-        for path, ids in zip(paths, predictions.tolist()):
-            results.append({"image": path.name, "caption": text(ids)})
+    with tqdm(total=len(images), desc="captioning", unit="image", mininterval=2.0) as progress:
+        for start in range(0, len(images), batch_size):
+            paths = images[start : start + batch_size]
+            batch = torch.stack([transform(load_rgb_image(path), "")[0] for path in paths]).to(device)
+            predictions = model({"image": batch})["predictions"].cpu()
+            for path, ids in zip(paths, predictions.tolist()):
+                results.append({"image": path.name, "caption": text(ids)})
+            progress.update(len(paths))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and not args.force:
-        raise OutputExistsError(f"{output}: already exists (pass --force to overwrite)")
-    ensure_writable_directory(output.parent)  # before any captioning
+    output = check_output_file(args.output, args.force)  # before any captioning
     cfg = caption_eval_config(load_config(args.config, args.opts))
     images = list_image_files(args.images)
     results = caption_images(cfg, args.checkpoint, images, args.batch_size, args.device or select_device(0))

@@ -48,8 +48,7 @@ from pretrain.downstream.caption_eval import (
     word_grounding,
 )
 from pretrain.downstream.class_words import class_vocabulary, evaluate_class_naming
-from pretrain.errors import OutputExistsError
-from pretrain.files import ensure_writable_directory, write_json_atomic
+from pretrain.files import check_output_file, write_json_atomic
 from pretrain.tasks import build_dataset
 from pretrain.tokenizer import first_word_index
 from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
@@ -79,10 +78,8 @@ def _rate(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.output and Path(args.output).exists() and not args.force:
-        raise OutputExistsError(f"{args.output}: already exists (pass --force to overwrite)")
     if args.output:
-        ensure_writable_directory(Path(args.output).parent)  # before any decoding
+        check_output_file(args.output, args.force)  # before any decoding
     cfg = caption_eval_config(load_config(args.config, args.opts))
     model, tokenizer = load_captioning_model(cfg, args.checkpoint)
     dataset = build_dataset(cfg, args.split, tokenizer)

@@ -32,7 +32,8 @@ from pretrain.downstream.attention import (
     write_html,
 )
 from pretrain.downstream.caption_eval import caption_eval_config, load_captioning_model
-from pretrain.errors import MissingInputError, OutputExistsError
+from pretrain.errors import MissingInputError
+from pretrain.files import check_output_folder
 from pretrain.tokenizer import first_word_index
 from virtex_d2.cli import add_common_flags, in_range, run_tool, tool_parser
 
@@ -66,9 +67,7 @@ def collect_images(inputs: list[str], cfg, limit: int) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.force:
-        raise OutputExistsError(f"{output_dir}: not empty (pass --force to write into it)")
+    output_dir = check_output_folder(args.output_dir, args.force)  # before the model is built
     cfg = caption_eval_config(load_config(args.config, args.opts))
     model, tokenizer = load_captioning_model(cfg, args.checkpoint)
     device = args.device or select_device(0)

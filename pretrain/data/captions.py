@@ -56,7 +56,7 @@ def read_caption_records(captions_json: str | os.PathLike) -> list[ImageRecord]:
     file and :class:`~pretrain.errors.BadValueError` for a malformed entry, an image id listed twice (which of the two
     files its captions describe is unknown), an empty caption (it would train ``[SOS] [EOS]``) or
     a caption of an image the file does not list; both name the file. Images without any caption
-    cannot be trained on; they are left out and their number is logged.
+    cannot be trained on or scored; they are left out with a warning counting them.
     """
     data = load_json(captions_json)
     lists = isinstance(data["images"], list) and isinstance(data["annotations"], list)
@@ -77,9 +77,10 @@ def read_caption_records(captions_json: str | os.PathLike) -> list[ImageRecord]:
         require(captions_json, bool(ann["caption"].strip()), f"annotations[{i}]",
                 "has an empty caption; write the caption or remove the annotation")
         captions[ann["image_id"]].append(ann["caption"])
-    if len(captions) < len(file_names):
-        logger.info("%s: %d of %d images have no caption and are left out", captions_json,
-                    len(file_names) - len(captions), len(file_names))
+    if len(captions) < len(file_names):  # a warning: tools that log no INFO (eval_captioning) must still say it
+        uncaptioned = [name for image_id, name in file_names.items() if image_id not in captions]
+        logger.warning("%s: %d of %d images have no caption and are left out (e.g. %s)", captions_json,
+                       len(uncaptioned), len(file_names), uncaptioned[0])
     return [ImageRecord(image_id, file_names[image_id], tuple(captions[image_id])) for image_id in sorted(captions)]
 
 

@@ -55,20 +55,44 @@ def load_rgb_image(path: str | os.PathLike | BinaryIO, name: str | None = None) 
     return image.convert("RGB")
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (starts with a dot): macOS's ``._IMG_0001.JPG``
+    (the metadata of a photo copied to a shared or FAT drive, named like the photo but no image),
+    ``.DS_Store``, Jupyter's ``.ipynb_checkpoints``. Folder readers leave them out, counted."""
+    return name.startswith(".")
+
+
+def _not_an_image(path: Path) -> str | None:
+    """Why :func:`list_image_files` leaves ``path`` out (a key of its warning), or None for an image."""
+    if path.is_dir():
+        return "subfolder"
+    if is_hidden(path.name):
+        return "hidden file"
+    return None if path.suffix.lower() in IMAGE_SUFFIXES else "file not named as an image"
+
+
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly inside ``folder`` (by suffix, sorted by name). Other files are
-    left out with one log line counting them, so that a folder of mixed files does not look fully
-    read; errors name the folder."""
+    """The image files directly inside ``folder`` (by suffix, sorted by name). Hidden files
+    (:func:`is_hidden`), other files and subfolders (the folder is not read recursively) are left
+    out with one log line counting and naming them, so that a folder of mixed files does not look
+    fully read and a hidden ``._photo.jpg`` does not stop the run; errors name the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MissingInputError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        what = "is a file, not a folder; give the folder that holds it" if folder.exists() else "image folder not found"
+        raise MissingInputError(f"{folder}: {what}")
+    images: list[Path] = []
+    left_out: dict[str, list[str]] = {"hidden file": [], "file not named as an image": [], "subfolder": []}
+    for path in sorted(folder.iterdir()):
+        kind = _not_an_image(path)
+        if kind is None:
+            images.append(path)
+        else:
+            left_out[kind].append(path.name)
     if not images:
         raise MissingInputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    if others:
-        logger.warning("%s: left out %d file%s not named as an image (%s%s); the suffixes read are %s", folder,
-                       len(others), "s" if len(others) > 1 else "", ", ".join(others[:3]),
-                       ", ..." if len(others) > 3 else "", ", ".join(IMAGE_SUFFIXES))
+    parts = [f"{len(names)} {kind}{'s' if len(names) > 1 else ''} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for kind, names in left_out.items() if names]
+    if parts:
+        logger.warning("%s: left out %s; the files read are those directly in it ending in %s", folder,
+                       ", ".join(parts), ", ".join(IMAGE_SUFFIXES))
     return images

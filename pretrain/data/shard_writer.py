@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
+from tqdm import tqdm
 
 from pretrain.data.captions import read_caption_records
 from pretrain.data.images import load_rgb_image
@@ -66,20 +67,34 @@ def read_coco_corpus(captions_json: str | os.PathLike) -> list[CorpusImage]:
     return [CorpusImage(r.file_name, r.captions, r.image_id) for r in read_caption_records(captions_json)]
 
 
+def _require_path_column(table, path: Path) -> None:
+    """Refuse a parquet table whose ``image`` column holds something else than paths: the images
+    themselves (Hugging Face ``datasets`` save an image column as ``{bytes, path}``, img2dataset's
+    parquet output as bytes). Every row was "no image" and the stop blamed --image-root."""
+    import pyarrow as pa
+
+    if "image" not in table.column_names:
+        return  # named with the other missing columns
+    kind = table.schema.field("image").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise BadValueError(f"{path}: column image holds {kind}, not file paths under --image-root (the images "
+                            "themselves?); write each image to a file and put its path in the column")
+
+
 def _table_rows(path: Path) -> list[dict]:
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq  # only parquet tables need it
 
         table = pq.read_table(path)
         columns = table.column_names
+        _require_path_column(table, path)
         rows = table.to_pylist()
     elif path.suffix.lower() in (".csv", ".tsv"):
         # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first column's name
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
             try:
-                columns = reader.fieldnames or []
-                rows = list(reader)
+                columns, rows = _delimited_rows(reader, path)
             except UnicodeDecodeError as err:
                 raise BadValueError(f"{path}: not UTF-8 text (it has the byte {err.object[err.start]:#x}); save "
                                     "the table as UTF-8") from None
@@ -91,6 +106,37 @@ def _table_rows(path: Path) -> list[dict]:
     if not rows:
         raise BadValueError(f"{path}: the table has a header but no rows; add one row per image and caption")
     return rows
+
+
+_QUOTING_HELP = ("a field that starts with a double quote is quoted up to the next one; quote the whole "
+                 "field and double the quotes inside (\"\"), as pandas and Excel save them, or remove the quote")
+
+
+def _delimited_rows(reader: csv.DictReader, path: Path) -> tuple[list[str], list[dict]]:
+    """The column names and rows of a CSV/TSV ``reader`` (strict quoting), refusing quoting that
+    went wrong.
+
+    Why: a caption that starts with a double quote it does not close (``"Tiny" house``, common
+    in scraped captions) makes the csv module read on across tabs, commas and line breaks until
+    some later quote: rows were silently merged into one caption and their images lost. Strict
+    mode stops on a quote followed by other text; a field that holds a line break and then the
+    column separator is the same runaway closed by chance at the end of a later field.
+    """
+    rows, start = [], 1
+    try:
+        columns = reader.fieldnames or []
+        start = reader.line_num + 1
+        for row in reader:
+            for value in row.values():
+                if isinstance(value, str) and reader.reader.dialect.delimiter in value.partition("\n")[2]:
+                    raise BadValueError(f"{path}: line {start}: a quoted field runs over lines {start}-{reader.line_num} "
+                                        f"and swallows their rows; {_QUOTING_HELP}")
+            rows.append(row)
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise BadValueError(f"{path}: line {start}: malformed quoting ({str(err).replace(chr(9), 'tab')}); "
+                            f"{_QUOTING_HELP}") from None
+    return columns, rows
 
 
 def read_table_corpus(path: str | os.PathLike, left_out: list[tuple[str, str]]) -> list[CorpusImage]:
@@ -145,7 +191,8 @@ def write_shards(
     into ``output_dir``; ``left_out`` holds what the caller already left out (table rows).
 
     A folder that already holds shards is refused unless ``force``. Each shard is written
-    atomically; the report is also saved as ``make_shards.json`` next to ``shards.txt``.
+    atomically; the report is also saved as ``make_shards.json`` next to ``shards.txt``. A
+    progress bar counts the images (every one is read and decoded: COCO's 118K take a while).
     """
     if shard_size < 1:
         raise BadValueError(f"--shard-size must be at least 1, got {shard_size}")
@@ -156,8 +203,8 @@ def write_shards(
     existing = sorted(output_dir.glob("*.tar"))
     if existing and not force:
         raise OutputExistsError(f"{existing[0]}: {output_dir} already holds shards (pass --force to replace them)")
-    for old in existing:
-        old.unlink()
+    for old in [*existing, output_dir / "shards.txt", output_dir / "make_shards.json"]:
+        old.unlink(missing_ok=True)  # the listing too: it named the shards removed here until a new run ended
     report = ShardReport(left_out=list(left_out or []))
     pending: list[dict] = []
 
@@ -169,7 +216,7 @@ def write_shards(
         report.shards.append(path)
         pending.clear()
 
-    for image in images:
+    for image in tqdm(images, desc="shards", unit="image", mininterval=2.0):
         path = image_root / image.file_name
         try:
             extension, data = _image_entry(path)
@@ -188,7 +235,8 @@ def write_shards(
     if pending:
         flush()
     if not report.num_samples:
-        raise BadValueError(f"{image_root}: none of the images could be read ({len(report.left_out)} left out)")
+        first = f"; the first: {report.left_out[0][0]}: {report.left_out[0][1]}" if report.left_out else ""
+        raise BadValueError(f"{image_root}: none of the images could be read ({len(report.left_out)} left out{first})")
     write_text_atomic(output_dir / "shards.txt", "".join(f"{p.name}\n" for p in report.shards))
     write_json_atomic(output_dir / "make_shards.json", {
         "samples": report.num_samples,

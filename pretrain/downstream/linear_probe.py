@@ -28,11 +28,12 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pretrain.checkpoint_io import save_checkpoint
-from pretrain.data.images import load_rgb_image
+from pretrain.data.images import is_hidden, load_rgb_image
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.distributed import DistContext, all_reduce_sum
 from pretrain.downstream.features import eval_transform, pooled_features
@@ -78,11 +79,40 @@ def image_folder(root: str | os.PathLike, split: str, transform: v2.Transform) -
     folder = Path(root) / split
     if not folder.is_dir():
         raise MissingInputError(f"{folder}: split folder not found (expected {folder}/<class>/<image>)")
+    hidden: list[str] = []
     try:
-        dataset = ImageFolder(str(folder), transform=transform, loader=load_rgb_image)
+        dataset = VisibleImageFolder(str(folder), transform=transform, loader=load_rgb_image,
+                                     is_valid_file=lambda path: _image_file(path, hidden))
     except FileNotFoundError as err:  # no class folders, or no image in any of them
         raise BadValueError(f"{folder}: empty split ({err})") from None
+    if hidden:
+        logger.warning("%s: left out %d hidden file%s (e.g. %s)", folder, len(hidden), "s" if len(hidden) > 1 else "",
+                       hidden[0])
     return dataset
+
+
+class VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose classes are the folders that are not hidden
+    (:func:`~pretrain.data.images.is_hidden`): Jupyter's ``.ipynb_checkpoints`` in a split was
+    taken for a class, an empty one, and the split refused."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, _ = super().find_classes(directory)
+        classes = [name for name in classes if not is_hidden(name)]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
+def _image_file(path: str, hidden: list[str]) -> bool:
+    """Whether ImageFolder takes ``path`` (torchvision's image suffixes); a hidden file (macOS's
+    ``._photo.JPEG``, no image: it stopped a probe when its batch came) is noted in ``hidden``."""
+    if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+        return False
+    if is_hidden(os.path.basename(path)):
+        hidden.append(path)
+        return False
+    return True
 
 
 class LinearProbe(nn.Module):

@@ -25,6 +25,7 @@ from detectron2_ext.compat import (
 )
 from detectron2_ext.datasets import check_dataset_files, check_datasets_root
 from detectron2_ext.evaluation import EvaluatedModel, SavedResultsEvaluator
+from tests.tool_main import Tool
 from virtex_d2.reports.downstream import read_run, write_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,6 +156,19 @@ def make_run(directory: Path, init: str, dataset: str, results: dict, losses, ev
     (directory / "config.yaml").write_text(f"VIRTEX:\n  INIT_NAME: {init}\n")
     (directory / "metrics.json").write_text("\n".join(json.dumps({"iteration": i, "total_loss": v}) for i, v in losses))
     return directory
+
+
+def test_a_killed_and_resumed_runs_metrics_give_its_curve_and_the_report(tmp_path, caplog):
+    """detectron2 appends metrics.json line by line: a run killed mid-write leaves a cut line,
+    and its --resume logs the iterations after the checkpoint again (the report crashed with a
+    JSONDecodeError traceback on the first, and drew the second as a curve going back)."""
+    run = make_run(tmp_path / "a", "virtex", "voc_2007_test", {"bbox": {"AP": 50.0}}, [(19, 3.0), (39, 2.5)])
+    with open(run / "metrics.json", "a") as handle:  # killed mid-line, resumed from iteration 20
+        handle.write('\n{"iteration": 59, "total_lo\n' + json.dumps({"iteration": 39, "total_loss": 2.0}) + "\n")
+    caplog.set_level(logging.WARNING)
+    assert read_run(run).losses == [(19, 3.0), (39, 2.0)]
+    assert f"{run / 'metrics.json'}: line 3 is not JSON" in caplog.text
+    assert Tool("report").main([str(run), "--output", str(tmp_path / "report")]) == 0
 
 
 def test_report_from_crafted_runs(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +101,22 @@ def test_empty_split_and_unreadable_image_are_named(folder_root, tiny_config, tm
             (broken / split / name / "x.jpg").write_bytes(b"\xff\xd8 truncated")
     assert tool.main(base + ["--data-root", str(broken)]) == 2
     assert "x.jpg: cannot read image" in capsys.readouterr().err
+
+
+def test_hidden_files_and_folders_are_not_images_or_classes(folder_root, tmp_path, caplog):
+    """A dataset copied from a Mac holds ``._<photo>.JPEG`` beside each photo (no image: the
+    probe stopped when its batch came), and Jupyter leaves ``.ipynb_checkpoints`` in every folder
+    it shows (taken for an empty class: the split was refused)."""
+    root = tmp_path / "root"
+    shutil.copytree(folder_root, root)
+    (root / "train" / "dark" / "._000000000001.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (root / "val" / ".ipynb_checkpoints").mkdir()
+    train_set, val_set = build_datasets(root, SMALL)
+    assert train_set.classes == val_set.classes == ["bright", "dark"]
+    assert not any(os.path.basename(path).startswith(".") for path, _ in train_set.samples)
+    assert f"{root / 'train'}: left out 1 hidden file" in caplog.text
+    assert len(train_set) == len(build_datasets(folder_root, SMALL)[0])
+
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -15,6 +15,7 @@ from pretrain.data import (
     BadImageError,
     CocoCaptionsDataset,
     collate_fn,
+    list_image_files,
     load_rgb_image,
     make_transform,
     read_caption_records,
@@ -271,3 +272,34 @@ def test_a_machine_fault_while_reading_an_image_is_not_blamed_on_the_file(tmp_pa
     path.write_bytes(path.read_bytes()[:20])  # truncated: the file's fault
     with pytest.raises(images.BadImageError, match="x.png: cannot read image"):
         images.load_rgb_image(path)
+
+
+def test_an_image_folder_leaves_out_hidden_files_and_says_what_it_did_not_read(tmp_path, caplog):
+    """A folder of photos copied from a Mac to a shared drive holds ``._IMG_0001.JPG`` beside
+    each photo: named as a JPEG, but no image (it stopped tools/caption.py with "cannot read
+    image"). Hidden files, other files and subfolders are left out, each kind counted and named."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "IMG_0001.JPG")
+    (tmp_path / "._IMG_0001.JPG").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble header
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "2023").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "2023" / "nested.png")
+    assert list_image_files(tmp_path) == [tmp_path / "IMG_0001.JPG"]
+    assert (f"{tmp_path}: left out 1 hidden file (._IMG_0001.JPG), 1 file not named as an image (notes.txt), "
+            "1 subfolder (2023); the files read are those directly in it") in caplog.text
+    with pytest.raises(FileNotFoundError, match="IMG_0001.JPG: is a file, not a folder; give the folder that holds it"):
+        list_image_files(tmp_path / "IMG_0001.JPG")
+
+
+def test_images_without_a_caption_are_left_out_with_a_warning(tmp_path, caplog):
+    """A user's captions file with an image nobody captioned: tools/eval_captioning.py scored the
+    others without a word (the count was logged at INFO, which that tool does not show)."""
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "Ein Hund läuft über die Straße"},
+                        {"id": 2, "image_id": 1, "caption": "一只狗"}],
+    }, ensure_ascii=False), encoding="utf-8")
+    caplog.set_level(logging.WARNING)
+    records = read_caption_records(captions)
+    assert [(r.file_name, r.captions) for r in records] == [("a.jpg", ("Ein Hund läuft über die Straße", "一只狗"))]
+    assert f"{captions}: 1 of 2 images have no caption and are left out (e.g. b.jpg)" in caplog.text

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pretrain.config import load_config
 from pretrain.data import collate_fn
-from pretrain.data.shard_writer import read_coco_corpus, write_shards
+from pretrain.data.shard_writer import CorpusImage, read_coco_corpus, write_shards
 from pretrain.data.shards import (
     BadSample,
     ShardDataset,
@@ -37,6 +37,7 @@ from pretrain.data.shards import (
 )
 from pretrain.distributed import seeded_rng
 from pretrain.engine.sampling import SeededDataset
+from pretrain.errors import BadValueError
 from pretrain.tasks import build_dataset, build_model, list_tasks
 from pretrain.tokenizer import train_vocabulary
 from tests.tool_main import Tool
@@ -130,6 +131,7 @@ def test_make_shards_tool_reads_tables_groups_captions_and_reports_what_it_left_
     assert f"left out {images / 'missing.jpg'}: image file not found" in err
     assert f"left out {images / 'broken.jpg'}: cannot read image" in err
     assert "empty caption for b.jpg" in err
+    assert "shards: 100%" in err and "5/5" in err  # a progress bar over the images (COCO's 118K take a while)
     samples = [raw for _, raw in ShardDataset(expand_shards(str(output / "shards.txt")), None, 0).raw_samples()]
     assert [raw["txt"].decode().splitlines() for raw in samples] == [
         ["A first caption.", "A second caption."], ["Only one."], ["A green square."]]
@@ -154,10 +156,54 @@ def test_make_shards_tool_rejects_bad_input_in_one_line(tmp_path, capsys):
     assert f"make_shards: error: {table}: not UTF-8 text (it has the byte 0xe9); save the table as UTF-8" in err
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_a_caption_opening_a_quote_it_does_not_close_is_refused_not_merged_with_the_rows_after_it(tmp_path, capsys, suffix):
+    """Scraped captions often start with a quote (the csv module then read on across separators
+    and lines to the next quote: rows merged into one caption, their images silently lost)."""
+    sep = "\t" if suffix == ".tsv" else ","
+    table = tmp_path / f"captions{suffix}"
+    run = ["--captions-csv", str(table), "--image-root", str(tmp_path), "--output", str(tmp_path / "o")]
+    table.write_text(f'image{sep}caption\na.jpg{sep}"Tiny" house by a lake\n')
+    assert Tool("make_shards").main(run) == 2
+    assert f"make_shards: error: {table}: line 2: malformed quoting" in capsys.readouterr().err
+    table.write_text(f'image{sep}caption\na.jpg{sep}fine\nb.jpg{sep}"never closed\nc.jpg{sep}a cat\nd.jpg{sep}a 5"\n')
+    assert Tool("make_shards").main(run) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{table}: line 3: a quoted field runs over lines 3-5 and swallows their rows" in err
+    # Quoting as pandas and Excel write it still reads, a quoted caption over two lines included.
+    table.write_text(f'image{sep}caption\na.jpg{sep}"a ""tiny"" house"\nb.jpg{sep}"two\nlines"\n')
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
+    assert Tool("make_shards").main(run) == 0
+    samples = [raw for _, raw in ShardDataset(expand_shards(str(tmp_path / "o" / "shards.txt")), None, 0).raw_samples()]
+    assert [raw["txt"].decode() for raw in samples] == ['a "tiny" house', "two lines"]
+
+
+def test_a_parquet_table_holding_the_images_themselves_is_named_not_blamed_on_the_image_root(tmp_path, capsys):
+    """Hugging Face ``datasets`` save an image column as ``{bytes, path}``: every row was "no
+    image" and the one line said "none of the images could be read" of --image-root."""
+    table = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": jpeg(1), "path": "a.jpg"}], "caption": ["A cat."]}), table)
+    code = Tool("make_shards").main(["--captions-csv", str(table), "--image-root", str(tmp_path), "--output",
+                                     str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"make_shards: error: {table}: column image holds struct<bytes: binary, path: string>, not file paths" in err
+
+
 def test_make_shards_refuses_to_overwrite_shards(coco_root, tmp_path):
     coco_shards(coco_root, tmp_path / "out")
     with pytest.raises(FileExistsError, match="already holds shards .pass --force"):
         coco_shards(coco_root, tmp_path / "out")
+
+
+def test_a_forced_run_that_stops_leaves_no_listing_of_the_shards_it_removed(coco_root, tmp_path):
+    """--force removed the old shards but kept shards.txt and make_shards.json until the new run
+    ended: a run that stopped left a listing of shards that were gone (or rewritten)."""
+    coco_shards(coco_root, tmp_path / "out")
+    with pytest.raises(BadValueError, match="none of the images could be read"):
+        write_shards([CorpusImage("missing.jpg", ("A cat.",))], coco_root / "train2017", tmp_path / "out", 3, force=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 # --- the shard list --------------------------------------------------------------------------------

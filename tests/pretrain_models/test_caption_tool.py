@@ -59,7 +59,7 @@ DATA:
     return {"root": root, "config": config, "checkpoint": checkpoint, "images": images, "cfg": cfg}
 
 
-def test_captions_a_folder_like_the_model_does(setup, caplog):
+def test_captions_a_folder_like_the_model_does(setup, caplog, capsys):
     output = setup["root"] / "out" / "captions.json"
     args = ["--config", str(setup["config"]), "--checkpoint", str(setup["checkpoint"]),
             "--images", str(setup["images"]), "--output", str(output), "--batch-size", "2", "--device", "cpu"]
@@ -67,6 +67,7 @@ def test_captions_a_folder_like_the_model_does(setup, caplog):
     results = json.loads(output.read_text())
     assert [r["image"] for r in results] == ["img0.jpg", "img1.png", "img2.png"]
     assert f"{setup['images']}: left out 1 file not named as an image (notes.txt)" in caplog.text
+    assert "captioning: 100%" in capsys.readouterr().err  # a progress bar over the images: minutes on a CPU
 
     cfg = setup["cfg"]
     model = build_model(cfg)

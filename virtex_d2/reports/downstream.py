@@ -14,6 +14,7 @@ line saying which it is.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ FREQUENCY_METRICS = ("APr", "APc", "APf")
 TASKS = {"bbox": "box", "segm": "mask"}
 OUTPUT_FILES = ("report.md", "report.json", "loss_curves.png")
 NOT_FINAL_MARK = "†"  # on the row of an evaluation that is not its run's result
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,15 +91,32 @@ def read_run(directory, label: str | None = None) -> Run:
         caveat = evaluation_caveat(record)
         if caveat is not None:
             caveats[record["dataset"]] = caveat
-    losses = []
-    metrics = directory / "metrics.json"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
+    return Run(label or _init_name(directory) or directory.name, directory, evaluations,
+               losses=read_losses(directory / "metrics.json"), detections=detections, caveats=caveats)
+
+
+def read_losses(metrics: Path) -> list[tuple[int, float]]:
+    """``(iteration, total_loss)`` of detectron2's ``metrics.json``, by iteration; [] without one.
+
+    Why not line by line as written: detectron2 appends a line per logged iteration, so a run
+    killed mid-write leaves a cut line (which ``--resume`` then continues after), and a resumed
+    run logs the iterations after its checkpoint again. A line that is not JSON is skipped with
+    a warning naming the file and line; of an iteration logged twice the later entry counts (the
+    training that the run's weights went on from).
+    """
+    if not metrics.is_file():
+        return []
+    losses: dict[int, float] = {}
+    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+        try:
             entry = json.loads(line) if line.strip() else {}
-            if "total_loss" in entry:
-                losses.append((entry["iteration"], entry["total_loss"]))
-    return Run(label or _init_name(directory) or directory.name, directory, evaluations, losses=losses,
-               detections=detections, caveats=caveats)
+        except json.JSONDecodeError:
+            logger.warning("%s: line %d is not JSON (cut short when the run was stopped?); its loss is left out of "
+                           "the curve", metrics, number)
+            continue
+        if isinstance(entry, dict) and "total_loss" in entry:
+            losses[entry["iteration"]] = entry["total_loss"]
+    return sorted(losses.items())
 
 
 def _value(value):
