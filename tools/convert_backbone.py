@@ -4,9 +4,10 @@
 Accepts a checkpoint of ours, one from the official VirTex model zoo, a torchvision or timm ResNet
 state dict, or the ResNet-50 releases VirTex is compared with (MoCo v1/v2/v3, SwAV, DINO, Barlow
 Twins, DenseCL, MMSelfSup, PyTorch Lightning; the encoder each project transfers, its heads
-dropped: detectron2_ext/convert.py lists them), and writes ``{"model": ..., "__author__": ..., "matching_heuristics": True}`` as a
-``.pth`` of tensors, with a ``conversion`` record of what ``MODEL.RESNETS`` (or ``MODEL.VIT``)
-must say, which tools/train_net.py checks before fine-tuning. The weights are verified by
+dropped: detectron2_ext/convert.py lists them), and writes
+``{"model": ..., "__author__": ..., "matching_heuristics": True}`` as a ``.pth`` of tensors, with
+a ``conversion`` record of what ``MODEL.RESNETS`` (or ``MODEL.VIT``) must say, which
+tools/train_net.py checks before fine-tuning. The weights are verified by
 loading them into the target detectron2 models (by default R50-FPN Mask R-CNN and R50-C4 Faster
 R-CNN from configs/detectron2/):
 
