@@ -44,7 +44,8 @@ class SaveAtStopSignal(HookBase):
     """The last hook: after every iteration, whether any rank received a stop signal; if so, all
     stop there after rank 0 has saved. The final iteration is left to finish the run as usual
     (its checkpoint is ``model_final.pth``), and the final evaluation runs under the handlers
-    from before training, so that a signal then ends the process as it always did."""
+    from before training: a signal then saves nothing more (a rank spawned by ``--num-gpus``
+    inherited the launcher's ignored signals and runs on until Slurm's SIGKILL)."""
 
     def before_train(self):
         self._stop = StopSignal()
