@@ -13,6 +13,7 @@ Before any process starts, the datasets the run trains and evaluates on are chec
 and evaluation read them (``detectron2_ext.dataset_checks``; alone: ``tools/check_dataset.py``):
 a defect stops it with exit status 2 and one line per problem naming the file and the field.
 """
+import functools
 import logging
 import os
 import sys
@@ -34,7 +35,6 @@ from detectron2.engine import (
     default_argument_parser,
     default_setup,
     hooks,
-    launch,
 )
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -51,6 +51,7 @@ from detectron2_ext.dataset_checks import check_config_datasets
 from detectron2_ext.datasets import check_datasets_root
 from detectron2_ext.evaluation import EvaluatedModel, build_evaluator
 from detectron2_ext.image_mapper import ImageNamingMapper
+from detectron2_ext.launch import launch_telling_errors
 from detectron2_ext.preemption import (
     SaveAtStopSignal,
     TrainingStopped,
@@ -68,7 +69,7 @@ from detectron2_ext.vit_training import (
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from pretrain.optim_resume import apply_configured_values, configured_values
-from virtex_d2.cli import OneLineErrorLog, run_tool
+from virtex_d2.cli import OneLineErrorLog, one_line_report, run_tool
 
 
 class Trainer(DefaultTrainer):
@@ -104,6 +105,19 @@ class Trainer(DefaultTrainer):
             return {}
         finally:
             shut_down_train_workers(self._trainer)
+
+    def after_train(self):
+        """detectron2's, except after an error in training (a bad image, a full disk): detectron2
+        takes ``iter + 1 >= max_iter`` for the end of training, so a failed last iteration would be
+        evaluated and saved as ``model_final.pth``, and with ``--num-gpus`` above 1 the failed rank
+        would wait in the evaluation's collectives for ranks still in training's: the run hung."""
+        if not isinstance(sys.exc_info()[1], Exception):
+            return super().after_train()
+        self.storage.iter = self.iter
+        for hook in self._hooks:
+            if not isinstance(hook, (hooks.EvalHook, hooks.PeriodicCheckpointer)):
+                hook.after_train()
+        return None
 
     def run_step(self):
         """One training step, counted once it is done (what :meth:`evaluate` records)."""
@@ -231,15 +245,15 @@ def cli() -> int:
     resume_changes = check_resumed_run(args)  # before default_setup writes the new config.yaml over the run's
     if args.num_gpus * args.num_machines > 1 and not args.eval_only:
         leave_stop_signals_to_ranks()  # they save at a stop signal; this process waits for them
-    launch(
+    return launch_telling_errors(  # a rank's bad input or full disk: its one line, once, and its status
         main,
         args.num_gpus,
+        tell=functools.partial(one_line_report, "train_net"),
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args, warnings, resume_changes),
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -143,15 +143,21 @@ def report_error(tool: str, error: BaseException, status: int = BAD_INPUT_STATUS
     """
     if debug_requested([]):
         raise error
+    print(error_report(tool, error), file=sys.stderr)
+    return status
+
+
+def error_report(tool: str, error: BaseException) -> str:
+    """What :func:`report_error` prints: ``tool: error: <message>``, after an
+    :class:`~pretrain.errors.InputError`'s ``details``."""
+    details = ""
     if isinstance(error, InputError):
-        if error.details:
-            print(error.details, file=sys.stderr)
+        details = error.details
         error = error.headline
     elif isinstance(error, OSError) and error.filename and error.strerror and str(error).startswith("[Errno"):
         error = f"{error.filename}: {error.strerror}"  # Python's own wording: "[Errno 20] Not a ...: 'path'"
     message = " ".join(str(error).split()) or type(error).__name__
-    print(f"{tool}: error: {message}", file=sys.stderr)
-    return status
+    return f"{details}\n{tool}: error: {message}" if details else f"{tool}: error: {message}"
 
 
 def storage_full_message(error: OSError) -> str:
@@ -201,11 +207,21 @@ def run_tool(tool: str, main: Callable[[], int | None]) -> int:
     sys.argv[:] = [arg for arg in sys.argv if arg != DEBUG_FLAG]
     try:
         return main() or 0
-    except InputError as err:
-        if debug:
+    except Exception as err:
+        told = one_line_report(tool, err)
+        if told is None:
             raise
-        return report_error(tool, err)
-    except OSError as err:
-        if debug or not told_in_one_line(err):
-            raise
-        return report_error(tool, RuntimeError(storage_full_message(err)), FAILURE_STATUS)
+        print(told[0], file=sys.stderr)
+        return told[1]
+
+
+def one_line_report(tool: str, error: BaseException) -> tuple[str, int] | None:
+    """What :func:`run_tool` prints for an error :func:`told_in_one_line`, and the exit status;
+    None where the error keeps its traceback (any other error, or ``--debug``). Picklable as
+    ``functools.partial(one_line_report, tool)``, for a tool's other processes to tell their
+    errors the same way (``detectron2_ext.launch``)."""
+    if debug_requested([]) or not told_in_one_line(error):
+        return None
+    if isinstance(error, InputError):
+        return error_report(tool, error), BAD_INPUT_STATUS
+    return error_report(tool, RuntimeError(storage_full_message(error))), FAILURE_STATUS

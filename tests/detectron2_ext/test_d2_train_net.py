@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -46,7 +47,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train_net(config: str, output_dir: Path, *opts, launcher=()) -> subprocess.CompletedProcess:
+def run_train_net(config: str, output_dir: Path, *opts, launcher=(), timeout=900) -> subprocess.CompletedProcess:
     """Run tools/train_net.py; returns how it ended.
 
     The GPUs are hidden: these runs test the CPU path (device, SyncBN, DDP adaptations) and
@@ -55,7 +56,7 @@ def run_train_net(config: str, output_dir: Path, *opts, launcher=()) -> subproce
     command = [sys.executable, str(REPO / "tools" / "train_net.py"), *launcher,
                "--config-file", str(CPU_CONFIGS / config), *SMALL, *map(str, opts), "OUTPUT_DIR", str(output_dir)]
     env = {key: value for key, value in os.environ.items() if key != DEBUG_VARIABLE}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
                             env={**env, "CUDA_VISIBLE_DEVICES": ""})
     result.args = " ".join(command)
     return result
@@ -277,6 +278,29 @@ def test_a_periodic_evaluation_left_by_a_stopped_run_is_marked_in_the_report(sto
     markdown = (tmp_path / "report.md").read_text()
     assert "| stopped † |" in markdown
     assert "† **stopped** on coco_2017_val: evaluated after 3 iterations of SOLVER.MAX_ITER 5: not the end of training." in markdown
+
+
+def test_a_rank_meeting_a_bad_image_ends_a_two_process_run_with_one_line(synthetic_root, tmp_path, monkeypatch):
+    """Every training image cut in half (past the header the dataset check reads): both ranks fail
+    decoding in their first and only iteration. It was torch multiprocessing's traceback of one
+    rank, status 1, after that rank had evaluated and written model_final.pth (detectron2 took
+    the failed last iteration for the end of training), or a hang in the evaluation's collectives
+    while the other rank waited in training's."""
+    root = tmp_path / "datasets"
+    shutil.copytree(synthetic_root, root)
+    for image in (root / "coco" / "train2017").glob("*.jpg"):
+        image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    run = tmp_path / "run"
+    result = run_train_net("coco_segm_default_init_cpu.yaml", run, "SOLVER.MAX_ITER", 1, *NO_PRECISE_BN, timeout=120,
+                           launcher=["--num-gpus", "2", "--dist-url", f"tcp://127.0.0.1:{free_port()}"])
+    assert result.returncode == 2, f"{result.args}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert "Traceback" not in result.stdout + result.stderr
+    told = [line for line in result.stderr.splitlines() if line.startswith("train_net: error:")]
+    assert told == [result.stderr.strip().splitlines()[-1]], "one line, once, last"
+    assert re.fullmatch(rf"train_net: error: {re.escape(str(root))}/coco/train2017/\d+\.jpg: cannot read image "
+                        r"\(image file is truncated .*\); replace the file or remove its entry from the dataset", told[0])
+    assert not list(run.glob("*.pth")) and not (run / "inference").exists()
 
 
 def own_coco_export(synthetic_root: Path, split: str, folder: Path, names: dict[int, str]) -> Path:
