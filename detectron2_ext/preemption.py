@@ -42,13 +42,15 @@ class TrainingStopped(BaseException):
 
 class SaveAtStopSignal(HookBase):
     """The last hook: after every iteration, whether any rank received a stop signal; if so, all
-    stop there after rank 0 has saved. The final iteration is left to finish the run as usual
-    (its checkpoint is ``model_final.pth``), and the final evaluation runs under the handlers
-    from before training: a signal then saves nothing more (a rank spawned by ``--num-gpus``
-    inherited the launcher's ignored signals and runs on until Slurm's SIGKILL)."""
+    stop there after rank 0 has saved. ``stop`` is installed by the trainer before it builds its
+    model, so that a signal while the run sets up (model, data, checkpoint) is remembered and acted
+    on after the first iteration. The final iteration is left to finish the run as usual (its
+    checkpoint is ``model_final.pth``), and the final evaluation runs under the handlers from
+    before: a signal then saves nothing more (a rank spawned by ``--num-gpus`` inherited the
+    launcher's ignored signals and runs on until Slurm's SIGKILL)."""
 
-    def before_train(self):
-        self._stop = StopSignal()
+    def __init__(self, stop: StopSignal):
+        self._stop = stop
 
     def after_step(self):
         trainer = self.trainer
@@ -121,7 +123,7 @@ def shut_down_train_workers(trainer) -> None:
 
 def leave_stop_signals_to_ranks() -> None:
     """In the process that launches the ranks: ignore the stop signals, which every rank acts on,
-    and wait for them. The ranks (spawned) start with the signals ignored until their
-    :class:`SaveAtStopSignal` installs its handlers at the start of training."""
+    and wait for them. The ranks (spawned) start with the signals ignored until their trainer
+    installs its :class:`~pretrain.stop_signals.StopSignal`, before it builds its model."""
     for signum in StopSignal.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)

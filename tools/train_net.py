@@ -69,6 +69,7 @@ from detectron2_ext.vit_training import (
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from pretrain.optim_resume import apply_configured_values, configured_values
+from pretrain.stop_signals import StopSignal
 from virtex_d2.cli import OneLineErrorLog, one_line_report, run_tool
 
 
@@ -78,6 +79,7 @@ class Trainer(DefaultTrainer):
     weights-only, atomically written checkpoints, and a checkpoint at a cluster's stop signal."""
 
     def __init__(self, cfg, allow_unsafe_pickle=False):
+        self.stop_signal = StopSignal()  # first: a signal while the model and data are built is remembered
         super().__init__(cfg)
         self.checkpointer = SafeDetectionCheckpointer(
             self.checkpointer.model, cfg.OUTPUT_DIR, allow_unsafe_pickle=allow_unsafe_pickle,
@@ -92,7 +94,7 @@ class Trainer(DefaultTrainer):
         last the save at a stop signal (after the iteration's evaluation and metrics)."""
         built = [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(hook, hooks.EvalHook) else hook
                  for hook in super().build_hooks()]
-        return [*built, ProgressBarHook(), SaveAtStopSignal()]
+        return [*built, ProgressBarHook(), SaveAtStopSignal(self.stop_signal)]
 
     def train(self):
         """detectron2's training, counting iterations from ``start_iter`` (a resumed run's weights

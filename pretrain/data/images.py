@@ -66,6 +66,8 @@ def _not_an_image(path: Path) -> str | None:
     """Why :func:`list_image_files` leaves ``path`` out (a key of its warning), or None for an image."""
     if path.is_dir():
         return "subfolder"
+    if not path.is_file():  # a broken link, a FIFO: it would stop the run when opened
+        return "not a regular file"
     if is_hidden(path.name):
         return "hidden file"
     return None if path.suffix.lower() in IMAGE_SUFFIXES else "file not named as an image"
@@ -81,7 +83,8 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
         what = "is a file, not a folder; give the folder that holds it" if folder.exists() else "image folder not found"
         raise MissingInputError(f"{folder}: {what}")
     images: list[Path] = []
-    left_out: dict[str, list[str]] = {"hidden file": [], "file not named as an image": [], "subfolder": []}
+    left_out: dict[str, list[str]] = {"hidden file": [], "file not named as an image": [], "not a regular file": [],
+                                      "subfolder": []}
     for path in sorted(folder.iterdir()):
         kind = _not_an_image(path)
         if kind is None:

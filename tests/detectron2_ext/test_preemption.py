@@ -1,17 +1,25 @@
 """The train loader's side of a stop signal during fine-tuning (detectron2_ext/preemption.py):
 its worker processes outlive the SIGTERM or USR1 that Slurm sends every process of the job, so
 that the main process can finish its iteration and save, and they end when training leaves the
-loader. The whole stop, on a real Slurm, is tests/detectron2_ext/test_d2_slurm.py."""
+loader; the hook that saves and stops. The whole stop, on a real Slurm, is
+tests/detectron2_ext/test_d2_slurm.py."""
 import multiprocessing
 import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from detectron2_ext import load_config
-from detectron2_ext.preemption import leave_stop_signals_to_main_process
+from detectron2_ext.preemption import (
+    SaveAtStopSignal,
+    TrainingStopped,
+    leave_stop_signals_to_main_process,
+)
 from detectron2_ext.vit_training import build_recipe_train_loader
-from pretrain.stop_signals import shut_down_workers
+from pretrain.stop_signals import StopSignal, shut_down_workers
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "detectron2"
 
@@ -30,3 +38,26 @@ def test_train_loader_workers_outlive_the_stop_signals_and_end_with_the_loader(s
     shut_down_workers(batches)  # what the trainer does when training ends, however it ends
     worker.join(timeout=10)
     assert not worker.is_alive() and not multiprocessing.active_children()
+
+
+def test_a_signal_before_the_first_iteration_stops_training_after_it_with_a_checkpoint(tmp_path):
+    """The trainer installs its StopSignal before it builds the model: a SIGTERM while the run
+    sets up is remembered, and the hook stops after the first iteration with its checkpoint,
+    named as detectron2's periodic one. The hook restores the handlers in ``after_train`` even
+    when training never started (an earlier hook's ``before_train`` raised: it used to raise
+    AttributeError over that error)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    hook = SaveAtStopSignal(StopSignal())
+    os.kill(os.getpid(), signal.SIGTERM)  # during set-up: no hook has run yet
+    saved = []
+    checkpointer = SimpleNamespace(save_dir=str(tmp_path), save=lambda name, **extra: saved.append((name, extra)))
+    hook.trainer = SimpleNamespace(iter=0, max_iter=10, checkpointer=checkpointer)
+    try:
+        with pytest.raises(TrainingStopped, match=r"^SIGTERM received: saved .*/model_0000000\.pth after 1 iterations$"):
+            hook.after_step()
+        assert saved == [("model_0000000", {"iteration": 0})]
+    finally:
+        hook.after_train()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    SaveAtStopSignal(StopSignal()).after_train()  # before_train never ran
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -277,15 +277,17 @@ def test_a_machine_fault_while_reading_an_image_is_not_blamed_on_the_file(tmp_pa
 def test_an_image_folder_leaves_out_hidden_files_and_says_what_it_did_not_read(tmp_path, caplog):
     """A folder of photos copied from a Mac to a shared drive holds ``._IMG_0001.JPG`` beside
     each photo: named as a JPEG, but no image (it stopped tools/caption.py with "cannot read
-    image"). Hidden files, other files and subfolders are left out, each kind counted and named."""
+    image"). Hidden files, other files, broken links and subfolders are left out, each kind counted
+    and named."""
     Image.new("RGB", (8, 8)).save(tmp_path / "IMG_0001.JPG")
     (tmp_path / "._IMG_0001.JPG").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble header
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "2023").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "2023" / "nested.png")
+    (tmp_path / "moved.jpg").symlink_to(tmp_path / "gone.jpg")  # a link whose photo was moved away
     assert list_image_files(tmp_path) == [tmp_path / "IMG_0001.JPG"]
     assert (f"{tmp_path}: left out 1 hidden file (._IMG_0001.JPG), 1 file not named as an image (notes.txt), "
-            "1 subfolder (2023); the files read are those directly in it") in caplog.text
+            "1 not a regular file (moved.jpg), 1 subfolder (2023); the files read are those directly in it") in caplog.text
     with pytest.raises(FileNotFoundError, match="IMG_0001.JPG: is a file, not a folder; give the folder that holds it"):
         list_image_files(tmp_path / "IMG_0001.JPG")
 
