@@ -6,8 +6,9 @@ dies at once and ``--resume`` trains again every iteration since the last
 way. Here, as in pretraining (:mod:`pretrain.stop_signals`), every rank remembers the signal, all
 ranks agree after the iteration in flight, rank 0 saves ``model_{iteration}.pth`` as
 detectron2's periodic checkpointer names it (``last_checkpoint`` points at it), and training ends
-with exit status 0. The train loader's workers ignore the signals, which would otherwise kill
-them mid-iteration, and are shut down when training ends however it ends. With
+with exit status 0. The workers of the train loader and of the evaluation's ignore the signals,
+which would otherwise kill them mid-iteration (a periodic evaluation then ends before the save);
+the train loader's are shut down when training ends however it ends. With
 ``--num-gpus`` above 1 the launching process ignores the signals too and waits for its ranks to
 save: were it to die first, Slurm would take the job for finished and kill the ranks.
 """

@@ -4,15 +4,20 @@ At a preemption or a time limit Slurm signals every process of the job step, Dat
 included. torch's workers die of a SIGTERM that did not come from their parent, and the main
 process then raises "DataLoader worker ... is killed by signal" in the middle of an iteration,
 before it can save: the run ends with status 1 and loses every iteration since the last periodic
-checkpoint. So the workers of a training loader ignore the stop signals, the main process
-remembers them (:class:`StopSignal`) until the end of the iteration, saves and stops, and it
-shuts its workers down itself whenever it leaves a loader: a worker that ignores SIGTERM is no
-longer ended by the ``terminate()`` that Python's multiprocessing sends its children at exit.
-Pretraining's loop (``pretrain.engine``) and detectron2 fine-tuning (``detectron2_ext``) both
-stop this way.
+checkpoint. So the workers of a training loader ignore the stop signals, and the main process
+remembers them (:class:`StopSignal`) until the end of the iteration, saves and stops. The loops
+shut their workers down themselves whenever they leave a loader; and since Python's
+multiprocessing ends the children left at exit (a loader's iterator kept alive by a traceback)
+with a SIGTERM they would ignore, and then waits for them, a process importing this module ends
+them at exit with SIGKILL first. (Ignoring the signals process-wide is what holds in a worker
+whichever way it was started: a worker spawned by a spawned rank runs threads of its own from its
+first import, which a per-thread mask would not cover.) Pretraining's loop (``pretrain.engine``)
+and detectron2 fine-tuning (``detectron2_ext``) both stop this way.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # first: its exit function is registered before ours
 import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -44,6 +49,18 @@ def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader ``worker_init_fn``: the stop signals are the main process's to act on."""
     for signum in StopSignal.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    """At exit, before Python's multiprocessing ends its daemonic children with a SIGTERM and
+    waits for them: end them with SIGKILL, which workers ignoring SIGTERM cannot outlive."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# Registered after multiprocessing's own exit function (imported above), so it runs before it.
+atexit.register(_kill_daemonic_children)
 
 
 def shut_down_workers(batches: Iterator) -> None:

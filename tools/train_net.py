@@ -160,7 +160,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=ImageNamingMapper(cfg, is_train=False))
+        # a stop signal during a periodic evaluation is acted on after it, as during training
+        return leave_stop_signals_to_main_process(
+            build_detection_test_loader(cfg, dataset_name, mapper=ImageNamingMapper(cfg, is_train=False)))
 
 
 def setup(args):
