@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 
 import torch
 import torch.distributed as dist
@@ -92,8 +91,9 @@ class _IgnoringStopSignals:
 
 
 def torch_loader_within(loader) -> DataLoader | None:
-    """The torch DataLoader that detectron2's train loader is or wraps (aspect-ratio grouping
-    keeps it as ``.dataset``, a batch collation around that as ``._dataset``), or None."""
+    """The torch DataLoader that a detectron2 loader is (the test loader) or wraps (the train
+    loader's aspect-ratio grouping keeps it as ``.dataset``, a batch collation around that as
+    ``._dataset``), or None."""
     for _ in range(4):
         if isinstance(loader, DataLoader):
             return loader
@@ -103,10 +103,10 @@ def torch_loader_within(loader) -> DataLoader | None:
 
 
 def leave_stop_signals_to_main_process(loader):
-    """Make the worker processes of a train loader ignore the stop signals; returns the loader."""
+    """Make the worker processes of a train or test loader ignore the stop signals; returns the loader."""
     found = torch_loader_within(loader)
     if found is None:
-        logger.warning("stop signals: no torch DataLoader found in the train loader (%s): a SIGTERM may kill its "
+        logger.warning("stop signals: no torch DataLoader found in the loader (%s): a SIGTERM may kill its "
                        "workers before the run can save", type(loader).__name__)
     elif found.num_workers > 0:
         found.worker_init_fn = _IgnoringStopSignals(found.worker_init_fn)
@@ -114,17 +114,9 @@ def leave_stop_signals_to_main_process(loader):
 
 
 def shut_down_train_workers(trainer) -> None:
-    """End the worker processes of a detectron2 trainer's train loader, if it started them: they
-    ignore the SIGTERM with which Python's multiprocessing would end them at exit."""
+    """End the worker processes of a detectron2 trainer's train loader, if it started them, when
+    training ends rather than at exit (where :mod:`pretrain.stop_signals` would kill them)."""
     iterator = getattr(trainer, "_data_loader_iter_obj", None)  # detectron2's SimpleTrainer
     if iterator is not None:
         shut_down_workers(iterator)
         trainer._data_loader_iter_obj = None
-
-
-def leave_stop_signals_to_ranks() -> None:
-    """In the process that launches the ranks: ignore the stop signals, which every rank acts on,
-    and wait for them. The ranks (spawned) start with the signals ignored until their trainer
-    installs its :class:`~pretrain.stop_signals.StopSignal`, before it builds its model."""
-    for signum in StopSignal.SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)

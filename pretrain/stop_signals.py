@@ -45,8 +45,10 @@ class StopSignal:
             signal.signal(signum, previous)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: the stop signals are the main process's to act on."""
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """Leave the stop signals to other processes: a DataLoader ``worker_init_fn`` (its main
+    process acts on them), or a launcher waiting for ranks that act on them. Processes spawned
+    from here start with them ignored, until a :class:`StopSignal` of their own."""
     for signum in StopSignal.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 

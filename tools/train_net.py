@@ -56,7 +56,6 @@ from detectron2_ext.preemption import (
     SaveAtStopSignal,
     TrainingStopped,
     leave_stop_signals_to_main_process,
-    leave_stop_signals_to_ranks,
     shut_down_train_workers,
 )
 from detectron2_ext.progress import ProgressBarHook
@@ -69,7 +68,7 @@ from detectron2_ext.vit_training import (
 from detectron2_ext.vit_verify import check_backbone_run
 from pretrain.checkpoint_io import UNSAFE_OPT_IN_FLAG
 from pretrain.optim_resume import apply_configured_values, configured_values
-from pretrain.stop_signals import StopSignal
+from pretrain.stop_signals import StopSignal, ignore_stop_signals
 from virtex_d2.cli import OneLineErrorLog, one_line_report, run_tool
 
 
@@ -248,7 +247,7 @@ def cli() -> int:
     check_backbone_run(load_config(args.config_file, args.opts), args.allow_unsafe_pickle, args.resume)
     resume_changes = check_resumed_run(args)  # before default_setup writes the new config.yaml over the run's
     if args.num_gpus * args.num_machines > 1 and not args.eval_only:
-        leave_stop_signals_to_ranks()  # they save at a stop signal; this process waits for them
+        ignore_stop_signals()  # the ranks act on them and save; this process waits for them
     return launch_telling_errors(  # a rank's bad input or full disk: its one line, once, and its status
         main,
         args.num_gpus,
